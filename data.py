@@ -1,0 +1,323 @@
+"""Text in, token ids out, perplexity back: training documents, tokenizers, sequence packing and the
+evaluation protocol of the LoRAPrune tables (WikiText-2 / PTB perplexity over 2048-token windows).
+
+Shapes: N rows, B batch, T time (seq_len), V vocab.
+"""
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# where the data lives
+
+_DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def data_dir() -> Path:
+    """The data folder: $LORAPRUNE_DATA if set (read at call time), else <repo>/../shared/data."""
+    return Path(os.environ.get("LORAPRUNE_DATA", _DEFAULT_DATA_DIR))
+
+
+DATA_DIR = data_dir()  # the folder as seen at import time; call data_dir() to honour later changes
+
+# ----------------------------------------------------------------------------------------------
+# training documents: plain text (TinyStories) or instruction data (Alpaca, LaMini)
+
+ENDOFTEXT = "<|endoftext|>"  # the separator line between TinyStories stories
+
+# The Alpaca template as used by alpaca-lora (templates/alpaca.json), the recipe LoRAPrune fine-tunes with.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further"
+                 " context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately"
+                          " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def format_instruction(record: dict, where: str) -> str:
+    """One Alpaca {instruction, input, output} or LaMini {instruction, response} record as prompt + answer."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with instruction + output or response,"
+                         f" found a {type(record).__name__}")
+    answer_key = "output" if "output" in record else "response"
+    if "instruction" not in record or answer_key not in record:
+        raise ValueError(f"{where}: expected keys instruction + output (Alpaca) or instruction + response"
+                         f" (LaMini), found {sorted(record)}")
+    if record.get("input"):
+        prompt = ALPACA_PROMPT.format(instruction=record["instruction"], input=record["input"])
+    else:
+        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
+    return prompt + record[answer_key]
+
+
+def _read_records(path: Path, text: str) -> list:
+    """The records of a .json file (a list of objects) or a .jsonl file (one object per line)."""
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: expected a JSON list of records, found invalid JSON ({e})") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+        return records
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_no}: expected one JSON object per line ({e})") from e
+    return records
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The documents in a file: TinyStories-style text split on <|endoftext|> lines (stripped, empties
+    dropped), other text as one document, and .json / .jsonl instruction data as Alpaca prompts + answers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"document file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".json", ".jsonl"):
+        records = _read_records(path, text)
+        docs = [format_instruction(r, f"{path}, record {i}") for i, r in enumerate(records)]
+    elif ENDOFTEXT in text:
+        docs = [d.strip() for d in text.split(ENDOFTEXT) if d.strip()]
+    else:
+        docs = [text] if text.strip() else []
+    if not docs:
+        raise ValueError(f"{path}: expected at least one document, found none")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers: one small backend per file type, picked by Tokenizer.__init__
+# (adding GGUF BPE or a tiktoken Llama 3 tokenizer.model means one more class and one more branch)
+
+
+def _looks_like(path: Path) -> str:
+    """A few words on what a file that failed to parse appears to be, for error messages."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (GGUF tokenizers are not supported yet)"
+    first = head.split(b"\n")[0].split(b" ")
+    if len(first) == 2 and first[1].isdigit():
+        return "a tiktoken BPE file like Llama 3's tokenizer.model (not supported yet)"
+    return f"{path.stat().st_size} bytes starting with {head[:16]!r}"
+
+
+class _SentencePiece:
+    """A SentencePiece .model file (LLaMA 1/2, llama2.c's tok512.model)."""
+
+    def __init__(self, path: Path):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # sentencepiece reports a bad protobuf as RuntimeError
+            raise ValueError(f"{path}: expected a SentencePiece model (protobuf), found {_looks_like(path)}"
+                             f" ({e})") from e
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)  # control pieces (BOS/EOS) decode to nothing
+
+
+class _HFTokenizerJson:
+    """A Hugging Face tokenizer.json, read with the optional `tokenizers` package. BOS/EOS come from a
+    tokenizer_config.json beside it if there is one, else from the LLaMA 1/2 or Llama 3 special tokens."""
+
+    KNOWN_SPECIALS = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>")]  # (bos, eos)
+
+    def __init__(self, path: Path):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the tokenizers extra: pip install tokenizers") from e
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception on a malformed file
+            raise ValueError(f"{path}: expected a Hugging Face tokenizer.json, found {_looks_like(path)}"
+                             f" ({e})") from e
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        bos, eos = self._special_names(path.parent / "tokenizer_config.json")
+        self.bos_id, self.eos_id = self._id(bos), self._id(eos)  # -1 where the vocab has no such token
+
+    def _special_names(self, config_path: Path) -> tuple[Optional[str], Optional[str]]:
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            names = [config.get("bos_token"), config.get("eos_token")]
+            return tuple(n["content"] if isinstance(n, dict) else n for n in names)  # AddedToken or str
+        for bos, eos in self.KNOWN_SPECIALS:
+            if self.tok.token_to_id(bos) is not None:
+                return bos, eos
+        return None, None
+
+    def _id(self, token: Optional[str]) -> int:
+        token_id = self.tok.token_to_id(token) if token is not None else None
+        return -1 if token_id is None else token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # BOS/EOS are added by Tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class Tokenizer:
+    """Text <-> token ids. *.json is read as a Hugging Face tokenizer.json, anything else as SentencePiece."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        self.path = path
+        self.backend = _HFTokenizerJson(path) if path.suffix == ".json" else _SentencePiece(path)
+        self.vocab_size: int = self.backend.vocab_size
+        self.bos_id: int = self.backend.bos_id  # -1 when the tokenizer has none
+        self.eos_id: int = self.backend.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        for wanted, name, token_id in [(bos, "BOS", self.bos_id), (eos, "EOS", self.eos_id)]:
+            if wanted and token_id < 0:
+                raise ValueError(f"{self.path} has no {name} token, but encode was asked to add one")
+        return ([self.bos_id] if bos else []) + self.backend.encode(text) + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise unless every token id indexes a row of the model's embedding (a padded, larger model
+        vocab is fine)."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(f"tokenizer {self.path} has {self.vocab_size} tokens but the model's embedding"
+                             f" has only {model_vocab_size} rows: ids >= {model_vocab_size} would index past it")
+
+
+def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> Path:
+    """The tokenizer file beside a checkpoint (a file, or a folder): tokenizer.model, tok*.model, tokenizer.json.
+    Given the model's vocab_size, the first candidate whose vocabulary fits it exactly wins (a data folder may hold
+    several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model)."""
+    ckpt_path = Path(ckpt_path)
+    folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    toks = sorted(p for p in folder.glob("tok*.model") if p.name != "tokenizer.model")
+    candidates = [folder / "tokenizer.model"] + toks + [folder / "tokenizer.json"]
+    candidates = list(dict.fromkeys(p for p in candidates if p.is_file()))
+    if not candidates:
+        raise FileNotFoundError(f"no tokenizer beside {ckpt_path}: looked for tokenizer.model, tok*.model and"
+                                f" tokenizer.json in {folder}")
+    if vocab_size is None:
+        if len(toks) > 1 and candidates[0] in toks:
+            raise ValueError(f"several tokenizers beside {ckpt_path}: {[p.name for p in toks]};"
+                             f" expected one, pass the one you mean explicitly")
+        return candidates[0]
+    for path in candidates:
+        if Tokenizer(path).vocab_size == vocab_size:
+            return path
+    raise ValueError(f"no tokenizer beside {ckpt_path} has the model's vocab size {vocab_size}: "
+                     + ", ".join(f"{p.name} has {Tokenizer(p).vocab_size}" for p in candidates))
+
+
+# ----------------------------------------------------------------------------------------------
+# packing documents into training rows
+
+
+def pack_sequences(docs_tokens: list[list[int]], seq_len: int) -> Tensor:
+    """Concatenate tokenized documents into one stream and cut it into non-overlapping rows of seq_len + 1
+    tokens (inputs row[:-1], targets row[1:]), dropping the remainder: int64 (N, seq_len + 1)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1, found {seq_len}")
+    stream = [t for doc in docs_tokens for t in doc]
+    n_rows = len(stream) // (seq_len + 1)
+    if n_rows == 0:
+        raise ValueError(f"found {len(stream)} tokens in {len(docs_tokens)} documents, need at least"
+                         f" seq_len + 1 = {seq_len + 1} for one training row")
+    return torch.tensor(stream[: n_rows * (seq_len + 1)], dtype=torch.int64).view(n_rows, seq_len + 1)  # (N, T+1)
+
+
+def training_tokens(paths: list, tokenizer: Tokenizer, seq_len: int) -> Tensor:
+    """Read the documents of every file, encode each as BOS + text + EOS, and pack: int64 (N, seq_len + 1)."""
+    docs = [doc for path in paths for doc in read_documents(path)]
+    return pack_sequences([tokenizer.encode(doc, bos=True, eos=True) for doc in docs], seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: the perplexity protocol of the paper's tables
+
+EVAL_FILES = {"wikitext2": "wiki.test.raw", "ptb": "ptb.test.txt"}  # name -> test split in data_dir()
+
+
+def eval_text(name_or_path: str) -> tuple[str, str]:
+    """(label, text) of an evaluation split: 'wikitext2' or 'ptb' from data_dir(), else a text file path.
+    The text is returned as stored (WikiText-2 raw lines, PTB with <unk>), not re-joined from HF rows."""
+    if name_or_path in EVAL_FILES:
+        path = data_dir() / EVAL_FILES[name_or_path]
+        if not path.is_file():
+            raise FileNotFoundError(f"eval set {name_or_path!r}: expected {path} (set LORAPRUNE_DATA to the"
+                                    f" folder holding {EVAL_FILES[name_or_path]}), found no such file")
+        return name_or_path, path.read_text(encoding="utf-8")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval set {name_or_path!r}: not one of {sorted(EVAL_FILES)} and no file {path}")
+    return path.name, path.read_text(encoding="utf-8")
+
+
+def eval_tokens(name_or_path: str, tokenizer) -> tuple[str, Tensor]:
+    """(label, 1-D int64 tokens) of an evaluation split, tokenized once with BOS at the start. A file of
+    <|endoftext|>-separated stories (TinyStories) is the exception: each story gets its own BOS, as in training,
+    so the separator lines are not scored as text."""
+    label, text = eval_text(name_or_path)
+    if ENDOFTEXT in text:
+        docs = [d.strip() for d in text.split(ENDOFTEXT) if d.strip()]
+        ids = [t for doc in docs for t in tokenizer.encode(doc, bos=True)]
+    else:
+        ids = tokenizer.encode(text, bos=True)
+    return label, torch.tensor(ids, dtype=torch.int64)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokens: Tensor, seq_len: int = 2048, batch_size: int = 1,
+               device: Optional[torch.device | str] = None) -> float:
+    """Perplexity by the standard protocol of the paper's tables: the whole split is tokenized once
+    (1-D int64 `tokens`, BOS once at the start), cut into floor(len/seq_len) non-overlapping windows of
+    seq_len tokens (the remainder is dropped), each window is scored independently (no context carried
+    over), the mean next-token NLL over all predicted tokens (seq_len-1 per window) is taken, and exp of
+    it is returned. `model(x)` with x (B, T) int64 must return logits (B, T, V)."""
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"expected seq_len >= 2 and batch_size >= 1, found {seq_len} and {batch_size}")
+    if tokens.dim() != 1:
+        raise ValueError(f"expected 1-D tokens, found shape {tuple(tokens.shape)}")
+    n_windows = tokens.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(f"found {tokens.numel()} tokens, need at least seq_len = {seq_len} for one window")
+    windows = tokens[: n_windows * seq_len].view(n_windows, seq_len).long()  # (N, T)
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        nll = 0.0  # a Python float is float64
+        for start in range(0, n_windows, batch_size):
+            x = windows[start : start + batch_size].to(device)  # (B, T)
+            logits = model(x)  # (B, T, V)
+            if logits.shape[:2] != x.shape:
+                raise ValueError(f"expected logits for every position, shape ({x.shape[0]}, {seq_len}, V),"
+                                 f" found {tuple(logits.shape)}")
+            # position t predicts token t+1, so the first token of each window is never scored
+            losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(),
+                                     reduction="none")  # (B*(T-1),) float32
+            nll += losses.double().sum().item()
+    finally:
+        model.train(was_training)
+    return math.exp(nll / (n_windows * (seq_len - 1)))

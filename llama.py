@@ -1,0 +1,608 @@
+"""LLaMA with built-in LoRA linears, per-layer sizes (so a pruned model is an ordinary model),
+and loaders for Meta's original shards, Hugging Face folders, llama2.c exports and our own format.
+
+Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
+Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
+"""
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # C, the residual width (never pruned)
+    n_layers: int = 32
+    n_heads: int = 32  # H: query heads of an unpruned layer
+    n_kv_heads: Optional[int] = None  # K: None means n_heads (multi-head attention)
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # F: None means derived from multiple_of as in Meta's code
+    multiple_of: int = 256  # Meta: the MLP width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # Meta (Llama 2 70B, Llama 3)
+    head_dim: Optional[int] = None  # D: None means dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False  # output head shares the token embedding (llama2.c, small HF models)
+    # per-layer sizes: a pruned layer keeps some kv groups (each with its n_heads // n_kv_heads query heads)
+    # and some MLP channels. None means every layer has the full size.
+    layer_kv_heads: Optional[list] = None
+    layer_hidden_dims: Optional[list] = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        self.layer_kv_heads = list(self.layer_kv_heads or [self.n_kv_heads] * self.n_layers)
+        self.layer_hidden_dims = list(self.layer_hidden_dims or [self.hidden_dim] * self.n_layers)
+        for name in ("layer_kv_heads", "layer_hidden_dims"):
+            sizes = getattr(self, name)
+            if len(sizes) != self.n_layers or min(sizes) < 1:
+                raise ValueError(f"{name} must hold {self.n_layers} positive sizes, found {sizes}")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per kv head; pruning removes whole kv groups, so this is the same in every layer."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "params") -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """MLP width exactly as Meta's FeedForward derives it: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# ----------------------------------------------------------------------------------------------
+# math helpers: RMSNorm, RoPE
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight over the last dim; accumulated in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope_cos_sin(T: int, D: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * theta^(-2i/D) for i < D/2: two (T, D/2) float32 tensors."""
+    freqs = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32)[: D // 2] / D)  # (D/2,)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle: Meta's interleaved convention.
+    x: (B, T, H, D); cos, sin: (T, D/2). Hugging Face's rotate-half layout is converted at load time."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA linear
+
+
+class LoRALinear(nn.Module):
+    """y = x @ W.T + s * (dropout(x) @ A.T) @ B.T with W (out, in) frozen, A (r, in), B (out, r), s = alpha / r.
+    r = 0 is a plain frozen linear. B starts at zero, so a fresh adapter leaves the output unchanged."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.r, self.scaling = 0, 0.0
+        self.lora_A = self.lora_B = None
+        self.lora_dropout = nn.Identity()
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, generator: Optional[torch.Generator] = None):
+        """Attach fresh adapters (fp32, on the weight's device): A Kaiming-uniform as in loralib, B zero."""
+        self.r, self.scaling = r, alpha / r
+        device = self.weight.device
+        A = torch.empty(r, self.in_features, dtype=torch.float32)
+        bound = 1 / math.sqrt(self.in_features)  # nn.Linear's default kaiming_uniform_(a=sqrt(5))
+        A.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def base(self, x: Tensor) -> Tensor:
+        """The frozen part x @ W.T (the int8 store in quant8.py overrides this)."""
+        return F.linear(x, self.weight)
+
+    def dense_weight(self, rows: slice = slice(None)) -> Tensor:
+        """W[rows] in a float dtype (int8 stores dequantize here, a slice of rows at a time)."""
+        return self.weight[rows]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.r:
+            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling  # (..., in) -> (..., r) -> (..., out)
+        return y
+
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """W + s * B @ A computed in float32, returned in `dtype` (default: W's float dtype)."""
+        W = self.dense_weight()
+        dtype = dtype or W.dtype
+        if not self.r:
+            return W.to(dtype)
+        acc = torch.promote_types(W.dtype, torch.float32)  # at least float32 (float64 stays float64)
+        return W.to(acc).addmm(self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling).to(dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapters into W (explicit, never a side effect of .eval()) and drop them."""
+        if self.r:
+            self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            self.r, self.scaling, self.lora_A, self.lora_B = 0, 0.0, None, None
+            self.lora_dropout = nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+# ----------------------------------------------------------------------------------------------
+# modules: attention, MLP, block, transformer
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, n_kv_heads: int):
+        super().__init__()
+        self.n_kv_heads, self.n_heads, self.head_dim = n_kv_heads, n_kv_heads * args.n_rep, args.head_dim
+        self.wq = LoRALinear(args.dim, self.n_heads * self.head_dim)
+        self.wk = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
+        self.wv = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
+        self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
+        self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (K,) 0/1 per kv group, set by loraprune.apply_masks
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
+        # grouped-query attention: query head h reads kv head h // n_rep (SDPA broadcasts the kv heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        if self.head_mask is not None:  # Eq. 13: a masked kv group's query heads output exactly zero
+            y = y * self.head_mask.repeat_interleave(self.n_heads // self.n_kv_heads)[:, None, None].to(y.dtype)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.wo(y)  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = LoRALinear(dim, hidden_dim)  # gate
+        self.w2 = LoRALinear(hidden_dim, dim)  # down
+        self.w3 = LoRALinear(dim, hidden_dim)  # up
+        self.register_buffer("channel_mask", None, persistent=False)  # Eq. 13: (F,) 0/1 per MLP channel
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.w1(x)) * self.w3(x)  # (B, T, F), SwiGLU
+        if self.channel_mask is not None:
+            h = h * self.channel_mask.to(h.dtype)
+        return self.w2(h)  # (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, args.layer_kv_heads[layer_id])
+        self.feed_forward = FeedForward(args.dim, args.layer_hidden_dims[layer_id])
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings.weight.requires_grad_(False)
+        self.output.weight.requires_grad_(False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.checkpoint_activations = False  # recompute each block in backward: 7B at 2048 tokens fits one GPU
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V)."""
+        B, T = tokens.shape
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta, tokens.device)  # (T, D/2) each
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        for layer in self.layers:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return self.output(self.norm(h))  # (B, T, V)
+
+
+# names of the seven projections LoRA may sit on (the paper's q, k, v, o, gate, down, up)
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def projections(model: Transformer, layer_id: int) -> dict:
+    """{'wq': LoRALinear, ...} for one block."""
+    layer = model.layers[layer_id]
+    a, f = layer.attention, layer.feed_forward
+    return {"wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "w1": f.w1, "w2": f.w2, "w3": f.w3}
+
+
+def add_lora(model: Transformer, r: int = 8, alpha: float = 16.0, dropout: float = 0.05,
+             targets: tuple = PROJECTIONS, seed: int = 0) -> list:
+    """Attach LoRA of rank r to the `targets` projections of every block; returns the trainable parameters.
+    Defaults are the official script's (r 8, alpha 16, dropout 0.05, all seven projections)."""
+    bad = sorted(set(targets) - set(PROJECTIONS))
+    if bad:
+        raise ValueError(f"unknown LoRA target(s) {bad}; expected a subset of {PROJECTIONS}")
+    if r <= 0:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for i in range(model.args.n_layers):
+        for name, lin in projections(model, i).items():
+            if name in targets:
+                lin.add_lora(r, alpha, dropout, generator=g)
+                params += [lin.lora_A, lin.lora_B]
+    return params
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters as a checkpoint counts them: a tied head once, LoRA adapters included, int8 weights by element."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# loading: every format becomes (ModelArgs, {our name: zero-argument reader}) and goes through one builder,
+# so tensors are read one at a time (from mmap or safetensors' lazy reads) straight to the target dtype/device.
+
+FORMATS = ("our own (params.json with format 'loraprune' + model.safetensors)",
+           "Meta (params.json + consolidated.*.pth)", "Hugging Face (config.json + *.safetensors or pytorch_model*.bin)",
+           "llama2.c legacy export (*.bin)", "GGUF (*.gguf)")
+
+
+def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Transformer:
+    """Read any supported checkpoint into a Transformer on `device`. Weights go to `dtype`; with int8=True the
+    seven projections of every block are quantized on the way in (quant8.py), one tensor at a time."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        import gguf_io  # optional extra, see issue on GGUF
+        args, readers = gguf_io.gguf_readers(path)
+    elif path.is_file():
+        args, readers = llama2c_readers(path)
+    elif (path / "params.json").exists() and "format" in _read_json(path / "params.json"):
+        return load_own(path, device, dtype, int8)
+    elif (path / "params.json").exists():
+        args, readers = meta_readers(path)
+    elif (path / "config.json").exists():
+        args, readers = hf_readers(path)
+    else:
+        raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
+    return build_from_readers(args, readers, device, dtype, int8, source=str(path))
+
+
+def build_from_readers(args: ModelArgs, readers: dict, device, dtype, int8: bool, source: str) -> Transformer:
+    """Build on the meta device, read each tensor once, check its shape, cast, place (and quantize), assign."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if int8:
+        import quant8
+        quant8.convert_to_int8(model)
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(".scales")}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    scales = {k for k in readers if k.endswith(".scales")}  # present only in our own int8 files
+    missing, unexpected = sorted(set(expected) - set(readers)), sorted(set(readers) - set(expected) - scales)
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    state = {}
+    for name, meta in expected.items():
+        t = readers[name]()
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
+        if meta.dtype == torch.int8 and t.is_floating_point():  # quantize from the file's precision, not bf16
+            state[name], state[name[: -len("weight")] + "scales"] = quant8.quantize(t.to(device))
+        else:
+            state[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    state.update({k: readers[k]().to(device) for k in scales})
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():  # assign=True takes the loaded tensors' flags: the base weights are frozen
+        p.requires_grad_(False)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+
+
+def _torch_load(path: Path) -> dict:
+    """Pickled weights, only ever with weights_only=True; mmap so the file is not copied into RAM."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a corrupt or non-torch file: say which one
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+# --- Meta's original folder
+
+
+def meta_shard_dim(name: str) -> Optional[int]:
+    """The dim Meta's model-parallel layers split `name` on: 0 for column-parallel (wq wk wv w1 w3 output),
+    1 for row-parallel (wo w2) and the embedding (ParallelEmbedding splits the model dim), None if replicated."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.startswith("tok_embeddings.") or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def meta_readers(folder: Path):
+    params = _read_json(folder / "params.json")
+    shard_paths = sorted(folder.glob("consolidated.*.pth"))
+    if not shard_paths:
+        raise FileNotFoundError(f"{folder}: params.json found but no consolidated.*.pth shards")
+    shards = [_torch_load(p) for p in shard_paths]  # mmap: nothing is read until a tensor is used
+    for p, s in zip(shard_paths, shards):
+        if set(s) - {"rope.freqs"} != set(shards[0]) - {"rope.freqs"}:
+            raise ValueError(f"{p}: holds different tensor names than {shard_paths[0]}")
+
+    def reader(name):
+        dim = meta_shard_dim(name)
+        return lambda: shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+
+    readers = {name: reader(name) for name in shards[0] if name != "rope.freqs"}  # rope.freqs: recomputed
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    if params.get("vocab_size", -1) not in (-1, vocab):
+        raise ValueError(f"{folder}/params.json: vocab_size {params['vocab_size']} but the embedding has {vocab} rows")
+    params["vocab_size"] = vocab  # Meta leaves -1 here and takes it from the tokenizer; the tensor is the truth
+    args = ModelArgs.from_dict(params, source=str(folder / "params.json"))
+    hidden = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
+    if hidden != args.hidden_dim:
+        raise ValueError(f"{folder}: MLP width from params.json (dim {args.dim}, multiple_of {args.multiple_of}, "
+                         f"ffn_dim_multiplier {args.ffn_dim_multiplier}) is {args.hidden_dim}, the tensors have {hidden}")
+    return args, readers
+
+
+# --- Hugging Face folder
+
+HF_NAMES = {  # Hugging Face name -> ours ({} is the layer index)
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Undo HF's q/k row permutation: HF stores each head's rows as [evens..., odds...] for rotate-half RoPE,
+    Meta interleaves them as pairs. (out, in) -> (out, in)."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def hf_config_to_args(cfg: dict, source: str) -> ModelArgs:
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r}, expected 'llama'")
+    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta (and any scaling) in here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope_parameters={rope!r} is not supported (expected rope_type 'default')")
+    return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                     hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                     max_seq_len=cfg.get("max_position_embeddings", 2048),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def hf_readers(folder: Path):
+    args = hf_config_to_args(_read_json(folder / "config.json"), str(folder / "config.json"))
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: config.json found but no *.safetensors or pytorch_model*.bin")
+    sources = {}  # hf name -> zero-argument reader
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            handle = safe_open(str(f), framework="pt")  # lazy: a tensor is read when asked for
+            sources.update({k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
+        else:
+            sd = _torch_load(f)
+            sources.update({k: (lambda sd=sd, k=k: sd[k]) for k in sd})
+    rename = {}
+    for i in range(args.n_layers):
+        rename.update({hf.format(i): ours.format(i) for hf, ours in HF_NAMES.items()})
+    readers = {}
+    for hf, read in sources.items():
+        if hf.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf not in rename:
+            raise ValueError(f"{folder}: unexpected tensor {hf}")
+        name = rename[hf]
+        if name.endswith(("wq.weight", "wk.weight")):
+            heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+            read = (lambda read=read, heads=heads: hf_to_meta_rows(read(), heads))
+        readers[name] = read
+    if args.tie_embeddings:
+        readers.pop("output.weight", None)
+    return args, readers
+
+
+# --- llama2.c legacy export
+
+
+def llama2c_readers(path: Path):
+    """llama2.c 'version 0' export: 7 int32 (dim, hidden, layers, heads, kv heads, vocab, seq len), then float32
+    weights in a fixed order; a negative vocab size means the classifier follows, unshared."""
+    import numpy as np
+    with open(path, "rb") as f:
+        head = f.read(28)
+    if len(head) < 28:
+        raise ValueError(f"{path}: {len(head)} bytes, too short for a llama2.c header (28 bytes)")
+    if struct.unpack("I", head[:4])[0] == 0x616B3432:
+        raise ValueError(f"{path}: a llama2.c version 1/2 export; only the legacy (version 0) layout is read")
+    dim, hidden, L, H, K, vocab, seq_len = struct.unpack("7i", head)
+    shared = vocab > 0
+    vocab = abs(vocab)
+    if min(dim, hidden, L, H, K, vocab, seq_len) <= 0 or dim % H:
+        raise ValueError(f"{path}: not a llama2.c export (header {dim, hidden, L, H, K, vocab, seq_len})")
+    D = dim // H
+    shapes = [("tok_embeddings.weight", (vocab, dim)), ("attention_norm", (L, dim)), ("wq", (L, H * D, dim)),
+              ("wk", (L, K * D, dim)), ("wv", (L, K * D, dim)), ("wo", (L, dim, H * D)), ("ffn_norm", (L, dim)),
+              ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("norm.weight", (dim,)),
+              ("freq_cis_real", (seq_len, D // 2)), ("freq_cis_imag", (seq_len, D // 2))]
+    if not shared:
+        shapes.append(("output.weight", (vocab, dim)))
+    n_floats = sum(math.prod(s) for _, s in shapes)
+    size = path.stat().st_size
+    if size != 28 + 4 * n_floats:
+        raise ValueError(f"{path}: {size} bytes, but header {dim, hidden, L, H, K, vocab, seq_len} "
+                         f"implies {28 + 4 * n_floats}")
+    data = np.memmap(path, dtype=np.float32, mode="r", offset=28)
+    arrays, offset = {}, 0
+    for name, shape in shapes:
+        arrays[name] = data[offset: offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    where = {"attention_norm": "layers.{}.attention_norm.weight", "ffn_norm": "layers.{}.ffn_norm.weight",
+             "wq": "layers.{}.attention.wq.weight", "wk": "layers.{}.attention.wk.weight",
+             "wv": "layers.{}.attention.wv.weight", "wo": "layers.{}.attention.wo.weight",
+             "w1": "layers.{}.feed_forward.w1.weight", "w2": "layers.{}.feed_forward.w2.weight",
+             "w3": "layers.{}.feed_forward.w3.weight"}
+    readers = {}
+    for name, arr in arrays.items():
+        if name in where:
+            for i in range(L):
+                readers[where[name].format(i)] = lambda arr=arr, i=i: torch.from_numpy(np.array(arr[i]))
+        elif not name.startswith("freq_cis"):  # RoPE tables: recomputed (they equal theta=10000)
+            readers[name] = lambda arr=arr: torch.from_numpy(np.array(arr))
+    args = ModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=K, vocab_size=vocab, hidden_dim=hidden,
+                     max_seq_len=seq_len, tie_embeddings=shared)
+    return args, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# our own format: model.safetensors + params.json {"format": "loraprune", "kind", "dtype", "int8", "args"}
+
+
+def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
+    """Write the model (LoRA merged into W on the way out) atomically: a temporary folder, then a rename.
+    `kind` tags what the weights are ('dense' or 'pruned'); int8 stores are written as int8 + scales."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    int8 = any(t.dtype == torch.int8 for t in model.state_dict().values())
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".lora_" in name or (name == "output.weight" and model.args.tie_embeddings):
+            continue
+        state[name] = t
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.r:
+            if int8:
+                raise ValueError(f"{name}: an int8 model with unmerged LoRA; make a float model with "
+                                 "loraprune.slice_model (and quant8.quantize_model for int8) first")
+            state[name + ".weight"] = module.merged_weight()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.int8})
+    meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes),
+            "args": asdict(model.args)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "params.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def load_own(folder: Path, device, dtype, int8: bool) -> Transformer:
+    meta = _read_json(folder / "params.json")
+    if meta.get("format") != "loraprune" or meta.get("version") != 1:
+        raise ValueError(f"{folder}/params.json: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                         "expected 'loraprune' version 1")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder}: params.json found but no model.safetensors")
+    from safetensors import safe_open
+    handle = safe_open(str(weights), framework="pt")
+    readers = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+    args = ModelArgs.from_dict(meta["args"], source=str(folder / "params.json"))
+    return build_from_readers(args, readers, device, dtype, int8 or meta.get("int8", False), source=str(folder))
