@@ -1,0 +1,119 @@
+"""A hand-written int8 store for the frozen LLaMA weights: the paper's "8-bit W0" (Table 2, Table 4).
+
+Weight-only, symmetric, one scale per output channel (as gpt-fast's int8): W ~ q * scale[:, None] with q int8 in
+[-127, 127]. Activations and the LoRA adapters stay in bf16/fp32; only the seven block projections are stored in
+int8. The token embedding, the output head and the norms stay in the float dtype: the embedding is a lookup (no
+matmul to save), the head's errors land directly on the logits, and norms are tiny.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama import LoRALinear, Transformer
+
+# ----------------------------------------------------------------------------------------------
+# the quantizer
+
+
+def quantize(W: Tensor) -> tuple[Tensor, Tensor]:
+    """W (out, in) float -> q (out, in) int8 in [-127, 127], scale (out,) float32, with scale = max|W_row| / 127
+    and q = round-half-to-even(W / scale). A zero row gets scale 1 (q = 0), so nothing divides by zero.
+    The error is at most scale / 2 per element: see `quantization_error`."""
+    Wf = W.float()
+    amax = Wf.abs().amax(dim=1)  # (out,)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # (out,)
+    q = torch.round(Wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q (out, in) int8, scale (out,) -> W (out, in) in `dtype` (computed in float32)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantization_error(W: Tensor, q: Tensor, scale: Tensor) -> float:
+    """max |W - dequantize(q, scale)| relative to the largest scale: at most 0.5 for round-to-nearest."""
+    return ((W.float() - dequantize(q, scale)).abs().amax() / scale.amax()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# the int8 linear
+
+
+class Int8Matmul(torch.autograd.Function):
+    """y = (x @ q.T) * scale, with q int8 (out, in) and scale (out,) (valid because the scale is per output row).
+    Backward gives dL/dx only (q is frozen) and dequantizes again instead of saving a float copy of W:
+    otherwise autograd would keep a bf16 W per layer alive until backward, undoing the memory saving."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        q, scale = ctx.saved_tensors
+        grad_x = (grad_y * scale.to(grad_y.dtype)) @ q.to(grad_y.dtype)  # (..., out) -> (..., in)
+        return grad_x, None, None
+
+
+class Int8LoRALinear(LoRALinear):
+    """A LoRALinear whose frozen W is stored as int8 `weight` + float32 `scales` (gpt-fast's names)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+
+    def base(self, x: Tensor) -> Tensor:
+        return Int8Matmul.apply(x, self.weight, self.scales)
+
+    def dense_weight(self, rows: slice = slice(None)) -> Tensor:
+        """Dequantized W[rows] in float32: the criterion calls this a slice of rows at a time."""
+        return dequantize(self.weight[rows], self.scales[rows])
+
+    def merged_weight(self, dtype: Optional[torch.dtype] = torch.bfloat16) -> Tensor:
+        """W + s * B @ A: a float weight (bf16 unless asked otherwise); re-quantize it with `quantize` if wanted."""
+        return super().merged_weight(dtype)
+
+    def merge(self):
+        raise ValueError("merging LoRA into an int8 weight would need a re-quantization; use "
+                         "loraprune.slice_model (float result) and quant8.quantize_model if int8 is wanted")
+
+
+# ----------------------------------------------------------------------------------------------
+# whole models
+
+
+def _swap_linears(module: nn.Module, make) -> None:
+    """gpt-fast's walk: replace every LoRALinear child (recursively) by make(old)."""
+    for name, child in module.named_children():
+        if isinstance(child, LoRALinear):
+            setattr(module, name, make(child))
+        else:
+            _swap_linears(child, make)
+
+
+def convert_to_int8(model: Transformer) -> Transformer:
+    """Swap the block projections for empty Int8LoRALinear (on the model's device, e.g. meta) before loading."""
+    def make(old: LoRALinear) -> Int8LoRALinear:
+        with torch.device(old.weight.device):  # on meta: no memory until the checkpoint's tensors are assigned
+            return Int8LoRALinear(old.in_features, old.out_features)
+    _swap_linears(model, make)
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer) -> Transformer:
+    """Quantize a loaded float model in place (LoRA merged first, if any). Prints nothing; returns the model."""
+    def make(old: LoRALinear) -> Int8LoRALinear:
+        new = Int8LoRALinear(old.in_features, old.out_features).to(old.weight.device)
+        q, scale = quantize(old.merged_weight(torch.float32))  # not bf16: its rounding adds up to 1/4 step
+        new.weight = nn.Parameter(q, requires_grad=False)
+        new.scales = scale
+        return new
+    _swap_linears(model, make)
+    return model
