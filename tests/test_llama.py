@@ -1,0 +1,616 @@
+"""Tests for llama.py: logits against transformers' LlamaForCausalLM through every loader (Hugging Face
+folder, Meta shards), the real files in shared/data, our own save/load round trip, LoRA, activation
+checkpointing and the loaders' error messages. Tiny models on CPU, float32, seeded, no network."""
+import json
+import math
+import os
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama
+from conftest import shared_file
+from llama import ModelArgs, Transformer
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter with seeded values large enough that attention is far from uniform (so a RoPE
+    or head-order mistake moves the logits by O(1), not by 1e-6): matrices N(0, 1/in), norms in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():  # a tied matrix is listed once
+            if p.ndim == 1:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return module
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """dim 64, 2 layers, 4 heads over 2 kv heads (GQA), MLP 96, vocab 128."""
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, max_seq_len=64)
+    return ModelArgs(**{**kw, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    return randomize_(Transformer(tiny_args(**overrides)), seed).eval()
+
+
+def tokens(vocab: int, T: int = 12, B: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def greedy(model: Transformer, prompt: list, n: int) -> list:
+    """n greedy tokens after `prompt`, recomputing the whole prefix each step (no KV cache to get wrong)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def hf_model(seed: int = 0, **config):
+    """A randomly initialised float32 transformers LlamaForCausalLM (default: the tiny GQA config)."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, vocab_size=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+              max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)  # transformers' own init draws from the global generator; we overwrite it anyway
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config}))
+    return randomize_(model, seed).float().eval()
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # (B, T, V)
+
+
+def our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)  # (B, T, V)
+
+
+# --- Hugging Face -> Meta, written independently of llama.py's tables
+
+HF_TO_META_PARTS = [  # substring replacements, applied in order
+    ("model.embed_tokens.", "tok_embeddings."), ("lm_head.", "output."), ("model.norm.", "norm."),
+    ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+    ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+    ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3"),
+    ("post_attention_layernorm", "ffn_norm"), ("input_layernorm", "attention_norm"),
+]
+
+# how Meta's model-parallel layers split each tensor (fairscale ColumnParallelLinear / RowParallelLinear /
+# ParallelEmbedding in meta-llama/llama model.py); None = replicated on every shard
+SHARD_DIM_BY_KIND = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+                     "wo": 1, "w2": 1, "tok_embeddings": 1,
+                     "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def expected_shard_dim(name: str):
+    return SHARD_DIM_BY_KIND[name.split(".")[-2]]  # 'layers.0.attention.wq.weight' -> 'wq'
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' convert_llama_weights_to_hf permute: Meta's interleaved q/k rows -> rotate-half rows."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def hf_to_meta_rows_by_index(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of meta_to_hf_rows, found by pushing row indices through it: HF row i is Meta row idx[i]."""
+    idx = meta_to_hf_rows(torch.arange(w.shape[0])[:, None], n_heads)[:, 0]  # (out,)
+    meta = torch.empty_like(w)
+    meta[idx] = w
+    return meta
+
+
+def hf_state_to_meta(hf, n_heads: int, n_kv_heads: int) -> dict:
+    meta = {}
+    for name, t in hf.state_dict().items():
+        for old, new in HF_TO_META_PARTS:
+            name = name.replace(old, new)
+        if name.endswith("wq.weight"):
+            t = hf_to_meta_rows_by_index(t, n_heads)
+        elif name.endswith("wk.weight"):
+            t = hf_to_meta_rows_by_index(t, n_kv_heads)
+        meta[name] = t.detach().clone()
+    return meta
+
+
+def write_meta_folder(folder, state: dict, n_shards: int, params: dict, rope_freqs: bool = False):
+    """consolidated.NN.pth shards split the way Meta's model-parallel ranks hold them, plus params.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank in range(n_shards):
+        shard = {}
+        for name, t in state.items():
+            dim = expected_shard_dim(name)
+            if dim is not None:
+                assert t.shape[dim] % n_shards == 0, f"test setup: {name} {tuple(t.shape)} does not split {n_shards}"
+            shard[name] = t.clone() if dim is None else t.chunk(n_shards, dim)[rank].clone()
+        if rope_freqs:  # LLaMA-1 shards carry this buffer; the loader recomputes RoPE instead
+            shard["rope.freqs"] = torch.zeros(8)
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def meta_params(dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier=None, rope_theta=10000.0):
+    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1,
+                multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=1e-5, rope_theta=rope_theta)
+
+
+def test_test_helpers_invert_the_published_permutation():
+    w = torch.randn(32, 5)
+    for heads in (1, 2, 4):
+        assert torch.equal(meta_to_hf_rows(hf_to_meta_rows_by_index(w, heads), heads), w)
+        assert torch.equal(llama.hf_to_meta_rows(w, heads), hf_to_meta_rows_by_index(w, heads))
+    assert not torch.equal(hf_to_meta_rows_by_index(w, 4), w)  # the permutation does move rows
+
+
+# ----------------------------------------------------------------------------------------------
+# logits equal transformers' LlamaForCausalLM
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
+def test_hf_safetensors_folder_matches_transformers(tmp_path, rope_theta):
+    hf = hf_model(rope_theta=rope_theta)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours = llama.load_checkpoint(tmp_path / "hf", dtype=torch.float32)
+    assert ours.args.rope_theta == rope_theta
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_transformers_4_config_layout_matches(tmp_path):
+    """transformers 4.x wrote rope_theta at the top level (5.x nests it in rope_parameters); read both."""
+    hf = hf_model(rope_theta=500000.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=500000.0, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_pytorch_model_bin_matches_transformers(tmp_path):
+    hf = hf_model(seed=3)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_tied_embeddings_match_transformers(tmp_path):
+    hf = hf_model(seed=1, tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    assert ours.args.tie_embeddings
+    assert ours.output.weight is ours.tok_embeddings.weight
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
+def test_meta_two_shards_match_transformers(tmp_path, rope_theta):
+    # dim 64, multiple_of 32: int(2 * 256 / 3) = 170 -> 192, the MLP width Meta derives
+    hf = hf_model(seed=2, intermediate_size=192, rope_theta=rope_theta)
+    state = hf_state_to_meta(hf, n_heads=4, n_kv_heads=2)
+    write_meta_folder(tmp_path, state, 2, meta_params(64, 2, 4, 2, multiple_of=32, rope_theta=rope_theta),
+                      rope_freqs=True)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    assert (ours.args.hidden_dim, ours.args.vocab_size) == (192, 128)
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_ffn_dim_multiplier_matches_transformers(tmp_path):
+    # int(0.5 * 170) = 85 -> 96 with multiple_of 32: the Llama-2-70B / Llama-3 path of Meta's derivation
+    hf = hf_model(seed=4, intermediate_size=96)
+    write_meta_folder(tmp_path, hf_state_to_meta(hf, 4, 2), 2,
+                      meta_params(64, 2, 4, 2, multiple_of=32, ffn_dim_multiplier=0.5))
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_three_shards_match_transformers(tmp_path):
+    # every split size divides by 3: dim 96, 6 heads / 3 kv heads of 16, vocab 126,
+    # MLP int(2 * 384 / 3) = 256 -> 288 with multiple_of 48
+    hf = hf_model(seed=5, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=288,
+                  vocab_size=126)
+    write_meta_folder(tmp_path, hf_state_to_meta(hf, 6, 3), 3, meta_params(96, 2, 6, 3, multiple_of=48))
+    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
+    assert (ours.args.dim, ours.args.hidden_dim, ours.args.vocab_size) == (96, 288, 126)
+    ids = tokens(126, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_shard_dim_rule_and_fake_shards_concatenate_back(tmp_path):
+    model = tiny_model(seed=6, hidden_dim=192, multiple_of=32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in state:
+        assert llama.meta_shard_dim(name) == expected_shard_dim(name), name
+    write_meta_folder(tmp_path, state, 2, meta_params(64, 2, 4, 2, multiple_of=32))
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    assert shard["layers.0.attention.wo.weight"].shape == (64, 32)  # really split, on the right dim
+    assert shard["tok_embeddings.weight"].shape == (128, 32)
+    assert shard["output.weight"].shape == (64, 64)
+    loaded = llama.load_checkpoint(tmp_path, dtype=torch.float32).state_dict()
+    assert loaded.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(loaded[name], t), name
+
+
+# ----------------------------------------------------------------------------------------------
+# real files in shared/data
+
+
+def test_tiny_random_llama_2_matches_recorded_corpus():
+    folder = shared_file("tiny-random-llama-2")
+    corpus = json.loads((folder / "corpus.json").read_text())
+    tol = corpus["logit_tolerance"]
+    model = llama.load_checkpoint(folder, dtype=torch.float32).eval()
+    assert (model.args.dim, model.args.vocab_size, model.args.n_layers) == (16, 3000, 2)
+    assert len(corpus["model_cases"]) == 3
+    for case in corpus["model_cases"]:
+        last = our_logits(model, torch.tensor([case["input_ids"]]))[0, -1]  # (V,)
+        ids = [int(i) for i in case["sampled_logits"]]
+        expected = torch.tensor([case["sampled_logits"][str(i)] for i in ids])
+        torch.testing.assert_close(last[ids], expected, atol=tol["absolute"], rtol=tol["relative"])
+        assert int(last.argmax()) == case["greedy_token"]
+        assert greedy(model, case["input_ids"], len(case["greedy_continuation"])) == case["greedy_continuation"]
+
+
+STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
+                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352]
+
+
+def test_stories260k_greedy_story():
+    model = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32).eval()
+    a = model.args
+    assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (64, 172, 5, 8, 4, 512)
+    assert a.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert llama.count_params(model) == 260032  # MANIFEST: parameters without the two RoPE tables
+    # greedy decoding yields these ids exactly when each is the argmax after its own prefix; a causal model
+    # gives every prefix's logits in one forward (40 recomputed prefixes would cost 40 forwards)
+    logits = our_logits(model, torch.tensor([[1] + STORIES_GREEDY[:-1]]))[0]  # (40, V)
+    ids = logits.argmax(-1).tolist()
+    assert ids == STORIES_GREEDY
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_file("tok512.model")))
+    assert sp.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
+
+
+# ----------------------------------------------------------------------------------------------
+# our own format: save -> load
+
+
+def assert_same_state(a: Transformer, b: Transformer):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "per_layer_sizes", "tied"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, dtype, variant):
+    extra = {"plain": {}, "tied": {"tie_embeddings": True},
+             "per_layer_sizes": {"layer_kv_heads": [2, 1], "layer_hidden_dims": [96, 40]}}[variant]
+    model = tiny_model(seed=7, **extra).to(dtype)
+    out = llama.save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((out / "params.json").read_text())
+    assert meta["format"] == "loraprune" and meta["kind"] == "dense"
+    loaded = llama.load_checkpoint(out, dtype=dtype).eval()
+    assert loaded.args == model.args
+    assert_same_state(model, loaded)
+    ids = tokens(128)
+    assert torch.equal(our_logits(loaded, ids), our_logits(model, ids))
+    if variant == "per_layer_sizes":
+        assert loaded.layers[1].attention.wq.weight.shape == (32, 64)  # 1 kv group of 2 query heads of 16
+        assert loaded.layers[1].feed_forward.w2.weight.shape == (64, 40)
+    if variant == "tied":
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+        from safetensors import safe_open
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            assert "output.weight" not in f.keys()  # stored once
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
+    first, second = tiny_model(seed=8), tiny_model(seed=9)
+    llama.save_checkpoint(first, tmp_path / "ckpt")
+    llama.save_checkpoint(second, tmp_path / "ckpt")  # overwrite an existing folder
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or .old folders left behind
+    assert_same_state(second, llama.load_checkpoint(tmp_path / "ckpt", dtype=torch.float32))
+
+    import safetensors.torch
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        llama.save_checkpoint(first, tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the failed write left nothing behind...
+    assert_same_state(second, llama.load_checkpoint(tmp_path / "ckpt", dtype=torch.float32))  # ...and kept the old
+
+
+def test_lora_model_saves_merged(tmp_path):
+    model = tiny_model(seed=10)
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, llama.LoRALinear) and m.r:
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    wq = model.layers[0].attention.wq
+    by_hand = wq.weight.double() + 2.0 * wq.lora_B.double() @ wq.lora_A.double()  # s = alpha / r = 2
+    ids = tokens(128)
+    expected = our_logits(model, ids)
+    llama.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = llama.load_checkpoint(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert all(m.r == 0 and m.lora_A is None for m in loaded.modules() if isinstance(m, llama.LoRALinear))
+    torch.testing.assert_close(loaded.layers[0].attention.wq.weight.double(), by_hand, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(loaded.layers[0].attention.wq.weight, wq.weight)  # B mattered
+    torch.testing.assert_close(our_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_linears(model: Transformer) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, llama.LoRALinear)}
+
+
+def randomize_lora_B_(model: Transformer, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_linears(model).values():
+            if m.r:
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+
+
+def test_fresh_lora_equals_base_model_exactly():
+    model = tiny_model(seed=11)
+    ids = tokens(128)
+    base = our_logits(model, ids)
+    llama.add_lora(model, r=4, alpha=16.0, dropout=0.1)
+    model.train()  # dropout active: B = 0 must still contribute exactly nothing
+    assert all(m.r == 4 and torch.count_nonzero(m.lora_B) == 0 for m in lora_linears(model).values())
+    assert torch.equal(our_logits(model, ids), base)
+
+
+def test_merged_weight_and_merge_match_hand_computation():
+    model = tiny_model(seed=12)
+    llama.add_lora(model, r=4, alpha=6.0, dropout=0.0)
+    randomize_lora_B_(model, 3)
+    ids = tokens(128)
+    unmerged = our_logits(model, ids)
+    for name, m in lora_linears(model).items():
+        by_hand = m.weight.double() + (6.0 / 4) * (m.lora_B.double() @ m.lora_A.double())
+        torch.testing.assert_close(m.merged_weight().double(), by_hand, atol=1e-6, rtol=1e-6, msg=name)
+    for m in lora_linears(model).values():
+        m.merge()
+        assert m.r == 0 and m.lora_A is None and not m.weight.requires_grad
+    torch.testing.assert_close(our_logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_add_lora_targets_and_trainable_parameters():
+    model = tiny_model(seed=13)
+    params = llama.add_lora(model, r=2, targets=("wq", "wv"))
+    with_lora = {n for n, m in lora_linears(model).items() if m.r}
+    assert with_lora == {f"layers.{i}.attention.{p}" for i in range(2) for p in ("wq", "wv")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{ab}" for n in with_lora for ab in ("lora_A", "lora_B")}
+    assert len(params) == 8 and all(p.requires_grad for p in params)
+
+    full = tiny_model(seed=13)
+    llama.add_lora(full, r=2)
+    trainable = [n for n, p in full.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 and all(".lora_" in n for n in trainable)  # base weights frozen
+
+    with pytest.raises(ValueError, match="wqkv"):
+        llama.add_lora(tiny_model(), targets=("wq", "wqkv"))
+
+
+def test_lora_dropout_applies_only_to_the_adapter_input():
+    torch.manual_seed(0)
+    lin = llama.LoRALinear(16, 8)
+    torch.nn.init.normal_(lin.weight)
+    lin.add_lora(r=4, alpha=4.0, dropout=0.5, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(lin.lora_B)
+    x = torch.randn(3, 16)
+    lin.train()
+    torch.manual_seed(123)
+    y = lin(x)
+    torch.manual_seed(123)
+    x_dropped = F.dropout(x, 0.5, training=True)  # the same draw the module makes
+    assert not torch.equal(x_dropped, x)
+    expected = x @ lin.weight.T + (x_dropped @ lin.lora_A.T @ lin.lora_B.T) * 1.0
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    lin.eval()  # no dropout, and no weight rewriting either
+    w_before = lin.weight.clone()
+    torch.testing.assert_close(lin(x), x @ lin.weight.T + x @ lin.lora_A.T @ lin.lora_B.T, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lin.weight, w_before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta's MLP width
+
+
+@pytest.mark.parametrize("dim, multiple_of, mult, expected", [
+    (4096, 256, None, 11008),  # LLaMA-7B / Llama-2-7B
+    (5120, 256, None, 13824),  # LLaMA-13B
+    (8192, 4096, 1.3, 28672),  # Llama-2-70B
+    (4096, 1024, 1.3, 14336),  # Llama-3-8B
+    (64, 32, None, 192),  # int(2 * 256 / 3) = 170, rounded up
+])
+def test_meta_hidden_dim(dim, multiple_of, mult, expected):
+    assert llama.meta_hidden_dim(dim, multiple_of, mult) == expected
+    assert ModelArgs(dim=dim, n_heads=32, multiple_of=multiple_of, ffn_dim_multiplier=mult).hidden_dim == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+def test_activation_checkpointing_gives_same_loss_and_lora_grads(monkeypatch):
+    model = tiny_model(seed=14)
+    params = llama.add_lora(model, r=4, alpha=8.0, dropout=0.1)
+    randomize_lora_B_(model, 4)
+    model.train()
+    ids = tokens(128, T=16)
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        torch.manual_seed(0)  # the same dropout draws in both runs
+        logits = model(ids)  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    loss_plain, grads_plain = loss_and_grads()
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    model.checkpoint_activations = True
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert len(calls) == model.args.n_layers  # the checkpointed path really ran
+    torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-6, rtol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads_plain)
+    for g_ckpt, g_plain in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def meta_folder(tmp_path, **param_overrides):
+    """A valid two-shard Meta folder of the tiny model (MLP 192 = Meta's width for dim 64, multiple_of 32)."""
+    model = tiny_model(seed=15, hidden_dim=192)
+    params = {**meta_params(64, 2, 4, 2, multiple_of=32), **param_overrides}
+    return write_meta_folder(tmp_path / "meta", dict(model.state_dict()), 2, params)
+
+
+def test_meta_folder_fixture_loads(tmp_path):
+    llama.load_checkpoint(meta_folder(tmp_path), dtype=torch.float32)  # so the failures below are the edits
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        llama.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_folder_with_no_known_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="no known checkpoint format") as e:
+        llama.load_checkpoint(tmp_path)
+    assert "params.json" in str(e.value) and "config.json" in str(e.value) and "consolidated" in str(e.value)
+
+
+def test_params_json_unknown_key(tmp_path):
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        llama.load_checkpoint(meta_folder(tmp_path, use_scaled_rope=True))
+    out = llama.save_checkpoint(tiny_model(), tmp_path / "own")
+    meta = json.loads((out / "params.json").read_text())
+    meta["args"]["n_experts"] = 8
+    (out / "params.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="n_experts"):
+        llama.load_checkpoint(out)
+
+
+def test_shard_with_wrong_shaped_tensor(tmp_path):
+    folder = meta_folder(tmp_path)
+    shard = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    shard["layers.1.attention.wo.weight"] = shard["layers.1.attention.wo.weight"][:, :24].clone()  # 32 -> 24 columns
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="layers.1.attention.wo.weight") as e:
+        llama.load_checkpoint(folder)
+    assert "(64, 56)" in str(e.value) and "(64, 64)" in str(e.value)
+
+
+def test_meta_hidden_dim_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="MLP width") as e:
+        llama.load_checkpoint(meta_folder(tmp_path, multiple_of=256))  # derives 256, the tensors have 192
+    assert "256" in str(e.value) and "192" in str(e.value)
+
+
+def test_meta_shards_with_different_names(tmp_path):
+    folder = meta_folder(tmp_path)
+    shard = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    del shard["norm.weight"]
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="consolidated.01.pth"):
+        llama.load_checkpoint(folder)
+
+
+def test_corrupt_pth(tmp_path):
+    folder = meta_folder(tmp_path)
+    (folder / "consolidated.00.pth").write_bytes(b"not a zip archive, not a pickle" * 10)
+    with pytest.raises(ValueError, match="consolidated.00.pth"):
+        llama.load_checkpoint(folder)
+
+
+def test_truncated_llama2c_bin(tmp_path):
+    # a valid legacy header: dim 8, hidden 16, 1 layer, 2 heads, 2 kv heads, shared vocab 10, seq_len 4
+    header = struct.pack("7i", 8, 16, 1, 2, 2, 10, 4)
+    n_floats = 10 * 8 + 8 + 3 * 8 * 8 + 8 * 8 + 8 + 3 * 16 * 8 + 8 + 2 * 4 * 2
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(header + struct.pack(f"{n_floats}f", *([0.5] * n_floats)))
+    model = llama.load_checkpoint(path, dtype=torch.float32)  # the intact file loads
+    assert model.args.hidden_dim == 16 and model.args.tie_embeddings
+    path.write_bytes(path.read_bytes()[:-40])
+    full = 28 + 4 * n_floats
+    with pytest.raises(ValueError, match=f"{full - 40} bytes") as e:
+        llama.load_checkpoint(path)
+    assert str(full) in str(e.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope"),
+    ({"model_type": "mistral"}, "mistral"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_unsupported_hf_config(tmp_path, edit, words):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=words):
+        llama.load_checkpoint(tmp_path)
+
+
+def test_hf_folder_with_unexpected_tensor(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="q_proj.bias"):
+        llama.load_checkpoint(tmp_path)
+
+
+def test_sequence_longer_than_max_seq_len():
+    model = tiny_model(max_seq_len=8)
+    with pytest.raises(ValueError, match="9 tokens"):
+        model(tokens(128, T=9))
