@@ -319,8 +319,7 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.bfloat16, int
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        import gguf_io  # optional extra, see issue on GGUF
-        args, readers = gguf_io.gguf_readers(path)
+        args, readers = gguf_readers(path)
     elif path.is_file():
         args, readers = llama2c_readers(path)
     elif (path / "params.json").exists() and "format" in _read_json(path / "params.json"):
@@ -405,10 +404,25 @@ def meta_readers(folder: Path):
     for p, s in zip(shard_paths, shards):
         if set(s) - {"rope.freqs"} != set(shards[0]) - {"rope.freqs"}:
             raise ValueError(f"{p}: holds different tensor names than {shard_paths[0]}")
+    mapped = {"layer": None}
+
+    def current_shards(name):
+        # Re-map the shards when the reader moves to the next layer: dropping the old mappings returns the file
+        # pages read so far, so the host holds at most one layer of the files on top of the model itself.
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        if layer != mapped["layer"]:
+            mapped["layer"] = layer
+            shards[:] = [None] * len(shards)
+            shards[:] = [_torch_load(p) for p in shard_paths]
+        return shards
 
     def reader(name):
         dim = meta_shard_dim(name)
-        return lambda: shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+
+        def read():
+            parts = [s[name] for s in current_shards(name)]
+            return parts[0].clone() if dim is None else torch.cat(parts, dim=dim)  # a copy: no mapping kept
+        return read
 
     readers = {name: reader(name) for name in shards[0] if name != "rope.freqs"}  # rope.freqs: recomputed
     vocab = shards[0]["tok_embeddings.weight"].shape[0]
@@ -548,6 +562,93 @@ def llama2c_readers(path: Path):
     args = ModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=K, vocab_size=vocab, hidden_dim=hidden,
                      max_seq_len=seq_len, tie_embeddings=shared)
     return args, readers
+
+
+# --- GGUF (llama.cpp)
+
+GGUF_NAMES = {  # GGUF name -> ours ({} is the layer index); no output.weight means a tied head
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def gguf_readers(path: Path):
+    """A llama.cpp GGUF file of architecture 'llama': config from its metadata, each tensor dequantized to float32
+    when read (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). q/k rows are used as stored: llama.cpp's
+    converter undoes HF's rotate-half permutation (LlamaModel.permute in convert_hf_to_gguf.py), which leaves
+    Meta's interleaved pairs, the convention of apply_rope."""
+    import numpy as np
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"{path}: reading GGUF needs the optional extra: pip install gguf") from e
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def meta(key: str, default=...):
+        """One metadata value; without a default the key is required."""
+        field = reader.get_field(key)
+        if field is None and default is ...:
+            raise ValueError(f"{path}: GGUF metadata has no {key}")
+        value = default if field is None else field.contents()
+        if isinstance(value, list):  # some architectures store per-layer head counts; llama has one of each
+            raise ValueError(f"{path}: GGUF metadata {key} holds a list {value[:4]}..., expected one number")
+        return value
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected 'llama'")
+    tensors = {t.name: t for t in reader.tensors}
+    scaling = meta("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:  # rope_freqs: Llama 3.1's per-frequency factors
+        raise ValueError(f"{path}: RoPE scaling (type {scaling!r}, rope_freqs.weight "
+                         f"{'present' if 'rope_freqs.weight' in tensors else 'absent'}) is not supported")
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    dim, vocab = (int(n) for n in tensors["token_embd.weight"].shape)  # GGUF lists dims fastest first: (C, V)
+    if meta("llama.vocab_size", vocab) != vocab:
+        raise ValueError(f"{path}: llama.vocab_size {meta('llama.vocab_size')} but token_embd.weight has "
+                         f"{vocab} rows")
+    n_heads = meta("llama.attention.head_count")
+    head_dim = meta("llama.attention.key_length", meta("llama.embedding_length") // n_heads)
+    if meta("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count {meta('llama.rope.dimension_count')}, expected "
+                         f"RoPE over the whole head (head_dim {head_dim})")
+    args = ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
+                     n_kv_heads=meta("llama.attention.head_count_kv", n_heads), vocab_size=vocab,
+                     hidden_dim=meta("llama.feed_forward_length"), head_dim=head_dim,
+                     norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+                     rope_theta=meta("llama.rope.freq_base", 10000.0), max_seq_len=meta("llama.context_length"),
+                     tie_embeddings="output.weight" not in tensors)
+    if args.dim != dim:
+        raise ValueError(f"{path}: llama.embedding_length {args.dim} but token_embd.weight has width {dim}")
+
+    def reader_of(t):
+        def read() -> Tensor:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)  # float32 numpy, fastest dim last
+            shape = [int(n) for n in reversed(t.shape)]  # GGUF (in, out) -> torch (out, in)
+            return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy off the mmap
+        return read
+
+    rename = {}
+    for i in range(args.n_layers):
+        rename.update({g.format(i): ours.format(i) for g, ours in GGUF_NAMES.items()})
+    unknown = sorted(set(tensors) - set(rename))
+    if unknown:
+        raise ValueError(f"{path}: unexpected GGUF tensor(s) {unknown[:8]} for a llama of {args.n_layers} layers")
+    return args, {rename[name]: reader_of(t) for name, t in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------
