@@ -92,21 +92,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def rope_cos_sin(T: int, D: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos and sin of position * theta^(-2i/D) for i < D/2: two (T, D/2) float32 tensors."""
+def rope_frequencies(T: int, D: int, theta: float, device=None) -> Tensor:
+    """Meta's freqs_cis: e^(i * position * theta^(-2j/D)) for j < D/2, a (T, D/2) complex64 tensor."""
     freqs = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32)[: D // 2] / D)  # (D/2,)
     angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, D/2)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the position's angle: Meta's interleaved convention.
-    x: (B, T, H, D); cos, sin: (T, D/2). Hugging Face's rotate-half layout is converted at load time."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, T, H, D)
+def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate pairs (x[2j], x[2j+1]) by the position's angle, as one complex product: Meta's interleaved
+    convention (Hugging Face's rotate-half layout is converted at load time). x (B, T, H, D), freqs_cis (T, D/2)."""
+    xc = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs_cis[:, None, :].to(xc.dtype)).flatten(-2).type_as(x)  # (B, T, H, D)
 
 
 class RMSNorm(nn.Module):
@@ -196,12 +193,12 @@ class Attention(nn.Module):
         self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
         self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (K,) 0/1 per kv group, set by loraprune.apply_masks
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         # grouped-query attention: query head h reads kv head h // n_rep (SDPA broadcasts the kv heads)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
@@ -234,8 +231,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -258,13 +255,13 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta, tokens.device)  # (T, D/2) each
+        freqs_cis = rope_frequencies(T, self.args.head_dim, self.args.rope_theta, tokens.device)  # (T, D/2)
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, freqs_cis)
         return self.output(self.norm(h))  # (B, T, V)
 
 

@@ -70,12 +70,14 @@ def row_group_sums(row_sums: Tensor, group_size: int) -> Tensor:
     return row_sums.view(-1, group_size).sum(dim=1)
 
 
-def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: int = 1024,
+def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Optional[int] = None,
                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """The importance of every weight of one projection, reduced at once to its row sums (out,) and column sums
-    (in,). Rows are taken `chunk_rows` at a time, so at most a (chunk_rows, in) float32 block is alive, and an int8
-    W is dequantized one chunk at a time."""
+    (in,). Rows are taken `chunk_rows` at a time (default: 2^24 elements, 64 MiB of float32: large enough that
+    a 7B step is not bound by kernel launches), so at most two such blocks are alive, and an int8 W is
+    dequantized one chunk at a time."""
     out_features, in_features = linear.out_features, linear.in_features
+    chunk_rows = chunk_rows or max(1, 2**24 // in_features)
     row_sums = torch.empty(out_features, dtype=torch.float32, device=linear.weight.device)
     col_sums = torch.zeros(in_features, dtype=torch.float32, device=linear.weight.device)
     s = linear.scaling
