@@ -1,0 +1,222 @@
+"""The CLI end to end on stories260K (CPU): the saved pruned model reloads in one call and matches the report,
+a killed-and-resumed run equals an uninterrupted one bit for bit, and every bad input fails with exit code 2,
+one clear line and nothing half-written in --out."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import llama
+import loraprune
+import run
+from conftest import shared_file
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A 260K-parameter model gains nothing from threads, and on a busy 2-core machine they cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(out, **overrides) -> list:
+    """Flags of a small, fast run on stories260K; overrides map flag names (underscores) to values (None drops)."""
+    flags = {"ckpt": shared_file("stories260K.bin"), "ratio": 0.5, "steps": 8, "batch_size": 8,
+             "micro_batch_size": 4, "seq_len": 64, "prune_every": 2, "lr": 1e-3,
+             "data": shared_file("tinystories-train.txt"), "eval": shared_file("tinystories-valid.txt"),
+             "eval_seq_len": 256, "eval_tokens": 2048, "out": out, **overrides}
+    argv = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append("--" + name.replace("_", "-"))
+        elif value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+def eval_tokens(n: int) -> torch.Tensor:
+    """The eval protocol of run.py, written out: BOS + the whole file, first n tokens."""
+    tokenizer = data.Tokenizer(shared_file("tok512.model"))
+    _, text = data.eval_text(str(shared_file("tinystories-valid.txt")))
+    return torch.tensor(tokenizer.encode(text, bos=True))[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# the pieces of the training loop
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    lrs = [run.lr_at(s, 100, 1.0) for s in range(101)]
+    warmup = 3  # 3% of 100 steps
+    assert lrs[:warmup] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))  # monotone after the warmup
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12) and lrs[99] > 0
+    assert run.lr_at(0, 1, 1e-4) == 1e-4  # a one-step run still takes a step
+
+
+def test_row_sampler_visits_each_row_once_per_epoch_and_resumes():
+    sampler = run.RowSampler(10, seed=0)
+    first = torch.cat([sampler.next(3) for _ in range(3)] + [sampler.next(1)])
+    assert sorted(first.tolist()) == list(range(10))
+    crossing = sampler.next(4)  # three into epoch 1 already
+    state = sampler.state_dict()
+    expected = [sampler.next(7) for _ in range(3)]
+    again = run.RowSampler(10, seed=123)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next(7) for _ in range(3)]))
+    assert crossing.unique().numel() == 4 and sampler.epoch == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    assert run.main(cli(out, steps=24)) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_saved_model_reloads_and_matches_report(finished):
+    out, report = finished
+    model = llama.load_checkpoint(out / "model", dtype=torch.float32)
+    assert llama.count_params(model) == report["params_after"]
+    assert report["ratio_achieved"] == pytest.approx(1 - report["params_after"] / report["params_before"])
+    assert abs(report["ratio_achieved"] - 0.5) < 0.01
+    # the per-layer sizes the pruner chose are the saved model's, and unpruned layers are whole
+    assert model.args.layer_kv_heads == report["kv_heads_per_layer"]
+    assert model.args.layer_hidden_dims == report["channels_per_layer"]
+    full = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32).args
+    assert report["pruned_layers"] == loraprune.default_pruned_layers(full.n_layers)
+    for l in range(full.n_layers):
+        pruned = l in report["pruned_layers"]
+        assert (model.args.layer_kv_heads[l] < full.n_kv_heads) == pruned
+        assert (model.args.layer_hidden_dims[l] < full.hidden_dim) == pruned
+    # the report's perplexity is the reloaded model's under the same protocol
+    label = "tinystories-valid.txt"
+    ppl = data.perplexity(model, eval_tokens(2048), seq_len=256, batch_size=1)
+    assert torch.isfinite(torch.tensor(ppl))
+    assert report["ppl_after"][label] == pytest.approx(ppl, rel=1e-6)
+    assert report["steps_done"] == 24 and report["peak_gpu_memory_gib"] is None
+    # the tokenizer travels with the model
+    assert data.find_tokenizer(out / "model", model.args.vocab_size).name == "tok512.model"
+    assert (out / "log.txt").read_text().count("step 20/24") == 1
+
+
+def test_out_with_a_run_is_refused(finished, capsys):
+    out, _ = finished
+    before = sorted(p.name for p in out.iterdir())
+    assert run.main(cli(out, steps=24)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert run.main(cli(out, steps=24, resume=True)) == 2
+    assert "has finished" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_unreadable_resume_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "resume.pt").write_bytes(b"not a checkpoint")
+    assert run.main(cli(out, resume=True)) == 2
+    assert "not a readable resume checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["resume.pt"]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run.main(cli(a, save_every=50)) == 0
+    assert run.main(cli(b, save_every=2, stop_after=5)) == 0  # killed after step 5, last save at 5
+    assert (b / "resume.pt").exists() and not (b / "model").exists() and not (b / "report.json").exists()
+    # a resume that would change the run is refused, naming what differs
+    assert run.main(cli(b, save_every=2, lr=1e-2, resume=True)) == 2
+    assert "lr: 0.001 there, 0.01 here" in capsys.readouterr().err
+    assert run.main(cli(b, save_every=2, resume=True)) == 0
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "ppl_after", "final_loss"):
+        assert ra[key] == rb[key], key
+    masks_a, masks_b = (torch.load(d / "resume.pt", weights_only=True)["pruner"]["masks"] for d in (a, b))
+    assert all(torch.equal(x, y) for ma, mb in zip(masks_a, masks_b) for x, y in zip(ma, mb))
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ratio_zero_steps_zero_only_evaluates(tmp_path):
+    out = tmp_path / "out"
+    assert run.main(cli(out, ratio=0, steps=0)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ppl_before"] == report["ppl_after"]
+    assert report["params_before"] == report["params_after"] and report["steps_done"] == 0
+    assert not (out / "resume.pt").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(cli(out, lr=1e30, save_every=1)) == 1  # Adam moves B by ~lr: step 2 overflows
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "at step 2" in err and "holds step 1" in err
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 1
+    assert not (out / "model").exists() and not (out / "report.json").exists()
+
+
+def test_help_mentions_every_flag(capsys):
+    assert run.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    flags = [s for a in run.build_parser()._actions if a.help != "==SUPPRESS==" for s in a.option_strings]
+    assert len(flags) > 30 and all(f in text for f in flags), [f for f in flags if f not in text]
+    assert "--stop-after" not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: exit code 2, one line naming the problem, --out untouched
+
+
+def _write(path, content):
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return path
+
+
+BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
+    "missing checkpoint": (lambda d: {"ckpt": d / "nope.bin"}, "does not exist"),
+    "unknown format": (lambda d: {"ckpt": d}, "no known checkpoint format"),
+    "not a checkpoint": (lambda d: {"ckpt": _write(d / "x.bin", bytes(100))}, "llama2.c"),
+    "vocab mismatch": (lambda d: {"tokenizer": shared_file("tokenizer.model")}, "has only 512 rows"),
+    "ratio 1": (lambda d: {"ratio": 1.0}, "--ratio must be in [0, 1), found 1.0"),
+    "ratio negative": (lambda d: {"ratio": -0.1}, "--ratio must be in [0, 1)"),
+    "every head": (lambda d: {"ratio": 0.9}, "every kv head"),
+    "empty data": (lambda d: {"data": _write(d / "empty.txt", "")}, "found none"),
+    "too-short data": (lambda d: {"data": _write(d / "short.txt", "Once upon a time.")}, "need at least"),
+    "batch multiple": (lambda d: {"batch_size": 6}, "multiple of --micro-batch-size, found 6 and 4"),
+    "resume nothing": (lambda d: {"resume": True}, "resume.pt"),
+    "bad layers": (lambda d: {"layers": "1,7"}, "expected ids in [0, 5)"),
+    "int8 vanilla": (lambda d: {"int8": True, "criterion": "vanilla"}, "vanilla criterion needs dL/dW"),
+    "missing eval set": (lambda d: {"eval": d / "valid.txt"}, "no file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case, tmp_path, capsys):
+    make, words = BAD[case]
+    out = tmp_path / "out"
+    assert run.main(cli(out, **make(tmp_path))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert not out.exists()
+
+
+def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
+    """The other branches a user can pick: int8 base weights, the official code's |.|, a baseline criterion,
+    explicit layers, exact channel counts, no eval sets."""
+    out = tmp_path / "out"
+    argv = cli(out, steps=3, int8=True, abs=True, criterion="magnitude", layers="1,3", ratio=0.2,
+               channel_multiple=1, eval="")
+    assert run.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned_layers"] == [1, 3] and report["ppl_after"] == {}
+    assert abs(report["ratio_achieved"] - 0.2) < 0.01
+    assert report["kv_heads_per_layer"][0] == report["kv_heads_per_layer"][2] == 4
+    assert llama.count_params(llama.load_checkpoint(out / "model")) == report["params_after"]
