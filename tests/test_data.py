@@ -353,3 +353,13 @@ def test_perplexity_errors():
 
     with pytest.raises(ValueError, match="every position"):
         perplexity(LastOnly(5), torch.zeros(32, dtype=torch.int64), seq_len=16)
+
+
+def test_eval_tokens_one_bos_per_story():
+    tok = Tokenizer(shared_file("tok512.model"))
+    label, ids = data.eval_tokens(str(shared_file("tinystories-valid.txt")), tok)
+    assert label == "tinystories-valid.txt" and ids.dtype == torch.int64
+    assert int((ids == tok.bos_id).sum()) == 193  # one per story, and no separator text scored
+    assert "endoftext" not in tok.decode(ids[:3000].tolist())
+    label, ids = data.eval_tokens("wikitext2", tok)  # no separators: the whole split, BOS once
+    assert int((ids == tok.bos_id).sum()) == 1 and ids[0] == tok.bos_id

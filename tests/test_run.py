@@ -39,10 +39,10 @@ def cli(out, **overrides) -> list:
 
 
 def eval_tokens(n: int) -> torch.Tensor:
-    """The eval protocol of run.py, written out: BOS + the whole file, first n tokens."""
+    """The eval protocol of run.py, written out: each story with its own BOS, concatenated, first n tokens."""
     tokenizer = data.Tokenizer(shared_file("tok512.model"))
-    _, text = data.eval_text(str(shared_file("tinystories-valid.txt")))
-    return torch.tensor(tokenizer.encode(text, bos=True))[:n]
+    stories = data.read_documents(shared_file("tinystories-valid.txt"))
+    return torch.tensor([t for story in stories for t in tokenizer.encode(story, bos=True)])[:n]
 
 
 # ----------------------------------------------------------------------------------------------
