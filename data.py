@@ -96,7 +96,13 @@ def read_documents(path: str | Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # tokenizers: one small backend per file type, picked by Tokenizer.__init__
-# (adding GGUF BPE or a tiktoken Llama 3 tokenizer.model means one more class and one more branch)
+
+
+def _is_tiktoken_bpe(head: bytes) -> bool:
+    """Whether a file's first bytes look like a tiktoken BPE file (Llama 3's tokenizer.model): text lines
+    '<base64 token> <rank>'. A SentencePiece protobuf starts with a newline byte, so its first line is empty."""
+    first = head.split(b"\n")[0].split(b" ")
+    return len(first) == 2 and first[1].isdigit()
 
 
 def _looks_like(path: Path) -> str:
@@ -104,10 +110,9 @@ def _looks_like(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"GGUF"):
-        return "a GGUF file (GGUF tokenizers are not supported yet)"
-    first = head.split(b"\n")[0].split(b" ")
-    if len(first) == 2 and first[1].isdigit():
-        return "a tiktoken BPE file like Llama 3's tokenizer.model (not supported yet)"
+        return "a GGUF file (its tokenizer is read from a path ending in .gguf)"
+    if _is_tiktoken_bpe(head):
+        return "a tiktoken BPE file like Llama 3's tokenizer.model"
     return f"{path.stat().st_size} bytes starting with {head[:16]!r}"
 
 
@@ -174,20 +179,133 @@ class _HFTokenizerJson:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+class _GGUFVocab:
+    """The tokenizer in a llama.cpp GGUF file's metadata, read with the optional `gguf` package. Only
+    tokenizer.ggml.model 'gpt2' (GPT-2-style byte-level BPE) is supported: its tokens (id = position) and merges
+    become a `tokenizers` BPE (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre.
+    Control tokens are special: matched whole in the text and dropped on decode."""
+
+    GPT2_SPLIT = ("gpt-2",)  # GPT-2's regex (ByteLevel's own); also taken when tokenizer.ggml.pre is absent
+    DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp: \p{N} alone, then GPT-2's
+    CONTROL = 3  # llama.cpp's token type of special tokens (gguf.TokenType.CONTROL)
+
+    def __init__(self, path: Path):
+        try:
+            import gguf
+        except ImportError as e:
+            raise ImportError(f"reading the tokenizer in {path} needs the gguf extra: pip install gguf") from e
+        try:
+            reader = gguf.GGUFReader(path)
+        except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
+            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+        def meta(key: str, default=None):
+            field = reader.get_field("tokenizer.ggml." + key)
+            return default if field is None else field.contents()
+
+        model, pre = meta("model"), meta("pre", "gpt-2")
+        if model != "gpt2":
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE); "
+                             "a SentencePiece ('llama') vocabulary is not read from GGUF, use its tokenizer.model")
+        if pre not in self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT:
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.pre {pre!r} is not supported; known: "
+                             f"{list(self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT)}")
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"the GGUF BPE tokenizer in {path} needs the tokenizers extra: "
+                              "pip install tokenizers") from e
+        from tokenizers import decoders, pre_tokenizers
+        tokens = meta("tokens")
+        merges = [tuple(m.split(" ", 1)) for m in meta("merges")]  # "Ġ t" -> ("Ġ", "t"): byte-level has no spaces
+        self.tok = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        split = pre_tokenizers.ByteLevel(add_prefix_space=False)  # bytes -> printable chars, GPT-2's regex
+        if pre in self.DIGITS_THEN_GPT2_SPLIT:
+            split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split])
+        self.tok.pre_tokenizer, self.tok.decoder = split, decoders.ByteLevel()
+        types = meta("token_type", [])
+        self.tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                     for t, kind in zip(tokens, types) if kind == self.CONTROL])
+        self.vocab_size = len(tokens)
+        self.bos_id, self.eos_id = meta("bos_token_id", -1), meta("eos_token_id", -1)
+        self.add_bos: bool = meta("add_bos_token", True)  # llama.cpp's default when the key is absent
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # BOS/EOS are added by Tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class _Tiktoken:
+    """Meta Llama 3's original tokenizer.model, read with the optional `tiktoken` package: one line
+    '<base64 token> <rank>' per mergeable token, then 256 special tokens numbered from len(ranks) on, with the
+    split pattern and special-token names of Meta's llama3/tokenizer.py (<|begin_of_text|> BOS, <|end_of_text|> EOS)."""
+
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])  # 256 in all
+
+    def __init__(self, path: Path):
+        try:
+            import tiktoken
+        except ImportError as e:
+            raise ImportError(f"reading {path} (a tiktoken BPE file) needs the tiktoken extra: "
+                              "pip install tiktoken") from e
+        import base64
+        ranks = {}
+        for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
+            if line.strip():
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:  # wrong field count, bad base64 (binascii.Error) or a non-integer rank
+                    raise ValueError(f"{path}, line {line_no}: expected '<base64 token> <rank>', found "
+                                     f"{line[:40]!r}") from None
+        self.n_ranks = len(ranks)
+        if sorted(ranks.values()) != list(range(self.n_ranks)):
+            raise ValueError(f"{path}: expected ranks 0..{self.n_ranks - 1}, each once")
+        specials = {name: self.n_ranks + i for i, name in enumerate(self.SPECIALS)}
+        self.enc = tiktoken.Encoding(name=path.name, pat_str=self.PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        self.vocab_size = self.n_ranks + len(specials)
+        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, disallowed_special=())  # special-token names in the text are plain text
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode([i for i in ids if i < self.n_ranks])  # special tokens decode to nothing
+
+
 class Tokenizer:
-    """Text <-> token ids. *.json is read as a Hugging Face tokenizer.json, anything else as SentencePiece."""
+    """Text <-> token ids. *.json is read as a Hugging Face tokenizer.json, *.gguf as the tokenizer inside a GGUF
+    file, a text file of '<base64 token> <rank>' lines as tiktoken BPE (Llama 3), anything else as SentencePiece."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         self.path = path
-        self.backend = _HFTokenizerJson(path) if path.suffix == ".json" else _SentencePiece(path)
+        if path.suffix == ".json":
+            self.backend = _HFTokenizerJson(path)
+        elif path.suffix == ".gguf":
+            self.backend = _GGUFVocab(path)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(256)
+            self.backend = _Tiktoken(path) if _is_tiktoken_bpe(head) else _SentencePiece(path)
         self.vocab_size: int = self.backend.vocab_size
         self.bos_id: int = self.backend.bos_id  # -1 when the tokenizer has none
         self.eos_id: int = self.backend.eos_id
+        self.add_bos: bool = getattr(self.backend, "add_bos", True)  # encode's default; a GGUF file may say no
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
+        """ids of `text`, BOS first if bos (None: the tokenizer's own add_bos), EOS last if eos."""
+        bos = self.add_bos if bos is None else bos
         for wanted, name, token_id in [(bos, "BOS", self.bos_id), (eos, "EOS", self.eos_id)]:
             if wanted and token_id < 0:
                 raise ValueError(f"{self.path} has no {name} token, but encode was asked to add one")
@@ -209,6 +327,8 @@ def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> P
     Given the model's vocab_size, the first candidate whose vocabulary fits it exactly wins (a data folder may hold
     several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model)."""
     ckpt_path = Path(ckpt_path)
+    if ckpt_path.suffix == ".gguf" and ckpt_path.is_file():
+        return ckpt_path  # a GGUF file carries its own tokenizer in its metadata
     folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
     toks = sorted(p for p in folder.glob("tok*.model") if p.name != "tokenizer.model")
     candidates = [folder / "tokenizer.model"] + toks + [folder / "tokenizer.json"]

@@ -1,5 +1,5 @@
 """LLaMA with built-in LoRA linears, per-layer sizes (so a pruned model is an ordinary model),
-and loaders for Meta's original shards, Hugging Face folders, llama2.c exports and our own format.
+and loaders for Meta's original shards, Hugging Face folders, llama2.c exports, GGUF files and our own format.
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
 Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
