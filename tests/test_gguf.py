@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import llama
 from conftest import shared_file
 from data import Tokenizer
