@@ -366,9 +366,10 @@ def pack_sequences(docs_tokens: list[list[int]], seq_len: int) -> Tensor:
 
 
 def training_tokens(paths: list, tokenizer: Tokenizer, seq_len: int) -> Tensor:
-    """Read the documents of every file, encode each as BOS + text + EOS, and pack: int64 (N, seq_len + 1)."""
+    """Read the documents of every file, encode each as [BOS] + text + EOS (BOS where the tokenizer adds one, as
+    sentencepiece LLaMA tokenizers do; a GGUF may say not to), and pack: int64 (N, seq_len + 1)."""
     docs = [doc for path in paths for doc in read_documents(path)]
-    return pack_sequences([tokenizer.encode(doc, bos=True, eos=True) for doc in docs], seq_len)
+    return pack_sequences([tokenizer.encode(doc, eos=True) for doc in docs], seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,15 +394,15 @@ def eval_text(name_or_path: str) -> tuple[str, str]:
 
 
 def eval_tokens(name_or_path: str, tokenizer) -> tuple[str, Tensor]:
-    """(label, 1-D int64 tokens) of an evaluation split, tokenized once with BOS at the start. A file of
-    <|endoftext|>-separated stories (TinyStories) is the exception: each story gets its own BOS, as in training,
-    so the separator lines are not scored as text."""
+    """(label, 1-D int64 tokens) of an evaluation split, tokenized once, with BOS at the start where the tokenizer
+    adds one. A file of <|endoftext|>-separated stories (TinyStories) is the exception: each story is encoded on
+    its own (with its BOS), as in training, so the separator lines are not scored as text."""
     label, text = eval_text(name_or_path)
     if ENDOFTEXT in text:
         docs = [d.strip() for d in text.split(ENDOFTEXT) if d.strip()]
-        ids = [t for doc in docs for t in tokenizer.encode(doc, bos=True)]
+        ids = [t for doc in docs for t in tokenizer.encode(doc)]
     else:
-        ids = tokenizer.encode(text, bos=True)
+        ids = tokenizer.encode(text)
     return label, torch.tensor(ids, dtype=torch.int64)
 
 
