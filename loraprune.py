@@ -105,7 +105,9 @@ def layer_group_scores(model: Transformer, layer_id: int, criterion: str, square
                        generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """Eq. 4 for one layer: (K,) kv-group scores and (F,) channel scores.
     A kv group g owns rows of wq (its n_rep query heads), rows of wk and wv (head g) and the matching columns of
-    wo; MLP channel c owns row c of w1 and w3 and column c of w2."""
+    wo; MLP channel c owns row c of w1 and w3 and column c of w2. The projections' sums are added as Eq. 4 says;
+    the official code L2-normalises each projection's score vector first, which weighs o/down like q/k/v/gate/up
+    whatever their scale (not done here: the paper does not, and the groups of one layer share the same sums)."""
     p = projections(model, layer_id)
     D, n_rep = model.args.head_dim, model.args.n_rep
     sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
