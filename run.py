@@ -8,8 +8,19 @@ The method lives in loraprune.py, the model and checkpoints in llama.py, tokens 
 holds the flags, the training loop of Sec. 4.1 (AdamW, cosine decay, gradient accumulation) and its bookkeeping:
 progress, resume checkpoints and the report. Exit codes: 0 done; 2 bad input (one "error: ..." line on stderr,
 nothing half-written in --out); 1 the loss became NaN/inf (out/resume.pt keeps the last good step).
+
+Data parallel on several GPUs (or CPU processes) with the same flags, through torchrun and PyTorch's DDP:
+
+    torchrun --nproc-per-node 2 run.py --ckpt ... --ratio 0.2
+
+Every process holds the whole model and takes a disjoint 1/N of each optimizer step's --batch-size sequences; DDP
+averages the LoRA gradients over the processes, so the pruner scores the same gradients as one process would on the
+whole batch and every process computes the same masks (checked after each update). Only rank 0 writes --out and
+prints. Without torchrun (or with one process) nothing of this runs.
 """
 import argparse
+import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -19,10 +30,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import llama
@@ -108,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward to save memory (default: on with cuda)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: quit after K steps, as if killed
+    p.add_argument("--trace", help=argparse.SUPPRESS)  # tests: each rank appends a line per step to TRACE.<rank>
     return p
 
 
-def check_args(args) -> None:
-    """Range checks that need nothing loaded, so bad flags fail before any file is read or written."""
+def check_args(args, world: int = 1) -> None:
+    """Range checks that need nothing loaded, so bad flags fail before any file is read or written. `world` is the
+    number of processes torchrun started; each takes batch / world sequences of every optimizer step."""
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
@@ -138,6 +154,14 @@ def check_args(args) -> None:
          f"--device must be cpu or cuda[:N], found {args.device!r}")
     need(not (args.device or "").startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device}: expected a CUDA device, found none (torch.cuda.is_available() is False)")
+    if world > 1:
+        need(args.batch_size % world == 0, f"--batch-size must split evenly over the {world} processes torchrun "
+             f"started, found {args.batch_size}")
+        need(args.batch_size // world % args.micro_batch_size == 0, f"--batch-size {args.batch_size} over {world} "
+             f"processes is {args.batch_size // world} sequences each, which must be a multiple of "
+             f"--micro-batch-size, found {args.micro_batch_size}")
+        need(not (args.device or "").startswith("cuda:"), f"--device {args.device}: under torchrun process i uses "
+             f"cuda:LOCAL_RANK; pass --device cuda or cpu")
 
 
 def parse_layers(text: str, n_layers: int) -> list:
@@ -193,22 +217,84 @@ class RowSampler:
 
 
 # ----------------------------------------------------------------------------------------------
+# data parallel: torchrun's environment, one device per process, and a check that the processes agree
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the variables torchrun sets; (0, 0, 1) for `python run.py`, for an
+    in-process run.main(...) and for torchrun with one process, none of which touches torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
+
+
+def rank_device(requested: Optional[str], local_rank: int, world: int) -> torch.device:
+    """--device (default: cuda if available, else cpu); under torchrun a CUDA process takes GPU LOCAL_RANK."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world == 1 or device.type != "cuda":
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"torchrun LOCAL_RANK {local_rank}: expected one GPU per process, found "
+                         f"{torch.cuda.device_count()} on this host; lower --nproc-per-node")
+    return torch.device("cuda", local_rank)
+
+
+def data_parallel(model: llama.Transformer, device: torch.device) -> DistributedDataParallel:
+    """The model in PyTorch's DDP, which averages over the ranks the gradients of whatever requires grad when it is
+    built: the LoRA adapters, and with the vanilla criterion the W of the pruned layers too (the Pruner switches
+    theirs on), so Eq. 10 and Eq. 3 both score all-reduced gradients. No initial broadcast (init_sync=False): every
+    rank read the same files and seeds (run() checks the adapters and masks). Masks and int8 scales are buffers each
+    rank holds itself, so no broadcast before each forward either (that flag was renamed in torch 2.13)."""
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   init_sync=False, **no_buffer_sync)
+
+
+def digest(tensors) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes: equal digests mean equal tensors."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def same_on_all_ranks(tensors, what: str) -> None:
+    """Raise on every rank if `tensors` are not bit-identical on all ranks (an all_gather of their digests)."""
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest(tensors))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"{what} differ between processes: rank(s) {differ} do not match rank 0 (digests "
+                           f"{[d[:12] for d in digests]}); data-parallel training must keep them identical")
+
+
+# ----------------------------------------------------------------------------------------------
 # the output folder: log, resume checkpoint, report
 
 
 class Log:
     """print() that also appends to out/log.txt; lines from before --out exists are kept and written on attach.
-    progress() rewrites one line in place on a terminal; elsewhere, and in the file, only `plain` lines appear."""
+    progress() rewrites one line in place on a terminal; elsewhere, and in the file, only `plain` lines appear.
+    A quiet Log (torchrun ranks other than 0) prints and writes nothing."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.file, self.pending, self.tty, self.open_line = None, [], sys.stdout.isatty(), False
+        self.quiet = quiet
 
     def attach(self, path: Path) -> None:
+        if self.quiet:
+            return
         self.file = open(path, "a", encoding="utf-8")
         self.file.write("".join(line + "\n" for line in self.pending))
         self.file.flush()
 
     def __call__(self, msg: str = "") -> None:
+        if self.quiet:
+            return
         if self.open_line:
             print()
             self.open_line = False
@@ -216,6 +302,8 @@ class Log:
         self.to_file(msg)
 
     def progress(self, msg: str, plain: bool) -> None:
+        if self.quiet:
+            return
         if self.tty:
             print("\r" + msg + "\033[K", end="", flush=True)
             self.open_line = True
@@ -225,6 +313,8 @@ class Log:
             self.to_file(msg)
 
     def to_file(self, msg: str) -> None:
+        if self.quiet:
+            return
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -330,15 +420,39 @@ def evaluate(model, eval_sets: dict, seq_len: int, batch_size: int, device, log:
     return results
 
 
+def backward_batch(net, rows: Tensor, micro_batch_size: int, device) -> Tensor:
+    """Forward and backward of rows (b, T+1) in micro-batches, each loss divided by their number, so the gradients
+    accumulate to those of the mean loss over the rows; returns that mean loss (a scalar). Under DDP only the last
+    backward all-reduces (the others run under no_sync) and DDP averages over the ranks: with equal shares per rank
+    that is the gradient of the mean loss over all ranks' rows, what one process gets from the whole batch."""
+    micro_batches = rows.split(micro_batch_size)
+    accum = len(micro_batches)
+    loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        skip_sync = isinstance(net, DistributedDataParallel) and i < accum - 1
+        with net.no_sync() if skip_sync else contextlib.nullcontext():
+            batch = batch.to(device)  # (B, T+1)
+            logits = net(batch[:, :-1])  # (B, T, V)
+            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / accum
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    return loss
+
+
 def run(args, log: Log) -> int:
     t_start = time.time()
-    check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, world = torchrun_ranks()
+    check_args(args, world)
+    device = rank_device(args.device, local_rank, world)
     cuda = device.type == "cuda"
     dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
     dtype = getattr(torch, dtype_name)
     out = Path(args.out)
     check_out_dir(out, args.resume)
+    if world > 1:  # after the checks above: bad flags fail alike on every rank, before any collective
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -391,60 +505,78 @@ def run(args, log: Log) -> int:
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
         "dtype": dtype_name, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve()) for n in eval_names],
         "eval_seq_len": eval_seq_len, "eval_tokens": args.eval_tokens}
+    if world > 1:  # each rank's dropout stream is its own, so a resume needs as many ranks
+        config["world_size"] = world
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
-    sampler = RowSampler(rows.shape[0], args.seed) if rows is not None else None
-    torch.manual_seed(args.seed)  # dropout draws from the global generator; its state is saved with the rest
+    sampler = RowSampler(rows.shape[0], args.seed) if rows is not None else None  # the same order on every rank
+    torch.manual_seed(args.seed + rank)  # dropout draws from the global generator (one stream per rank), saved too
     step, loss, elapsed_before = 0, None, 0.0
     if args.resume:
         resumed = load_resume(out, config)
+        if resumed["config"].get("world_size", 1) != world:  # load_resume compares only the keys this run has
+            raise ValueError(f"--resume: {out / 'resume.pt'} was written by {resumed['config'].get('world_size', 1)} "
+                             f"process(es), this run has {world}; resume with as many (torchrun --nproc-per-node)")
         load_lora_state(model, resumed["lora"])
         optimizer.load_state_dict(resumed["optimizer"])
         pruner.load_state_dict(resumed["pruner"])
         sampler.load_state_dict(resumed["sampler"])
-        torch.set_rng_state(resumed["rng"])
-        if cuda and resumed["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+        rng, cuda_rng = resumed["rng_per_rank"][rank] if world > 1 else (resumed["rng"], resumed["cuda_rng"])
+        torch.set_rng_state(rng)
+        if cuda and cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
         step, loss, elapsed_before = resumed["step"], resumed["loss"], resumed["elapsed"]
 
-    # --- from here on --out is written
-    out.mkdir(parents=True, exist_ok=True)
+    # --- from here on --out is written (by rank 0 alone)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     log.attach(out / "log.txt")
     if args.resume:
         ppl_before = resumed["ppl_before"]
         log(f"resuming {out / 'resume.pt'} at step {step}/{args.steps}")
-    else:
+    else:  # every rank evaluates (only rank 0 prints): the others would wait for it anyway
         log("perplexity before:" if eval_sets else "no eval sets (--eval is empty)")
         ppl_before = evaluate(model, eval_sets, eval_seq_len, args.eval_batch_size, device, log)
     t_session = time.time()
 
     def save_resume():
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+        rng_per_rank = [None] * world
+        if world > 1:  # a collective: every rank sends its dropout generator states to every rank
+            dist.all_gather_object(rng_per_rank, rng)
+        if rank:
+            return
         state = {"config": config, "step": step, "loss": loss, "ppl_before": ppl_before, "lora": lora_state(model),
                  "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict(), "sampler": sampler.state_dict(),
-                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+                 "rng": rng[0], "cuda_rng": rng[1], **({"rng_per_rank": rng_per_rank} if world > 1 else {}),
                  "elapsed": elapsed_before + time.time() - t_start}  # wall time of every session so far
         atomic_write(out / "resume.pt", lambda tmp: torch.save(state, tmp))
 
     # --- Algorithm 1: fine-tune LoRA, and after each batch's backward let the pruner score and (on schedule) prune
-    accum = args.batch_size // args.micro_batch_size
+    per_rank = args.batch_size // world  # sequences of each optimizer step this rank runs
+    accum = per_rank // args.micro_batch_size
     tokens_per_step = args.batch_size * seq_len
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     first_step, saved_step = step, step
+    net = model  # what the loop calls: the model, or under torchrun its DDP wrapper
+    if world > 1:
+        net = data_parallel(model, device)  # after the Pruner: with vanilla it has switched on dL/dW
+        same_on_all_ranks(lora_params + [m for layer in pruner.masks for m in layer], "LoRA adapters and masks")
     if args.steps:
         log(f"training {args.steps} steps of {args.batch_size} x {seq_len} tokens ({accum} x "
-            f"{args.micro_batch_size} sequences accumulated); pruning layers {pruner.layers} to ratio {args.ratio}")
+            f"{args.micro_batch_size} sequences accumulated"
+            + (f" on each of {world} processes" if world > 1 else "")
+            + f"); pruning layers {pruner.layers} to ratio {args.ratio}")
     model.train()
     while step < args.steps and (args.stop_after is None or step < args.stop_after):
         t0 = time.time()
         lr = lr_at(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = rows[sampler.next(args.micro_batch_size)].to(device)  # (B, T+1)
-            logits = model(batch[:, :-1])  # (B, T, V)
-            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / accum
-            micro_loss.backward()
-            step_loss += micro_loss.detach()
+        batch = rows[sampler.next(args.batch_size)]  # (batch, T+1): the same rows on every rank
+        step_loss = backward_batch(net, batch[rank * per_rank: (rank + 1) * per_rank], args.micro_batch_size, device)
+        if world > 1:  # the whole batch's loss: the mean of the ranks' equal shares
+            dist.all_reduce(step_loss)
+            step_loss /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, max_norm)
         if not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm.item())):
             where = (f"{out / 'resume.pt'} holds step {saved_step}, the last good one" if saved_step else
@@ -452,7 +584,13 @@ def run(args, log: Log) -> int:
             raise TrainingDiverged(f"loss {step_loss.item()} / gradient norm {grad_norm.item()} at step {step + 1}; "
                                    f"stopped before applying it. {where}; try a lower --lr")
         step, loss = step + 1, step_loss.item()
-        pruner.update(step)  # the batch's gradients are complete (Pruner's contract): score, and prune on schedule
+        # the batch's gradients are complete (Pruner's contract) and all-reduced: score, and prune on schedule
+        if pruner.update(step) and world > 1:
+            same_on_all_ranks([m for layer in pruner.masks for m in layer], f"masks after step {step}")
+        if args.trace:
+            with open(f"{args.trace}.{rank}", "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm.item(),
+                                    "masks": digest(m for layer in pruner.masks for m in layer)}) + "\n")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -470,9 +608,12 @@ def run(args, log: Log) -> int:
         return 0
 
     # --- slice the masks away (LoRA merged), save, evaluate, report
+    if world > 1:
+        same_on_all_ranks(lora_params + [m for layer in pruner.masks for m in layer], "LoRA adapters and masks")
     sliced = loraprune.slice_model(model, pruner.masks, dtype=dtype)
     params_after = llama.count_params(sliced)
-    save_model(sliced, tokenizer_path, out / "model")
+    if rank == 0:
+        save_model(sliced, tokenizer_path, out / "model")
     log(f"saved {out / 'model'}: {params_after:,} parameters ({params_before:,} before)")
     if eval_sets:
         log("perplexity after:")
@@ -490,7 +631,8 @@ def run(args, log: Log) -> int:
         "wall_time_s": elapsed_before + time.time() - t_start,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "steps_done": step, "final_loss": loss}
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    if rank == 0:
+        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
 
     log(f"\n{'eval set':<24}{'ppl before':>12}{'ppl after':>12}")
     for label in eval_sets:
@@ -505,15 +647,18 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or an argparse usage error (2): keep main's contract of returning a code
         return e.code
-    log = Log()
+    rank, _, world = torchrun_ranks()
+    log = Log(quiet=rank != 0)
     try:
         return run(args, log)
     except (ValueError, OSError, TrainingDiverged) as e:  # bad input (2): files, formats, ranges, --out; NaN (1)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         log.to_file(f"error: {e}")  # lands in out/log.txt only if --out exists by now
         return 1 if isinstance(e, TrainingDiverged) else 2
     finally:
         log.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""Data parallel run.py under torchrun (two CPU processes, gloo) against one process on the same global batch: the
+same loss every step, the same masks on both ranks and as one process, and only rank 0 writing --out. Plus the
+pieces: the batch must split over the processes, and ranks that disagree fail loudly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import run
+from conftest import shared_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As in test_run.py: the in-process run gains nothing from threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def flags(out: Path, criterion: str) -> list:
+    """Six optimizer steps of 4 sequences (micro-batch 1), pruning at every step, no dropout (its draws would differ
+    between one process and two), and a per-step trace (hidden --trace) from every rank."""
+    return ["--ckpt", str(shared_file("stories260K.bin")), "--ratio", "0.5", "--steps", "6", "--prune-every", "1",
+            "--batch-size", "4", "--micro-batch-size", "1", "--seq-len", "32", "--lr", "1e-3", "--lora-dropout", "0",
+            "--criterion", criterion, "--data", str(shared_file("tinystories-train.txt")),
+            "--eval", str(shared_file("tinystories-valid.txt")), "--eval-seq-len", "256", "--eval-tokens", "1024",
+            "--out", str(out), "--trace", str(out.parent / (out.name + "-trace"))]
+
+
+def torchrun(argv: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N run.py ...` (a free port, one thread per process), as users run it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           str(ROOT / "run.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def read_trace(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def flat(masks) -> list:
+    return [m for layer in masks for m in layer]
+
+
+# ----------------------------------------------------------------------------------------------
+# two processes = one process on the combined batch
+
+
+@pytest.mark.parametrize("criterion", ["lora", "vanilla"])  # vanilla: DDP all-reduces dL/dW of the pruned layers too
+def test_two_processes_equal_one_on_the_combined_batch(criterion, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run.main(flags(one, criterion)) == 0
+    done = torchrun(flags(two, criterion))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    # both ranks saw the same all-reduced loss and gradient norm and hold the same masks, bit for bit, every step
+    single, rank0, rank1 = (read_trace(tmp_path / name) for name in ("one-trace.0", "two-trace.0", "two-trace.1"))
+    assert len(rank0) == 6 and rank0 == rank1
+    # ... and one process on the whole batch got the same masks and, up to float summation order, the same numbers
+    assert [t["masks"] for t in rank0] == [t["masks"] for t in single]
+    assert len({t["masks"] for t in single}) >= 4  # the masks really changed along the way
+    for key in ("loss", "grad_norm"):
+        assert [t[key] for t in rank0] == pytest.approx([t[key] for t in single], rel=1e-5), key
+
+    # the moving-average importance and the adapters rank 0 saved agree with the one-process run
+    s1, s2 = (torch.load(d / "resume.pt", weights_only=True) for d in (one, two))
+    assert all(torch.equal(a, b) for a, b in zip(flat(s1["pruner"]["masks"]), flat(s2["pruner"]["masks"])))
+    for a, b in zip(flat(s1["pruner"]["scores"]), flat(s2["pruner"]["scores"])):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * a.abs().max().item())
+    for name, a in s1["lora"].items():  # AdamW scales a near-zero gradient's rounding up to a full step (lr 1e-3)
+        torch.testing.assert_close(s2["lora"][name], a, rtol=1e-3, atol=2e-5)
+    assert len(s2["rng_per_rank"]) == 2 and "rng_per_rank" not in s1
+
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "steps_done"):
+        assert r2[key] == r1[key], key
+    assert r2["ppl_after"] == pytest.approx(r1["ppl_after"], rel=1e-4)
+    assert r2["args"]["world_size"] == 2 and "world_size" not in r1["args"]
+
+    # rank 0 alone wrote --out and printed; rank 1 left only its trace
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert done.stdout.count("step 6/6") == 1 and done.stdout.count("perplexity before") == 1
+    assert "on each of 2 processes" in (two / "log.txt").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# the pieces
+
+
+def test_batch_must_split_over_the_processes():
+    def args(*argv):
+        return run.build_parser().parse_args(["--ckpt", "x", *argv])
+    run.check_args(args("--batch-size", "8", "--micro-batch-size", "2"), world=2)  # 4 each, 2 x 2 accumulated
+    run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"))  # fine for one process ...
+    with pytest.raises(ValueError, match="over 2 processes is 3 sequences each, which must be a multiple of "
+                                         "--micro-batch-size, found 2"):
+        run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"), world=2)  # ... not for two
+    with pytest.raises(ValueError, match="split evenly over the 2 processes torchrun started, found 5"):
+        run.check_args(args("--batch-size", "5", "--micro-batch-size", "1"), world=2)
+
+
+def test_digest_tells_values_shapes_and_dtypes_apart():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert run.digest([x]) == run.digest([x.clone()])
+    assert run.digest([x]) != run.digest([x.flip(0)])
+    assert run.digest([x]) != run.digest([x.view(2, 2)])
+    assert run.digest([x]) != run.digest([x.double()])
+    assert run.digest([torch.tensor([True, False])]) != run.digest([torch.tensor([False, True])])
+
+
+def _compare_on_ranks(rank: int, world: int, init_file: str, results) -> None:
+    """One process of test_ranks_that_disagree_fail_loudly (spawned: module level, so it pickles by name)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        run.same_on_all_ranks([torch.ones(3), torch.tensor([True])], "equal tensors")  # passes on every rank
+        try:
+            run.same_on_all_ranks([torch.ones(3) * (1 + rank)], "masks after step 7")
+            results.put((rank, None))
+        except RuntimeError as e:
+            results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_fail_loudly(tmp_path):
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.spawn(_compare_on_ranks, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
+    errors = dict(results.get() for _ in range(2))
+    for rank in (0, 1):  # every rank raises, so no rank runs on with other masks
+        assert errors[rank] and "masks after step 7 differ between processes: rank(s) [1]" in errors[rank]
