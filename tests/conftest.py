@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `import data`, `import llama`
 
@@ -26,3 +27,13 @@ def shared_file(name: str) -> Path:
 def shared():
     """The shared_file helper as a fixture: `def test_x(shared): path = shared("tok512.model")`."""
     return shared_file
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Whole-run tests on the 260K-parameter model gain nothing from threads, and on a busy 2-core machine
+    they cost 10x: one thread for the module, restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ import run
 from conftest import shared_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 260K-parameter model gains nothing from threads, and on a busy 2-core machine they cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def cli(out, **overrides) -> list:
