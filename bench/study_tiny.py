@@ -1,0 +1,386 @@
+"""Does LoRA-guided pruning work? The ordering claim of the paper's Table 2 (at the same ratio, the LoRA-guided
+criterion, Eq. 10, keeps perplexity close to the vanilla full-gradient one, Eq. 3, and well below magnitude
+pruning), checked on a real model that runs on a CPU: stories260K (llama2.c, trained on TinyStories).
+
+    python bench/study_tiny.py                                  # the default study (~15 min on 2 CPU cores)
+    python bench/study_tiny.py --seeds 0 --steps 20             # a quick look
+    python bench/study_tiny.py --heldout --extra="--lam 0.5"    # a tuning variant, scored on held-out TRAIN text
+
+Every configuration is one `run.main([...])` job (prune + fine-tune + slice + save + eval) in its own folder under a
+temporary directory; the numbers are read back from its report.json. Criteria lora, vanilla, magnitude and random
+at ratios 0.2 and 0.5, three seeds each, the same steps, data order (the seed's) and flags for all; references: the
+unpruned model as loaded (--ratio 0 --steps 0) and after the same LoRA fine-tuning (--ratio 0 --steps N).
+Fine-tuning reads tinystories-train.txt; perplexity is measured on the whole of tinystories-valid.txt (each story
+with its own BOS) and on the first as many tokens of WikiText-2 test. With --heldout the runs instead train on the
+first 80% of the train stories and are scored on the last 20%: tuning decisions are made there, never on the
+validation text.
+
+Separately, `score_agreement` measures the paper's approximation directly: from one and the same backward it
+computes the LoRA-guided and the vanilla group scores of every pruned layer and reports their Spearman rank
+correlation, at the first step and after the moving average (Eq. 11) up to the first step that prunes.
+
+Writes <out-dir>/results.md, results.json and ppl_vs_ratio.png (matplotlib, the `plot` extra), and appends
+results.md to bench/RESULTS.md (--append-to '' to skip).
+"""
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repo root: run, llama, loraprune, data
+import data  # noqa: E402
+import llama  # noqa: E402
+import loraprune  # noqa: E402
+import run  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# settings: what every run shares
+
+CKPT = data.data_dir() / "stories260K.bin"
+TRAIN_TEXT = data.data_dir() / "tinystories-train.txt"
+VALID_TEXT = data.data_dir() / "tinystories-valid.txt"
+CRITERIA = ("lora", "vanilla", "magnitude", "random")
+RATIOS = (0.2, 0.5)
+STEPS = 60  # optimizer steps of every fine-tuning run: 60 x 16 x 256 = 246k tokens, two passes over the train text
+TRAIN_FLAGS = [  # run.py flags shared by every run that trains; the rest are run.py's defaults (LoRA r 8, alpha 16,
+    "--batch-size", "16",  # dropout 0.05, lambda 0.9, squared scores, cubic schedule, grad clip 1)
+    "--micro-batch-size", "16",  # one forward per step: the model is tiny
+    "--seq-len", "256",
+    "--lr", "1e-3",  # the paper's 1e-4 is for 7B and thousands of steps; 1e-3 is what stories260K was trained with
+    "--prune-every", "2",  # the official 10 is a negligible fraction of its ~40k steps; 2 of 60 keeps the ramp smooth
+]
+EVAL_FLAGS = ["--eval-seq-len", "512"]  # the model's max_seq_len
+HELDOUT_FRACTION = 0.2  # --heldout: the last 20% of the train stories score the tuning runs
+
+
+# ----------------------------------------------------------------------------------------------
+# rank agreement of the LoRA-guided and the vanilla group scores (the paper's approximation, measured)
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation of two score vectors (n,): Pearson correlation of their ranks (ties broken by
+    position, which is harmless for continuous scores)."""
+    rx = x.double().argsort().argsort().double()  # (n,) rank of each entry
+    ry = y.double().argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers: list) -> int:
+    """The first optimizer step at which the Pruner (cubic schedule, masks raised every `every` steps) switches a
+    group off: the moving average at that step is what decides the first masks."""
+    final = loraprune.prune_counts(model_args, ratio, layers, channel_multiple=64)
+    for step in range(1, steps + 1):
+        fraction = loraprune.cubic_schedule(step, steps)
+        if loraprune.counts_at(final, fraction) != loraprune.counts_at(final, 0.0) and step % every == 0:
+            return step
+    return steps
+
+
+def score_agreement(seed: int, steps: int, ratio: float = 0.5, lam: float = 0.9, square: bool = True,
+                    k: Optional[int] = None, rank: int = 8, rows: Optional[Tensor] = None) -> dict:
+    """Fine-tune LoRA on stories260K as run.py does (same flags, AdamW, warmup + cosine lr, grad clip 1, no masks)
+    and after every step score each pruned layer with all criteria from the same backward (W.grad is switched on
+    so Eq. 3 has dL/dW; the LoRA gradients exist anyway). Returns, per layer, Spearman correlations with the
+    vanilla scores of the heads (K,) and channels (F,): raw scores at step 1, raw at step k, and the moving
+    averages (Eq. 11, lam) at step k, where k defaults to the first step the `ratio` run prunes."""
+    flags = dict(zip(TRAIN_FLAGS[::2], TRAIN_FLAGS[1::2]))
+    batch_size, seq_len, lr = int(flags["--batch-size"]), int(flags["--seq-len"]), float(flags["--lr"])
+    model = llama.load_checkpoint(CKPT, dtype=torch.float32)
+    layers = loraprune.default_pruned_layers(model.args.n_layers)
+    k = k or first_pruning_step(model.args, ratio, steps, int(flags["--prune-every"]), layers)
+    if rows is None:
+        rows = data.training_tokens([TRAIN_TEXT], data.Tokenizer(data.find_tokenizer(CKPT, 512)), seq_len)
+    lora_params = llama.add_lora(model, r=rank, alpha=2.0 * rank, dropout=0.05, seed=seed)  # run.py's: r 8, alpha 16
+    for l in layers:
+        for lin in llama.projections(model, l).values():
+            lin.weight.requires_grad_(True)  # dL/dW for Eq. 3; the optimizer never sees W
+    optimizer = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
+    sampler = run.RowSampler(rows.shape[0], seed)  # the data order of run.py with this seed
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    names = ("lora", "magnitude", "random")  # each is compared with vanilla
+    smoothed = {c: [None] * len(layers) for c in names + ("vanilla",)}
+    out = {}
+    model.train()
+    for step in range(1, k + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr_at(step - 1, steps, lr)
+        batch = rows[sampler.next(batch_size)]  # (B, T+1)
+        logits = model(batch[:, :-1])  # (B, T, V)
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # as run.py does before the pruner scores
+        with torch.no_grad():
+            scores = {c: [loraprune.layer_group_scores(model, l, c, square, generator) for l in layers]
+                      for c in names + ("vanilla",)}
+            for c in scores:
+                smoothed[c] = [(loraprune.ema(torch.zeros_like(h), h, lam), loraprune.ema(torch.zeros_like(f), f, lam))
+                               if prev is None else (loraprune.ema(prev[0], h, lam), loraprune.ema(prev[1], f, lam))
+                               for prev, (h, f) in zip(smoothed[c], scores[c])]
+        for when, source in (("step 1", scores if step == 1 else None), (f"step {k}", scores if step == k else None),
+                             (f"EMA at step {k}", smoothed if step == k else None)):
+            if source is None:
+                continue
+            for c in names:
+                out[(c, when)] = [(spearman(h, vh), spearman(f, vf))
+                                  for (h, f), (vh, vf) in zip(source[c], source["vanilla"])]
+        optimizer.step()
+        model.zero_grad(set_to_none=True)  # LoRA and W gradients alike
+    return {"k": k, "layers": layers, "corr": {f"{c}|{when}": v for (c, when), v in out.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the runs
+
+
+def heldout_split(folder: Path) -> tuple[Path, Path]:
+    """Split the train stories into the first 80% (tuning train) and the last 20% (tuning eval), as two
+    <|endoftext|>-separated files in `folder`."""
+    stories = data.read_documents(TRAIN_TEXT)
+    cut = round(len(stories) * (1 - HELDOUT_FRACTION))
+    paths = folder / "train-head.txt", folder / "train-heldout.txt"
+    for path, part in zip(paths, (stories[:cut], stories[cut:])):
+        path.write_text("".join(f"{s}\n{data.ENDOFTEXT}\n" for s in part), encoding="utf-8")
+    return paths
+
+
+def configurations(seeds: list, steps: int, criteria: list, ratios: list, references: bool = True) -> list:
+    """(name, criterion, ratio, seed, run.py flags) of every run: the references first, then the pruned runs."""
+    configs = []
+    if references:
+        configs += [("unpruned", "-", 0.0, seeds[0], ["--ratio", "0", "--steps", "0"])]
+        configs += [("unpruned + LoRA", "-", 0.0, s, ["--ratio", "0", "--steps", str(steps)]) for s in seeds]
+    configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c])
+                for r in ratios for c in criteria for s in seeds]
+    return configs
+
+
+def run_one(argv: list, out: str) -> dict:
+    """One run.main job, its stdout and stderr kept in out/console.txt; returns its report.json (plus wall time)."""
+    torch.set_num_threads(1)  # measured: as fast as 2 threads on this tiny model, and no oversubscription
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    console = io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        rc = run.main(argv + ["--out", out])
+    if rc != 0:
+        raise RuntimeError(f"run.main({' '.join(argv)}) returned {rc}:\n{console.getvalue()[-3000:]}")
+    (Path(out) / "console.txt").write_text(console.getvalue(), encoding="utf-8")
+    report = json.loads((Path(out) / "report.json").read_text())
+    return {"ppl_before": report["ppl_before"], "ppl_after": report["ppl_after"],
+            "ratio_achieved": report["ratio_achieved"], "params_after": report["params_after"],
+            "final_loss": report["final_loss"], "wall_s": time.time() - t0}
+
+
+def run_all(configs: list, common: list, extra: list, workdir: Path, jobs: int) -> list:
+    """Every configuration through run.main, `jobs` at a time (worker processes of one thread each), in order."""
+    jobs_argv = []
+    for i, (name, criterion, ratio, seed, flags) in enumerate(configs):
+        trains = "--steps" in flags and flags[flags.index("--steps") + 1] != "0"
+        argv = common + flags + ["--seed", str(seed)] + (TRAIN_FLAGS + extra if trains else [])
+        jobs_argv.append((argv, str(workdir / f"{i:02d}-{name.replace(' ', '')}-{ratio}-s{seed}")))
+    results = [None] * len(configs)
+    if jobs == 1:  # in this process
+        for i, (argv, out) in enumerate(jobs_argv):
+            results[i] = run_one(argv, out)
+            print(progress_line(configs[i], results[i]), flush=True)
+        return results
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, argv, out) for argv, out in jobs_argv]
+        for i, future in enumerate(futures):
+            results[i] = future.result()
+            print(progress_line(configs[i], results[i]), flush=True)
+    return results
+
+
+def progress_line(config, result) -> str:
+    name, _, ratio, seed, _ = config
+    ppl = "  ".join(f"{label} {v:8.3f}" for label, v in result["ppl_after"].items())
+    return f"{name:<16} ratio {ratio:.1f} seed {seed}: {ppl}  ({result['wall_s']:.0f}s)"
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and the plot
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def summarize(configs: list, results: list) -> dict:
+    """{(name, ratio): {eval label: [ppl per seed]}} plus the achieved parameter ratios."""
+    groups = {}
+    for (name, _, ratio, _, _), res in zip(configs, results):
+        g = groups.setdefault((name, ratio), {"ppl": {}, "ratio_achieved": res["ratio_achieved"]})
+        for label, v in res["ppl_after"].items():
+            g["ppl"].setdefault(label, []).append(v)
+    return groups
+
+
+def fmt(values: list) -> str:
+    m, s = mean_std(values)
+    return f"{m:.2f} ± {s:.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def markdown(groups: dict, labels: list, agreement: Optional[list], meta: dict) -> str:
+    lines = [f"- command: `{meta['command']}`", f"- date: {meta['date']}; machine: {meta['machine']}; "
+             f"total wall time {meta['wall_s'] / 60:.1f} min ({meta['jobs']} runs at a time, one thread each)",
+             f"- model: stories260K (260,032 parameters); fine-tune text: {meta['train']}; "
+             f"{meta['steps']} steps; seeds {meta['seeds']}; shared flags `{' '.join(meta['flags'])}`",
+             f"- perplexity after slicing, {meta['eval']}; mean ± sample std over seeds", ""]
+    lines += ["| model | ratio (params removed) | " + " | ".join(labels) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in labels) + " |"]
+    for (name, ratio), g in groups.items():
+        lines.append(f"| {name} | {ratio:.1f} ({g['ratio_achieved']:.1%}) | "
+                     + " | ".join(fmt(g["ppl"][label]) for label in labels) + " |")
+    if agreement:
+        lines += ["", agreement_markdown(agreement)]
+    return "\n".join(lines) + "\n"
+
+
+def agreement_markdown(agreement: list) -> str:
+    """Mean ± std over seeds of the per-layer Spearman correlations with the vanilla scores."""
+    k, layers = agreement[0]["k"], agreement[0]["layers"]
+    keys = list(agreement[0]["corr"])
+    lines = [f"Spearman rank correlation with the vanilla (Eq. 3) group scores, from the same backward, over "
+             f"{len(agreement)} seed(s); heads: K = 4 kv groups per layer, channels: F = 172 per layer. "
+             f"Step {k} is the first step the default schedule prunes at.", "",
+             "| criterion | scores | " + " | ".join(f"layer {l} heads | layer {l} channels" for l in layers) + " |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in layers) + " |"]
+    for key in keys:
+        criterion, when = key.split("|")
+        cells = []
+        for i in range(len(layers)):
+            for j in range(2):
+                m, s = mean_std([a["corr"][key][i][j] for a in agreement])
+                cells.append(f"{m:+.2f} ± {s:.2f}" if len(agreement) > 1 else f"{m:+.2f}")
+        lines.append(f"| {criterion} | {when} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(groups: dict, label: str, criteria: list, path: Path, title: str) -> None:
+    """Perplexity vs ratio, one line per criterion with error bars (std over seeds); every line starts from the
+    unpruned + LoRA reference at ratio 0; the unpruned model as loaded is a dotted horizontal line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("the plot needs matplotlib: pip install -e '.[plot]'") from e
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ref = mean_std(groups[("unpruned + LoRA", 0.0)]["ppl"][label])
+    for i, c in enumerate(criteria):
+        ratios = sorted(r for name, r in groups if name == c)
+        stats = [ref] + [mean_std(groups[(c, r)]["ppl"][label]) for r in ratios]
+        x = [0.0] + [r + (i - 1.5) * 0.006 for r in ratios]  # a small offset so error bars do not overlap
+        ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=c)
+    ax.axhline(groups[("unpruned", 0.0)]["ppl"][label][0], color="gray", linestyle=":", label="unpruned, no fine-tune")
+    ax.set_yscale("log")
+    ax.set_xticks([0.0] + sorted({r for name, r in groups if name in criteria}))
+    ax.set_xlabel("ratio (fraction of parameters removed)")
+    ax.set_ylabel(f"perplexity, {label} (log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default %(default)s)")
+    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run (default %(default)s)")
+    p.add_argument("--criteria", default=",".join(CRITERIA), help="comma list (default %(default)s)")
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma list (default %(default)s)")
+    p.add_argument("--extra", default="", help="more run.py flags for every run that trains, e.g. '--lam 0.5 --abs'")
+    p.add_argument("--heldout", action="store_true", help="train on the first 80%% of the train stories, score "
+                   "on the last 20%% (for tuning; never tune on tinystories-valid)")
+    p.add_argument("--no-references", dest="references", action="store_false", help="skip the unpruned runs")
+    p.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the rank correlations")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default %(default)s)")
+    p.add_argument("--out-dir", default=str(REPO / "bench" / "study"), help="where results.md, results.json and "
+                   "ppl_vs_ratio.png go (default bench/study)")
+    p.add_argument("--append-to", default=str(REPO / "bench" / "RESULTS.md"),
+                   help="append results.md here ('' = do not; default bench/RESULTS.md)")
+    p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    criteria = [c for c in args.criteria.split(",") if c]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    extra = args.extra.split()
+    t_start = time.time()
+    torch.set_num_threads(1)
+    workdir = Path(tempfile.mkdtemp(prefix="study_tiny-"))
+    try:
+        if args.heldout:
+            train_path, eval_path = heldout_split(workdir)
+            evals, train_label = [str(eval_path)], f"first 80% of tinystories-train.txt"
+        else:
+            train_path, evals, train_label = TRAIN_TEXT, [str(VALID_TEXT), "wikitext2"], "tinystories-train.txt"
+        tokenizer = data.Tokenizer(data.find_tokenizer(CKPT, 512))
+        n_eval = data.eval_tokens(evals[0], tokenizer)[1].numel()  # all of the first set; the others capped to it
+        common = ["--ckpt", str(CKPT), "--data", str(train_path), "--eval", ",".join(evals),
+                  "--eval-tokens", str(n_eval)] + EVAL_FLAGS
+        configs = configurations(seeds, args.steps, criteria, ratios, args.references)
+        print(f"{len(configs)} runs, {args.jobs} at a time, in {workdir}", flush=True)
+        results = run_all(configs, common, extra, workdir, args.jobs)
+        agreement = None
+        if args.agreement and not args.heldout:
+            rows = data.training_tokens([train_path], tokenizer, int(TRAIN_FLAGS[TRAIN_FLAGS.index("--seq-len") + 1]))
+            agreement = [score_agreement(s, args.steps, rows=rows) for s in seeds]
+        groups = summarize(configs, results)
+        labels = list(results[0]["ppl_after"])
+        meta = {"command": "python bench/study_tiny.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+                "date": datetime.date.today().isoformat(), "machine": f"CPU, {os.cpu_count()} cores "
+                f"({platform.processor() or platform.machine()}), torch {torch.__version__}",
+                "wall_s": time.time() - t_start, "jobs": args.jobs, "steps": args.steps, "seeds": seeds,
+                "train": train_label, "flags": TRAIN_FLAGS + extra,
+                "eval": f"{n_eval:,} tokens of each eval set in windows of 512"}
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md = markdown(groups, labels, agreement, meta)
+        (out_dir / "results.md").write_text(md, encoding="utf-8")
+        (out_dir / "results.json").write_text(json.dumps(
+            {"meta": meta, "runs": [{"name": c[0], "criterion": c[1], "ratio": c[2], "seed": c[3], **r}
+                                    for c, r in zip(configs, results)], "agreement": agreement}, indent=1))
+        if args.references:
+            plot(groups, labels[0], criteria, out_dir / "ppl_vs_ratio.png",
+                 f"stories260K, {args.steps} steps, {len(seeds)} seed(s): {labels[0]}")
+        if args.append_to:
+            with open(args.append_to, "a", encoding="utf-8") as f:
+                f.write(f"\n## study_tiny, {meta['date']}: `{meta['command']}`\n\n{md}")
+        print("\n" + md)
+    finally:
+        if args.keep_runs:
+            print(f"run folders kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
