@@ -19,8 +19,9 @@ Separately, `score_agreement` measures the paper's approximation directly: from 
 computes the LoRA-guided and the vanilla group scores of every pruned layer and reports their Spearman rank
 correlation, at the first step and after the moving average (Eq. 11) up to the first step that prunes.
 
-Writes <out-dir>/results.md, results.json and ppl_vs_ratio.png (matplotlib, the `plot` extra), and appends
-results.md to bench/RESULTS.md (--append-to '' to skip).
+Writes <out-dir>/results.md (with <out-dir>/investigation.md, the hand-written account of the held-out tuning runs,
+appended when it exists), results.json (every run's numbers and final masks) and ppl_vs_ratio.png (matplotlib, the
+`plot` extra), and appends results.md to bench/RESULTS.md (--append-to '' to skip).
 """
 import argparse
 import contextlib
@@ -94,56 +95,59 @@ def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers:
     return steps
 
 
-def score_agreement(seed: int, steps: int, ratio: float = 0.5, lam: float = 0.9, square: bool = True,
-                    k: Optional[int] = None, rank: int = 8, rows: Optional[Tensor] = None) -> dict:
-    """Fine-tune LoRA on stories260K as run.py does (same flags, AdamW, warmup + cosine lr, grad clip 1, no masks)
-    and after every step score each pruned layer with all criteria from the same backward (W.grad is switched on
-    so Eq. 3 has dL/dW; the LoRA gradients exist anyway). Returns, per layer, Spearman correlations with the
-    vanilla scores of the heads (K,) and channels (F,): raw scores at step 1, raw at step k, and the moving
-    averages (Eq. 11, lam) at step k, where k defaults to the first step the `ratio` run prunes."""
-    flags = dict(zip(TRAIN_FLAGS[::2], TRAIN_FLAGS[1::2]))
-    batch_size, seq_len, lr = int(flags["--batch-size"]), int(flags["--seq-len"]), float(flags["--lr"])
+def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None) -> dict:
+    """Fine-tune LoRA on stories260K as run.py would with these flags (AdamW, warmup + cosine lr, grad clip, LoRA
+    rank/alpha/dropout, lambda, square or abs; no masks) and after every step score each pruned layer with every
+    criterion from the same backward (W.grad is switched on so Eq. 3 has dL/dW; the LoRA gradients exist anyway).
+    rows (N, T+1) are the training rows. Returns, per layer, the Spearman correlation with the vanilla scores of
+    the kv-group scores (K,) and the channel scores (F,): raw at step 1, raw at step k, and the moving averages
+    (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the first step the `ratio` run prunes."""
+    args = run.build_parser().parse_args(["--ckpt", str(CKPT)] + flags + ["--seed", str(seed)])
     model = llama.load_checkpoint(CKPT, dtype=torch.float32)
     layers = loraprune.default_pruned_layers(model.args.n_layers)
-    k = k or first_pruning_step(model.args, ratio, steps, int(flags["--prune-every"]), layers)
-    if rows is None:
-        rows = data.training_tokens([TRAIN_TEXT], data.Tokenizer(data.find_tokenizer(CKPT, 512)), seq_len)
-    lora_params = llama.add_lora(model, r=rank, alpha=2.0 * rank, dropout=0.05, seed=seed)  # run.py's: r 8, alpha 16
+    k = k or first_pruning_step(model.args, ratio, args.steps, args.prune_every, layers)
+    lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)
     for l in layers:
         for lin in llama.projections(model, l).values():
             lin.weight.requires_grad_(True)  # dL/dW for Eq. 3; the optimizer never sees W
-    optimizer = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
-    sampler = run.RowSampler(rows.shape[0], seed)  # the data order of run.py with this seed
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # LoRA dropout
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+    sampler = run.RowSampler(rows.shape[0], seed)  # run.py's data order for this seed
+    generator = torch.Generator().manual_seed(seed)  # the random criterion's
+    torch.manual_seed(seed)  # LoRA dropout, as run.py seeds it
     names = ("lora", "magnitude", "random")  # each is compared with vanilla
-    smoothed = {c: [None] * len(layers) for c in names + ("vanilla",)}
+    smoothed = {c: [(torch.zeros(model.args.layer_kv_heads[l]), torch.zeros(model.args.layer_hidden_dims[l]))
+                    for l in layers] for c in names + ("vanilla",)}
     out = {}
     model.train()
     for step in range(1, k + 1):
         for group in optimizer.param_groups:
-            group["lr"] = run.lr_at(step - 1, steps, lr)
-        batch = rows[sampler.next(batch_size)]  # (B, T+1)
+            group["lr"] = run.lr_at(step - 1, args.steps, args.lr)
+        batch = rows[sampler.next(args.batch_size)]  # (B, T+1), one micro-batch: the study's flags accumulate none
         logits = model(batch[:, :-1])  # (B, T, V)
         F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)  # as run.py does before the pruner scores
+        torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before the pruner
         with torch.no_grad():
-            scores = {c: [loraprune.layer_group_scores(model, l, c, square, generator) for l in layers]
+            scores = {c: [loraprune.layer_group_scores(model, l, c, args.square, generator) for l in layers]
                       for c in names + ("vanilla",)}
-            for c in scores:
-                smoothed[c] = [(loraprune.ema(torch.zeros_like(h), h, lam), loraprune.ema(torch.zeros_like(f), f, lam))
-                               if prev is None else (loraprune.ema(prev[0], h, lam), loraprune.ema(prev[1], f, lam))
-                               for prev, (h, f) in zip(smoothed[c], scores[c])]
-        for when, source in (("step 1", scores if step == 1 else None), (f"step {k}", scores if step == k else None),
-                             (f"EMA at step {k}", smoothed if step == k else None)):
-            if source is None:
-                continue
+            for c, per_layer in scores.items():
+                smoothed[c] = [(loraprune.ema(ph, h, args.lam), loraprune.ema(pf, f, args.lam))
+                               for (ph, pf), (h, f) in zip(smoothed[c], per_layer)]
+        taken = [("step 1", scores)] if step == 1 else []
+        taken += [(f"step {k}", scores), (f"EMA at step {k}", smoothed)] if step == k else []
+        for when, source in taken:
             for c in names:
-                out[(c, when)] = [(spearman(h, vh), spearman(f, vf))
-                                  for (h, f), (vh, vf) in zip(source[c], source["vanilla"])]
+                out[f"{c}|{when}"] = [(spearman(h, vh), spearman(f, vf))
+                                      for (h, f), (vh, vf) in zip(source[c], source["vanilla"])]
         optimizer.step()
         model.zero_grad(set_to_none=True)  # LoRA and W gradients alike
-    return {"k": k, "layers": layers, "corr": {f"{c}|{when}": v for (c, when), v in out.items()}}
+    return {"k": k, "layers": layers, "corr": out}
+
+
+def agreements(seeds: list, flags: list, tokenizer, train_path: Path = TRAIN_TEXT) -> list:
+    """score_agreement for every seed, on the training rows run.py would pack from train_path with these flags."""
+    seq_len = run.build_parser().parse_args(["--ckpt", str(CKPT)] + flags).seq_len
+    rows = data.training_tokens([train_path], tokenizer, seq_len)  # (N, T+1)
+    return [score_agreement(s, flags, rows) for s in seeds]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +188,14 @@ def run_one(argv: list, out: str) -> dict:
         raise RuntimeError(f"run.main({' '.join(argv)}) returned {rc}:\n{console.getvalue()[-3000:]}")
     (Path(out) / "console.txt").write_text(console.getvalue(), encoding="utf-8")
     report = json.loads((Path(out) / "report.json").read_text())
+    pruned = None
+    if (Path(out) / "resume.pt").exists():  # the final masks: which kv groups and channels each layer lost
+        masks = torch.load(Path(out) / "resume.pt", weights_only=True)["pruner"]["masks"]
+        pruned = [((~h).nonzero().flatten().tolist(), (~c).nonzero().flatten().tolist(), h.numel(), c.numel())
+                  for h, c in masks]  # per layer: kv groups off, channels off, K, F
     return {"ppl_before": report["ppl_before"], "ppl_after": report["ppl_after"],
             "ratio_achieved": report["ratio_achieved"], "params_after": report["params_after"],
-            "final_loss": report["final_loss"], "wall_s": time.time() - t0}
+            "final_loss": report["final_loss"], "pruned": pruned, "wall_s": time.time() - t0}
 
 
 def run_all(configs: list, common: list, extra: list, workdir: Path, jobs: int) -> list:
@@ -241,7 +250,39 @@ def fmt(values: list) -> str:
     return f"{m:.2f} ± {s:.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
-def markdown(groups: dict, labels: list, agreement: Optional[list], meta: dict) -> str:
+def overlap_markdown(configs: list, results: list) -> Optional[str]:
+    """How many of the kv groups and channels the vanilla run of the same seed and ratio switched off were also
+    switched off by each other criterion (pooled over layers), against what chance gives (the pruned fraction)."""
+    runs = {(c[1], c[2], c[3]): r["pruned"] for c, r in zip(configs, results) if r.get("pruned") and c[2] > 0}
+    ratios = sorted({ratio for _, ratio, _ in runs})
+    criteria = [c for c in CRITERIA if c != "vanilla" and any(k[0] == c for k in runs)]
+    if not any(k[0] == "vanilla" for k in runs) or not criteria:
+        return None
+    lines = ["Final masks compared with the vanilla run of the same seed: the share of the kv groups / channels "
+             "vanilla removed that the criterion removed too (mean ± std over seeds; chance = the removed fraction "
+             "of each kind, in brackets).", "",
+             "| criterion | " + " | ".join(f"ratio {r} heads | ratio {r} channels" for r in ratios) + " |",
+             "| --- | " + " | ".join("--- | ---" for _ in ratios) + " |"]
+    for c in criteria:
+        cells = []
+        for r in ratios:
+            seeds = [s for (cc, rr, s) in runs if cc == c and rr == r and ("vanilla", r, s) in runs]
+            for kind in (0, 1):
+                shares, chance = [], 0.0
+                for s in seeds:
+                    mine, ref = runs[(c, r, s)], runs[("vanilla", r, s)]
+                    both = sum(len(set(a[kind]) & set(b[kind])) for a, b in zip(mine, ref))
+                    shares.append(both / max(1, sum(len(b[kind]) for b in ref)))
+                chance = (sum(len(b[kind]) for b in ref)  # removed / all groups of that kind in layers that lost any
+                          / max(1, sum(b[2 + kind] for b in ref if b[kind])))
+                m, sd = mean_std(shares)
+                cells.append(f"{m:.2f} ± {sd:.2f} [{chance:.2f}]")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(groups: dict, labels: list, agreement: Optional[list], meta: dict,
+             overlap: Optional[str] = None) -> str:
     lines = [f"- command: `{meta['command']}`", f"- date: {meta['date']}; machine: {meta['machine']}; "
              f"total wall time {meta['wall_s'] / 60:.1f} min ({meta['jobs']} runs at a time, one thread each)",
              f"- model: stories260K (260,032 parameters); fine-tune text: {meta['train']}; "
@@ -252,6 +293,8 @@ def markdown(groups: dict, labels: list, agreement: Optional[list], meta: dict) 
     for (name, ratio), g in groups.items():
         lines.append(f"| {name} | {ratio:.1f} ({g['ratio_achieved']:.1%}) | "
                      + " | ".join(fmt(g["ppl"][label]) for label in labels) + " |")
+    if overlap:
+        lines += ["", overlap]
     if agreement:
         lines += ["", agreement_markdown(agreement)]
     return "\n".join(lines) + "\n"
@@ -264,14 +307,17 @@ def agreement_markdown(agreement: list) -> str:
     lines = [f"Spearman rank correlation with the vanilla (Eq. 3) group scores, from the same backward, over "
              f"{len(agreement)} seed(s); heads: K = 4 kv groups per layer, channels: F = 172 per layer. "
              f"Step {k} is the first step the default schedule prunes at.", "",
-             "| criterion | scores | " + " | ".join(f"layer {l} heads | layer {l} channels" for l in layers) + " |",
-             "| --- | --- | " + " | ".join("--- | ---" for _ in layers) + " |"]
+             "| criterion | scores | " + " | ".join(f"layer {l} heads | layer {l} channels" for l in layers)
+             + " | mean heads | mean channels |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in layers + ["mean"]) + " |"]
     for key in keys:
         criterion, when = key.split("|")
         cells = []
-        for i in range(len(layers)):
+        for i in range(len(layers) + 1):  # the last: the mean over layers, then over seeds
             for j in range(2):
-                m, s = mean_std([a["corr"][key][i][j] for a in agreement])
+                per_seed = [a["corr"][key][i][j] if i < len(layers) else
+                            sum(c[j] for c in a["corr"][key]) / len(layers) for a in agreement]
+                m, s = mean_std(per_seed)
                 cells.append(f"{m:+.2f} ± {s:.2f}" if len(agreement) > 1 else f"{m:+.2f}")
         lines.append(f"| {criterion} | {when} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -310,6 +356,30 @@ def plot(groups: dict, label: str, criteria: list, path: Path, title: str) -> No
 # the command line
 
 
+def write_outputs(configs: list, results: list, agreement: Optional[list], meta: dict, out_dir: Path,
+                  append_to: str) -> str:
+    """results.md (+ investigation.md if present), results.json, ppl_vs_ratio.png (when the references ran), and the
+    markdown appended to `append_to` ('' = nowhere). Returns the markdown."""
+    groups = summarize(configs, results)
+    labels = list(results[0]["ppl_after"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(groups, labels, agreement, meta, overlap_markdown(configs, results))
+    notes = out_dir / "investigation.md"  # hand-written: what was tried on held-out train text, kept on reruns
+    if notes.is_file():
+        md += "\n" + notes.read_text(encoding="utf-8")
+    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    runs = [{"name": c[0], "criterion": c[1], "ratio": c[2], "seed": c[3], **r} for c, r in zip(configs, results)]
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "agreement": agreement}, indent=1))
+    criteria = [c for c in CRITERIA if any(name == c for name, _ in groups)]
+    if ("unpruned + LoRA", 0.0) in groups:
+        plot(groups, labels[0], criteria, out_dir / "ppl_vs_ratio.png",
+             f"stories260K, {meta['steps']} steps, {len(meta['seeds'])} seed(s): {labels[0]}")
+    if append_to:
+        with open(append_to, "a", encoding="utf-8") as f:
+            f.write(f"\n## study_tiny, {meta['date']}: `{meta['command']}`\n\n{md}")
+    return md
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default %(default)s)")
@@ -327,18 +397,33 @@ def main(argv=None) -> int:
     p.add_argument("--append-to", default=str(REPO / "bench" / "RESULTS.md"),
                    help="append results.md here ('' = do not; default bench/RESULTS.md)")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
+    p.add_argument("--agreement-only", action="store_true", help="run only the rank correlations (with --extra, "
+                   "--steps, --seeds) and print their table")
+    p.add_argument("--render", help="run nothing: rewrite the outputs from this results.json (e.g. after editing "
+                   "investigation.md)")
     args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        configs = [(r["name"], r["criterion"], r["ratio"], r["seed"], None) for r in saved["runs"]]
+        md = write_outputs(configs, saved["runs"], saved["agreement"], saved["meta"], out_dir, args.append_to)
+        print(md)
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     criteria = [c for c in args.criteria.split(",") if c]
     ratios = [float(r) for r in args.ratios.split(",") if r]
     extra = args.extra.split()
     t_start = time.time()
     torch.set_num_threads(1)
+    if args.agreement_only:
+        tokenizer = data.Tokenizer(data.find_tokenizer(CKPT, 512))
+        print(agreement_markdown(agreements(seeds, TRAIN_FLAGS + extra + ["--steps", str(args.steps)], tokenizer)))
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="study_tiny-"))
     try:
         if args.heldout:
             train_path, eval_path = heldout_split(workdir)
-            evals, train_label = [str(eval_path)], f"first 80% of tinystories-train.txt"
+            evals, train_label = [str(eval_path)], "first 80% of tinystories-train.txt"
         else:
             train_path, evals, train_label = TRAIN_TEXT, [str(VALID_TEXT), "wikitext2"], "tinystories-train.txt"
         tokenizer = data.Tokenizer(data.find_tokenizer(CKPT, 512))
@@ -349,30 +434,15 @@ def main(argv=None) -> int:
         print(f"{len(configs)} runs, {args.jobs} at a time, in {workdir}", flush=True)
         results = run_all(configs, common, extra, workdir, args.jobs)
         agreement = None
-        if args.agreement and not args.heldout:
-            rows = data.training_tokens([train_path], tokenizer, int(TRAIN_FLAGS[TRAIN_FLAGS.index("--seq-len") + 1]))
-            agreement = [score_agreement(s, args.steps, rows=rows) for s in seeds]
-        groups = summarize(configs, results)
-        labels = list(results[0]["ppl_after"])
+        if args.agreement:
+            agreement = agreements(seeds, TRAIN_FLAGS + extra + ["--steps", str(args.steps)], tokenizer, train_path)
         meta = {"command": "python bench/study_tiny.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                 "date": datetime.date.today().isoformat(), "machine": f"CPU, {os.cpu_count()} cores "
                 f"({platform.processor() or platform.machine()}), torch {torch.__version__}",
                 "wall_s": time.time() - t_start, "jobs": args.jobs, "steps": args.steps, "seeds": seeds,
                 "train": train_label, "flags": TRAIN_FLAGS + extra,
                 "eval": f"{n_eval:,} tokens of each eval set in windows of 512"}
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = markdown(groups, labels, agreement, meta)
-        (out_dir / "results.md").write_text(md, encoding="utf-8")
-        (out_dir / "results.json").write_text(json.dumps(
-            {"meta": meta, "runs": [{"name": c[0], "criterion": c[1], "ratio": c[2], "seed": c[3], **r}
-                                    for c, r in zip(configs, results)], "agreement": agreement}, indent=1))
-        if args.references:
-            plot(groups, labels[0], criteria, out_dir / "ppl_vs_ratio.png",
-                 f"stories260K, {args.steps} steps, {len(seeds)} seed(s): {labels[0]}")
-        if args.append_to:
-            with open(args.append_to, "a", encoding="utf-8") as f:
-                f.write(f"\n## study_tiny, {meta['date']}: `{meta['command']}`\n\n{md}")
+        md = write_outputs(configs, results, agreement, meta, out_dir, args.append_to)
         print("\n" + md)
     finally:
         if args.keep_runs:
