@@ -223,8 +223,10 @@ def full_masks(args: ModelArgs, device=None) -> list:
             for k, f in zip(args.layer_kv_heads, args.layer_hidden_dims)]
 
 
-def apply_masks(model: Transformer, masks: list) -> None:
-    """Set each layer's head_mask (K,) and channel_mask (F,) buffers (Eq. 13); an all-kept mask is cleared."""
+def apply_masks(model: Transformer, masks: list, clear_kept: bool = True) -> None:
+    """Set each layer's head_mask (K,) and channel_mask (F,) buffers (Eq. 13); an all-kept mask is cleared unless
+    clear_kept=False (the Pruner's choice: a compiled block then sees a mask tensor from the first step to the last
+    and compiles once, instead of again each time a layer's first head or channel goes)."""
     for layer, (heads, channels) in zip(model.layers, masks):
         att, ff = layer.attention, layer.feed_forward
         if heads.shape != (att.n_kv_heads,) or channels.shape != (ff.w1.out_features,):
@@ -233,8 +235,8 @@ def apply_masks(model: Transformer, masks: list) -> None:
         if not heads.any() or not channels.any():
             raise ValueError("a mask removes every kv head or every channel of a layer")
         device = att.wq.weight.device
-        att.head_mask = None if heads.all() else heads.to(device, torch.float32)
-        ff.channel_mask = None if channels.all() else channels.to(device, torch.float32)
+        att.head_mask = None if clear_kept and heads.all() else heads.to(device, torch.float32)
+        ff.channel_mask = None if clear_kept and channels.all() else channels.to(device, torch.float32)
 
 
 def masked_param_count(args: ModelArgs, masks: list) -> int:
@@ -310,6 +312,7 @@ class Pruner:
         self.scores = [(torch.zeros(k, device=device), torch.zeros(f, device=device))
                        for k, f in zip(args.layer_kv_heads, args.layer_hidden_dims)]
         self.masks = full_masks(args, device)
+        apply_masks(model, self.masks, clear_kept=False)  # all ones: the model's output is unchanged
         self.generator = torch.Generator(device).manual_seed(seed)
         for l in self.layers:
             for name, lin in projections(model, l).items():
@@ -341,7 +344,7 @@ class Pruner:
         for l in self.layers:
             (keep_h, keep_c), (n_h, n_c), (s_h, s_c) = self.masks[l], target[l], self.scores[l]
             self.masks[l] = (threshold_mask(s_h, keep_h, n_h), threshold_mask(s_c, keep_c, n_c))
-        apply_masks(self.model, self.masks)
+        apply_masks(self.model, self.masks, clear_kept=False)
         return True
 
     def pruned_counts(self) -> list:
@@ -360,4 +363,4 @@ class Pruner:
         self.scores = [(h.to(device), c.to(device)) for h, c in state["scores"]]
         self.masks = [(h.to(device), c.to(device)) for h, c in state["masks"]]
         self.generator.set_state(state["generator"])
-        apply_masks(self.model, self.masks)
+        apply_masks(self.model, self.masks, clear_kept=False)

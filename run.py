@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward to save memory (default: on with cuda)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (llama.compile_blocks): "
+                   "about 2x faster LoRA steps on a GPU after a first step that compiles (~30 s at 7B)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: quit after K steps, as if killed
     p.add_argument("--trace", help=argparse.SUPPRESS)  # tests: each rank appends a line per step to TRACE.<rank>
     return p
@@ -492,6 +494,8 @@ def run(args, log: Log) -> int:
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                  seed=args.seed)
     model.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
+    if args.compile:
+        llama.compile_blocks(model)
     pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
                               lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
                               channel_multiple=args.channel_multiple, seed=args.seed)

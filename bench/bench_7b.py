@@ -167,12 +167,16 @@ def uniform_args(args: llama.ModelArgs, heads: int, hidden: int) -> llama.ModelA
 # part 1: one LoRA-guided pruning step
 
 
-def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: str, warm: int, timed: int) -> dict:
-    """Build a random model with LoRA r=8 alpha 16 on all seven projections, then run warm + timed steps of
-    forward, float32 cross-entropy, backward, pruner.update (timed on its own) and AdamW."""
+def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: str, warm: int, timed: int,
+               compiled: bool = False) -> dict:
+    """Build a random model with LoRA r=8 alpha 16 on all seven projections (blocks compiled if asked), then run
+    warm + timed steps of forward, float32 cross-entropy, backward, pruner.update (timed on its own) and AdamW."""
     model = random_model(args, dev.type, int8=int8)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
     model.checkpoint_activations = ckpt
+    if compiled:
+        llama.compile_blocks(model)  # the first warm step compiles (the masks' arrival recompiles once)
+        warm += 1
     # every=1 and a short schedule: each step lies in the cubic ramp, so the masks really change in timed steps
     total_steps = 100
     pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=criterion, every=1)
@@ -211,7 +215,7 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
     step, crit = median(steps), median(crits)
     micro = step - crit  # forward + backward + AdamW: what each of the 128 accumulated micro-steps costs
     out = dict(bench="train_step", stack="ours", criterion=criterion, w0="int8" if int8 else "bf16", ckpt=ckpt,
-               seq=seq, micro_batch=1, weights_gib=weights, peak_gib=dev.peak_gib(),
+               compiled=compiled, seq=seq, micro_batch=1, weights_gib=weights, peak_gib=dev.peak_gib(),
                s_per_step_median=round(step, 4), tokens_per_s=round(seq / step, 1),
                criterion_s_median=round(crit, 4), microstep_s=round(micro, 4),
                criterion_per_microstep=round(crit / micro, 3),
@@ -225,19 +229,24 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
 
 def run_train(args, dev, cfg, deadline):
     warm, timed = cfg["train_steps"]
-    configs = [(seq, int8, ckpt, "lora") for seq in cfg["seqs"] for int8 in (False, True) for ckpt in (False, True)]
-    configs += [(seq, False, ckpt, "vanilla") for seq in cfg["seqs"] for ckpt in (False, True)]
-    for seq, int8, ckpt, criterion in configs:
+    big = max(cfg["seqs"])
+    configs = [(seq, int8, ckpt, "lora", False) for seq in cfg["seqs"] for int8 in (False, True)
+               for ckpt in (False, True)]
+    configs += [(big, False, True, "lora", True), (big, False, False, "lora", True), (big, True, True, "lora", True)]
+    configs += [(seq, False, ckpt, "vanilla", False) for seq in cfg["seqs"] for ckpt in (False, True)]
+    configs += [(min(cfg["seqs"]), False, True, "lora", True), (big, True, False, "lora", True)]
+    for seq, int8, ckpt, criterion, compiled in configs:
         tag = dict(bench="train_step", stack="ours", criterion=criterion, w0="int8" if int8 else "bf16",
-                   ckpt=ckpt, seq=seq)
+                   ckpt=ckpt, compiled=compiled, seq=seq)
         if deadline.passed():
             log(**tag, error="skipped: deadline")
             continue
         dev.reset()
         try:
-            log(**train_step(args, dev, seq, int8, ckpt, criterion, warm, timed))
+            log(**train_step(args, dev, seq, int8, ckpt, criterion, warm, timed, compiled))
         except torch.OutOfMemoryError:
             log(**tag, error="OOM")
+        torch._dynamo.reset()  # drop compiled graphs (and the models they hold)
         dev.reset()
 
 
@@ -260,8 +269,10 @@ def time_forward(forward, vocab: int, seq: int, dev: Device, warm: int, reps: in
     return median(ts)
 
 
-def ours_forward(args, dev, cfg, int8=False) -> dict:
+def ours_forward(args, dev, cfg, int8=False, compiled=False) -> dict:
     model = random_model(args, dev.type, int8=int8)
+    if compiled:
+        llama.compile_blocks(model)  # the warm-up forwards compile
     dev.sync()
     weights = dev.allocated_gib()
     s = time_forward(model, args.vocab_size, cfg["fwd_seq"], dev, *cfg["fwd_reps"])
@@ -314,28 +325,32 @@ def shape_summary(a: llama.ModelArgs) -> dict:
 
 
 def run_forward(args, dev, cfg, deadline):
-    jobs = [("ours", "dense", 0.0, None, args, False), ("ours", "dense-int8", 0.0, None, args, True)]
+    jobs = [("ours", "dense", 0.0, None, args, False, False), ("ours", "dense-int8", 0.0, None, args, True, False)]
     hf_shapes = {}  # (heads, hidden) -> [labels]: one HF model per distinct uniform shape
     for ratio in RATIOS:
         for m in CHANNEL_MULTIPLES:
             a = pruned_args(args, ratio, m)
-            jobs.append(("ours", f"sliced-m{m}", ratio, m, a, False))
+            jobs.append(("ours", f"sliced-m{m}", ratio, m, a, False, False))
             s = shape_summary(a)
             hf_shapes.setdefault((ratio, round(s["heads_mean"]), round(s["hidden_mean"])), []).append(m)
         heads, hidden = ANCHOR_UNIFORM[ratio] if args.n_layers == 32 and args.dim == 4096 else \
             (args.n_heads - round(args.n_heads * ratio), args.hidden_dim - round(args.hidden_dim * ratio))
-        jobs.append(("ours", "uniform-anchor", ratio, None, uniform_args(args, heads, hidden), False))
-    for stack, label, ratio, multiple, a, int8 in jobs:
+        jobs.append(("ours", "uniform-anchor", ratio, None, uniform_args(args, heads, hidden), False, False))
+    # compiled blocks last (each distinct sliced layer size compiles once)
+    jobs += [("ours", "dense", 0.0, None, args, False, True), ("ours", "dense-int8", 0.0, None, args, True, True)]
+    jobs += [("ours", "sliced-m64", ratio, 64, pruned_args(args, ratio, 64), False, True) for ratio in RATIOS]
+    for stack, label, ratio, multiple, a, int8, compiled in jobs:
         tag = dict(bench="forward", stack=stack, model=label, ratio=ratio, channel_multiple=multiple,
-                   seq=cfg["fwd_seq"], w0="int8" if int8 else "bf16", **shape_summary(a))
+                   seq=cfg["fwd_seq"], w0="int8" if int8 else "bf16", compiled=compiled, **shape_summary(a))
         if deadline.passed():
             log(**tag, error="skipped: deadline")
             continue
         dev.reset()
         try:
-            log(**tag, **ours_forward(a, dev, cfg, int8))
+            log(**tag, **ours_forward(a, dev, cfg, int8, compiled))
         except torch.OutOfMemoryError:
             log(**tag, error="OOM")
+        torch._dynamo.reset()
         dev.reset()
     try:
         import transformers  # noqa: F401
@@ -542,64 +557,72 @@ def markdown(anchor: list) -> str:
             mode = "vanilla" if r["criterion"] == "vanilla" else ("lora_ckpt" if r["ckpt"] else "lora")
             a = a_train.get((mode, r["seq"]))
             speed = round(r["tokens_per_s"] / a["tokens_per_s"], 2) if a else None
-            rows.append([r["criterion"], r["w0"], r["ckpt"], r["seq"], r["s_per_step_median"], r["tokens_per_s"],
+            rows.append([r["criterion"], r["w0"], r["ckpt"], r["compiled"], r["seq"], r["s_per_step_median"],
+                         r["tokens_per_s"],
                          r["tokens_per_s_paper"], r["weights_gib"], r["peak_gib"], r["criterion_s_median"],
                          r["criterion_per_microstep"], r["criterion_share_paper"], r["mask_updates"],
                          a and a["tokens_per_s"], a and a["peak_gib"], speed])
         parts.append("### One pruning step (micro-batch 1; criterion every step)\n\n" + table(
-            ["criterion", "W0", "ckpt", "T", "s/step", "tok/s", "tok/s @128 accum", "weights GiB", "peak GiB",
+            ["criterion", "W0", "ckpt", "compiled", "T", "s/step", "tok/s", "tok/s @128 accum", "weights GiB", "peak GiB",
              "criterion s", "criterion / microstep", "criterion share @128", "mask updates", "anchor tok/s",
              "anchor peak GiB", "ours / anchor tok/s"], rows))
         big = max(r["seq"] for r in train)
-        for ckpt, mode in ((False, "lora"), (True, "lora_ckpt")):
-            r, a = find(train, criterion="lora", w0="bf16", ckpt=ckpt, seq=big), a_train.get((mode, big))
-            for key, what in (("tokens_per_s", "full step"), ("tokens_per_s_paper", "criterion amortized @128")):
-                v = round(r[key] / a["tokens_per_s"], 2) if r and a else None
-                check(targets, f"LoRA step T={big} bf16 ckpt={ckpt}: tok/s / anchor {mode} ({what})", v, ">=", 1.7)
-        for w0, limit in (("bf16", 16), ("int8", 9)):
-            r = find(train, criterion="lora", w0=w0, ckpt=True, seq=big)
-            check(targets, f"peak GiB, LoRA step T={big} {w0} ckpt", r and r["peak_gib"], "<=", limit)
+        for compiled in (False, True):
+            for ckpt, mode in ((False, "lora"), (True, "lora_ckpt")):
+                r = find(train, criterion="lora", w0="bf16", ckpt=ckpt, compiled=compiled, seq=big)
+                a = a_train.get((mode, big))
+                for key, what in (("tokens_per_s", "full step"), ("tokens_per_s_paper", "criterion amortized @128")):
+                    v = round(r[key] / a["tokens_per_s"], 2) if r and a else None
+                    check(targets, f"LoRA step T={big} bf16 ckpt={ckpt} compiled={compiled}: tok/s / anchor {mode} "
+                          f"({what})", v, ">=", 1.7)
+            for w0, limit in (("bf16", 16), ("int8", 9)):
+                r = find(train, criterion="lora", w0=w0, ckpt=True, compiled=compiled, seq=big)
+                check(targets, f"peak GiB, LoRA step T={big} {w0} ckpt compiled={compiled}", r and r["peak_gib"],
+                      "<=", limit)
         r = find(train, criterion="lora", w0="int8", ckpt=True, seq=big)
         check(targets, "int8 weight memory GiB (LoRA adapters included)", r and r["weights_gib"], "<=", 7)
         for w0 in ("bf16", "int8"):
-            r = find(train, criterion="lora", w0=w0, ckpt=True, seq=big)
+            r = find(train, criterion="lora", w0=w0, ckpt=True, compiled=False, seq=big)
             check(targets, f"criterion share @128 accum, T={big} {w0} ckpt", r and r["criterion_share_paper"],
                   "<=", 0.05)
     if fwd:
         ours = [r for r in fwd if r["stack"] == "ours"]
         hf = [r for r in fwd if r["stack"] == "hf"]
-        dense = find(ours, model="dense")
+        dense = {c: find(ours, model="dense", compiled=c) for c in (False, True)}
         rows = []
         for r in ours:
-            rel = round(r["s_median"] / dense["s_median"], 3) if dense else None
+            d = dense[r["compiled"]]
+            rel = round(r["s_median"] / d["s_median"], 3) if d else None
             h = next((x for x in hf if x["ratio"] == r["ratio"] and r["channel_multiple"] in x["channel_multiples"]),
                      None)
             source = h and "here"
             if r["model"] in ("uniform-anchor", "dense"):  # the anchor ran HF at exactly these shapes
                 h = a_fwd.get(r["ratio"])
                 source = h and "anchor"
-            rows.append([r["model"], r["w0"], r["ratio"], r["channel_multiple"],
+            rows.append([r["model"], r["w0"], r["compiled"], r["ratio"], r["channel_multiple"],
                          f"{r['heads_min']}-{r['heads_max']} (mean {r['heads_mean']})",
                          f"{r['hidden_min']}-{r['hidden_max']} (mean {r['hidden_mean']})", r["params_b"],
                          r["s_median"], rel, h and h.get("s_median"), source,
                          round(r["s_median"] / h["s_median"], 3) if h and h.get("s_median") else None])
         parts.append(f"### Forward, {ours[0]['seq'] if ours else '-'} tokens, no grad (HF: uniform shapes, "
                      "the anchor's own numbers where its shapes match)\n\n" + table(
-                         ["model", "W0", "ratio", "channel multiple", "heads per layer", "MLP per layer", "params B",
-                          "s", "/ our dense", "HF s", "HF run", "ours / HF"], rows))
+                         ["model", "W0", "compiled", "ratio", "channel multiple", "heads per layer", "MLP per layer",
+                          "params B", "s", "/ our dense (same compiled)", "HF s (eager)", "HF run", "ours / HF"], rows))
         if hf:
             parts.append("HF models run here (uniform mean shapes):\n\n" + table(
                 ["ratio", "for multiples", "heads", "intermediate", "params B", "s"],
                 [[r["ratio"], r["channel_multiples"], r["heads"], r["intermediate"], r["params_b"], r["s_median"]]
                  for r in hf]))
-        i8 = find(ours, model="dense-int8")
-        check(targets, "int8 / bf16 dense forward time", round(i8["s_median"] / dense["s_median"], 3)
-              if i8 and dense else None, "<=", 1.3)
-        for ratio, limit in ((0.2, 0.8), (0.5, 0.55)):
-            for m in CHANNEL_MULTIPLES:
-                r = find(ours, model=f"sliced-m{m}", ratio=ratio)
-                check(targets, f"{int(ratio * 100)}%-sliced (multiple {m}) / our dense forward",
-                      round(r["s_median"] / dense["s_median"], 3) if r and dense else None, "<=", limit)
+        for c in (False, True):
+            i8, d = find(ours, model="dense-int8", compiled=c), dense[c]
+            check(targets, f"int8 / bf16 dense forward time, compiled={c}", round(i8["s_median"] / d["s_median"], 3)
+                  if i8 and d else None, "<=", 1.3)
+            for ratio, limit in ((0.2, 0.8), (0.5, 0.55)):
+                for m in CHANNEL_MULTIPLES:
+                    r = find(ours, model=f"sliced-m{m}", ratio=ratio, compiled=c)
+                    if r or not c:
+                        check(targets, f"{int(ratio * 100)}%-sliced (multiple {m}) / our dense forward, compiled={c}",
+                              round(r["s_median"] / d["s_median"], 3) if r and d else None, "<=", limit)
     if loads:
         parts.append("### Loading a two-shard Meta checkpoint (fresh process each)\n\n" + table(
             ["W0", "load s", "shard GiB", "RSS before GiB", "ru_maxrss GiB", "host extra GiB", "anon extra GiB",
