@@ -39,10 +39,11 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False  # output head shares the token embedding (llama2.c, small HF models)
-    # per-layer sizes: a pruned layer keeps some kv groups (each with its n_heads // n_kv_heads query heads)
-    # and some MLP channels. None means every layer has the full size.
+    # per-layer sizes: a pruned layer keeps some kv heads and some MLP channels, and (after query-head pruning)
+    # each kept kv head keeps 1..n_rep of its query heads. None means every layer has the full size.
     layer_kv_heads: Optional[list] = None
     layer_hidden_dims: Optional[list] = None
+    layer_q_per_kv: Optional[list] = None  # per layer, query heads of each kv head, e.g. [[3, 1], ...]; None: n_rep
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -59,11 +60,27 @@ class ModelArgs:
             sizes = getattr(self, name)
             if len(sizes) != self.n_layers or min(sizes) < 1:
                 raise ValueError(f"{name} must hold {self.n_layers} positive sizes, found {sizes}")
+        if self.layer_q_per_kv is not None:
+            check_q_per_kv(self.layer_q_per_kv, self.layer_kv_heads, self.n_rep)
+            self.layer_q_per_kv = [list(counts) for counts in self.layer_q_per_kv]
+            if all(c == self.n_rep for counts in self.layer_q_per_kv for c in counts):
+                self.layer_q_per_kv = None  # one spelling of "uniform", so equal models have equal args
 
     @property
     def n_rep(self) -> int:
-        """Query heads per kv head; pruning removes whole kv groups, so this is the same in every layer."""
+        """Query heads per kv head of the unpruned model (query-head pruning may leave fewer: q_per_kv)."""
         return self.n_heads // self.n_kv_heads
+
+    def q_per_kv(self, layer_id: int) -> list:
+        """Query heads of each kv head of one layer: [n_rep] * K unless layer_q_per_kv says otherwise."""
+        if self.layer_q_per_kv is None:
+            return [self.n_rep] * self.layer_kv_heads[layer_id]
+        return list(self.layer_q_per_kv[layer_id])
+
+    @property
+    def layer_n_heads(self) -> list:
+        """Query heads of every layer (H_l)."""
+        return [sum(self.q_per_kv(l)) for l in range(self.n_layers)]
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "params") -> "ModelArgs":
@@ -72,6 +89,20 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"{source}: unknown model parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def check_q_per_kv(layer_q_per_kv, layer_kv_heads: list, n_rep: int) -> None:
+    """ValueError unless layer_q_per_kv holds, for every layer, one count in [1, n_rep] per kv head."""
+    if not isinstance(layer_q_per_kv, (list, tuple)) or len(layer_q_per_kv) != len(layer_kv_heads):
+        raise ValueError(f"layer_q_per_kv must hold one list per layer ({len(layer_kv_heads)}), found {layer_q_per_kv}")
+    for l, (counts, K) in enumerate(zip(layer_q_per_kv, layer_kv_heads)):
+        if not isinstance(counts, (list, tuple)) or len(counts) != K:
+            raise ValueError(f"layer_q_per_kv[{l}] must list the query heads of each of the layer's {K} kv heads "
+                             f"(layer_kv_heads[{l}]), found {counts}")
+        bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= n_rep]
+        if bad:
+            raise ValueError(f"layer_q_per_kv[{l}] = {counts}: every count must be an integer in [1, n_rep={n_rep}], "
+                             f"found {bad}")
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -104,6 +135,13 @@ def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
     convention (Hugging Face's rotate-half layout is converted at load time). x (B, T, H, D), freqs_cis (T, D/2)."""
     xc = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs_cis[:, None, :].to(xc.dtype)).flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+def repeat_kv(x: Tensor, q_per_kv: tuple) -> Tensor:
+    """Kv head g repeated q_per_kv[g] times: (B, K, T, D) -> (B, H, T, D), torch.repeat_interleave on dim 1
+    (llama2.c's repeat_kv when every count is n_rep)."""
+    repeats = torch.tensor(q_per_kv, device=x.device)
+    return x.repeat_interleave(repeats, dim=1, output_size=sum(q_per_kv))
 
 
 class RMSNorm(nn.Module):
@@ -184,14 +222,16 @@ class LoRALinear(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, n_kv_heads: int):
+    def __init__(self, args: ModelArgs, q_per_kv: list):
         super().__init__()
-        self.n_kv_heads, self.n_heads, self.head_dim = n_kv_heads, n_kv_heads * args.n_rep, args.head_dim
+        self.q_per_kv = tuple(q_per_kv)  # query heads of each kv head, in order: n_rep each unless query-pruned
+        self.n_kv_heads, self.n_heads, self.head_dim = len(q_per_kv), sum(q_per_kv), args.head_dim
+        self.uneven = len(set(q_per_kv)) > 1
         self.wq = LoRALinear(args.dim, self.n_heads * self.head_dim)
         self.wk = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
         self.wv = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
         self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
-        self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (K,) 0/1 per kv group, set by loraprune.apply_masks
+        self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (H,) 0/1 per query head (apply_masks)
 
     def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -200,10 +240,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
-        # grouped-query attention: query head h reads kv head h // n_rep (SDPA broadcasts the kv heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        if self.head_mask is not None:  # Eq. 13: a masked kv group's query heads output exactly zero
-            y = y * self.head_mask.repeat_interleave(self.n_heads // self.n_kv_heads)[:, None, None].to(y.dtype)
+        if self.uneven:  # kv head g serves the next q_per_kv[g] query heads: copy it to each, then plain attention
+            k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T, D)
+        # grouped-query attention: query head h reads kv head h // (H / K) (SDPA broadcasts the kv heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != k.shape[1])
+        if self.head_mask is not None:  # Eq. 13: a masked query head (or all heads of a masked kv group) outputs 0
+            y = y * self.head_mask[:, None, None].to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(y)  # (B, T, C)
 
@@ -226,7 +268,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention = Attention(args, args.layer_kv_heads[layer_id])
+        self.attention = Attention(args, args.q_per_kv(layer_id))
         self.feed_forward = FeedForward(args.dim, args.layer_hidden_dims[layer_id])
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -698,8 +740,10 @@ def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
             state[name + ".weight"] = module.merged_weight()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.int8})
-    meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes),
-            "args": asdict(model.args)}
+    args = asdict(model.args)
+    if args["layer_q_per_kv"] is None:  # written only when uneven: a uniform model's params.json stays as it was
+        del args["layer_q_per_kv"]
+    meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes), "args": args}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:

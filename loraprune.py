@@ -5,8 +5,11 @@ baselines), group sums (Eq. 4), the moving average (Eq. 11), thresholds (Eq. 12)
 and when (the ratio and the schedule of Algorithm 1), masks in the model (Eq. 13), slicing to a smaller dense model,
 and the Pruner that runs Algorithm 1 beside any training loop.
 
+Two attention units (`head_unit`): 'kv' (default, the paper's group for grouped-query attention: a kv head with all
+the query heads that share it) and 'query' (single query heads; a kv head's wk/wv rows go with its last query head).
+
 Shapes: W (out, in); A (r, in); B (out, r); K kv groups of a layer (each = one kv head and its n_rep query heads),
-F MLP channels of a layer, D head dim, C model dim.
+H query heads of a layer, F MLP channels of a layer, D head dim, C model dim.
 """
 import math
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from torch import Tensor
 from llama import ModelArgs, Transformer, projections
 
 CRITERIA = ("lora", "vanilla", "magnitude", "random")
+HEAD_UNITS = ("kv", "query")  # what one attention group is: a kv group, or one query head
 
 # ----------------------------------------------------------------------------------------------
 # per-weight importance (pure functions; every result is float32 (out, in))
@@ -110,11 +114,52 @@ def layer_group_scores(model: Transformer, layer_id: int, criterion: str, square
     whatever their scale (not done here: the paper does not, and the groups of one layer share the same sums)."""
     p = projections(model, layer_id)
     D, n_rep = model.args.head_dim, model.args.n_rep
+    assert p["wq"].out_features == n_rep * p["wk"].out_features, \
+        f"layer {layer_id} has kv groups of {model.args.q_per_kv(layer_id)} query heads: use layer_query_scores"
     sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
     heads = (row_group_sums(sums["wq"][0], n_rep * D) + row_group_sums(sums["wk"][0], D)
              + row_group_sums(sums["wv"][0], D) + row_group_sums(sums["wo"][1], n_rep * D))  # (K,)
     channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
     return heads, channels
+
+
+def layer_query_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
+                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4 for one layer with query heads as the unit: (H,) query-head scores (query head h owns rows
+    h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores as in layer_group_scores, and (K,) scores of
+    the kv rows (rows g*D:(g+1)*D of wk and wv), which the query heads of kv head g share (see query_head_scores)."""
+    p = projections(model, layer_id)
+    D = model.args.head_dim
+    sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
+    heads = row_group_sums(sums["wq"][0], D) + row_group_sums(sums["wo"][1], D)  # (H,)
+    kv = row_group_sums(sums["wk"][0], D) + row_group_sums(sums["wv"][0], D)  # (K,)
+    channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
+    return heads, channels, kv
+
+
+def kv_of_heads(q_per_kv: list, device=None) -> Tensor:
+    """The kv head each query head reads: q_per_kv = [2, 1, 3] -> [0, 0, 1, 2, 2, 2], (H,) int64."""
+    return torch.repeat_interleave(torch.arange(len(q_per_kv), device=device), torch.tensor(q_per_kv, device=device))
+
+
+def query_heads_left(q_keep: Tensor, q_per_kv: list) -> Tensor:
+    """Kept query heads of each kv head: (H,) bool -> (K,) int64. A kv head is live while this is > 0."""
+    kv = kv_of_heads(q_per_kv, q_keep.device)  # (H,)
+    return torch.zeros(len(q_per_kv), dtype=torch.int64, device=q_keep.device).index_add_(0, kv, q_keep.long())
+
+
+def query_head_scores(heads: Tensor, kv: Tensor, q_keep: Tensor, q_per_kv: list) -> Tensor:
+    """Query-head scores for Eq. 12: a head's own sum (wq rows + wo columns) plus an equal share of its kv head's
+    wk/wv score among the kv head's live query heads. heads (H,), kv (K,), q_keep (H,) bool -> (H,).
+
+    Why a share: Eq. 4 scores the weights a removal takes away. Removing a query head takes none of the wk/wv rows
+    while a sibling lives, and all of them when it is the last; which head will be last is not known in advance.
+    Sharing gives both ends right: the live heads of a kv head together carry the whole kv score (with all of them
+    live, their sum is exactly the kv-group score of head_unit 'kv'), and a last head carries all of it, which is
+    Eq. 4 for it. A kv head whose rows matter little is thus cheap to empty, and emptying it also saves its rows."""
+    kv_index = kv_of_heads(q_per_kv, heads.device)  # (H,)
+    live = query_heads_left(q_keep, q_per_kv).clamp(min=1).to(kv.dtype)  # (K,)
+    return heads + (kv / live)[kv_index]  # (H,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +185,15 @@ def threshold_mask(scores: Tensor, keep: Tensor, n_pruned: int) -> Tensor:
     return new
 
 
+def threshold_query_heads(heads: Tensor, kv: Tensor, keep: Tensor, q_per_kv: list, n_pruned: int) -> Tensor:
+    """Eq. 12 for query heads: switch off the lowest query_head_scores one head at a time, re-sharing the kv scores
+    among the heads still live after each, until `n_pruned` heads are off. heads (H,), kv (K,), keep (H,) bool."""
+    keep = keep.clone()
+    for _ in range(n_pruned - int((~keep).sum())):
+        keep = threshold_mask(query_head_scores(heads, kv, keep, q_per_kv), keep, int((~keep).sum()) + 1)
+    return keep
+
+
 # ----------------------------------------------------------------------------------------------
 # how many groups each layer loses (the ratio), and when (the schedule of Algorithm 1)
 
@@ -149,21 +203,41 @@ def default_pruned_layers(n_layers: int) -> list:
     return list(range(int(0.1 * n_layers), n_layers - 1))
 
 
+def head_params(args: ModelArgs) -> tuple[int, int]:
+    """Base-weight parameters of one query head (D rows of wq + D columns of wo) and of one kv head (D rows each of
+    wk and wv): 2*D*C each."""
+    return 2 * args.head_dim * args.dim, 2 * args.head_dim * args.dim
+
+
 def group_params(args: ModelArgs) -> tuple[int, int]:
     """Base-weight parameters of one kv group (wq, wk, wv rows + wo columns) and of one MLP channel (w1, w3, w2)."""
-    return args.head_dim * args.dim * (2 * args.n_rep + 2), 3 * args.dim
+    per_query, per_kv = head_params(args)
+    return args.n_rep * per_query + per_kv, 3 * args.dim
 
 
-def count_base_params(args: ModelArgs, heads: list, channels: list) -> int:
-    """Parameters of a model with `heads` kv groups and `channels` MLP channels per layer (no LoRA)."""
-    per_group, per_channel = group_params(args)
+def count_base_params(args: ModelArgs, heads: list, channels: list, query_heads: Optional[list] = None) -> int:
+    """Parameters of a model with `heads` kv heads, `query_heads` query heads (default: n_rep per kv head) and
+    `channels` MLP channels per layer (no LoRA)."""
+    (per_query, per_kv), (_, per_channel) = head_params(args), group_params(args)
+    query_heads = [h * args.n_rep for h in heads] if query_heads is None else query_heads
     head_out = args.dim * args.vocab_size * (1 if args.tie_embeddings else 2)
-    return head_out + args.dim * (2 * args.n_layers + 1) + sum(h * per_group + c * per_channel
-                                                               for h, c in zip(heads, channels))
+    return head_out + args.dim * (2 * args.n_layers + 1) + sum(
+        k * per_kv + q * per_query + c * per_channel for k, q, c in zip(heads, query_heads, channels))
 
 
-def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: int = 1) -> list:
-    """How many kv groups and MLP channels each layer loses so that `ratio` of the model's parameters go.
+def round_channels(exact: float, width: int, channel_multiple: int = 1, least: int = 0) -> int:
+    """Channels a layer of `width` loses: `exact` rounded, the kept width rounded to a multiple of channel_multiple
+    where the width is one, and kept within [least, width - 1]."""
+    channels = round(exact)
+    if channel_multiple > 1 and width % channel_multiple == 0:
+        channels = width - channel_multiple * round((width - channels) / channel_multiple)
+    return min(max(channels, least), width - 1)
+
+
+def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: int = 1,
+                 head_unit: str = "kv") -> list:
+    """How many kv groups (or query heads) and MLP channels each layer loses so that `ratio` of the model's
+    parameters go.
 
     `ratio` is a fraction of all parameters (embeddings and head included), which is how the paper's tables and
     users count; the official code instead takes it as a fraction of groups in the pruned layers, which removes
@@ -171,28 +245,52 @@ def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: 
     kv groups and the MLP takes up the difference, and the rounding error is carried to the next layer, so the
     total lands within one channel of the target. With channel_multiple > 1, kept channels are rounded to that
     multiple (GPU-friendly matmul sizes) in layers whose width is a multiple of it.
-    Returns [(kv groups removed, channels removed)] for every layer (zeros for layers not pruned)."""
+    With head_unit 'query', heads round to whole query heads (2*D*C each) and the channels are counted as if no kv
+    head were emptied; which kv heads empty depends on which query heads go, so the Pruner gives their rows back to
+    the MLP at mask time (channels_after_kv).
+    Returns [(kv groups or query heads removed, channels removed)] for every layer (zeros for layers not pruned)."""
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    per_group, per_channel = group_params(args)
-    target = ratio * count_base_params(args, args.layer_kv_heads, args.layer_hidden_dims)
-    prunable = sum(args.layer_kv_heads[l] * per_group + args.layer_hidden_dims[l] * per_channel for l in layers)
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head_unit {head_unit!r}; expected one of {HEAD_UNITS}")
+    (per_query, per_kv), (per_group, per_channel) = head_params(args), group_params(args)
+    target = ratio * count_base_params(args, args.layer_kv_heads, args.layer_hidden_dims, args.layer_n_heads)
+    prunable = sum(args.layer_kv_heads[l] * per_kv + args.layer_n_heads[l] * per_query
+                   + args.layer_hidden_dims[l] * per_channel for l in layers)
     f = target / prunable if prunable else 0.0
     counts, carry = [(0, 0)] * args.n_layers, 0.0
     for l in layers:
-        K, Fw = args.layer_kv_heads[l], args.layer_hidden_dims[l]
-        heads = round(f * K)
-        if heads >= K or f >= 1:
+        K, H, Fw = args.layer_kv_heads[l], args.layer_n_heads[l], args.layer_hidden_dims[l]
+        if head_unit == "kv" and H != K * args.n_rep:
+            raise ValueError(f"layer {l} has uneven kv groups {args.q_per_kv(l)} (query heads per kv head); "
+                             "prune it with head_unit 'query'")
+        units, per_unit = (K, per_group) if head_unit == "kv" else (H, per_query)
+        heads = round(f * units)
+        if heads >= units or f >= 1:
             raise ValueError(f"ratio {ratio} needs {f:.1%} of each pruned layer's parameters, which would remove "
-                             f"every kv head of layer {l} ({K}); lower the ratio or prune more layers")
-        want = f * (K * per_group + Fw * per_channel) + carry  # parameters this layer should lose
-        channels = round((want - heads * per_group) / per_channel)
-        if channel_multiple > 1 and Fw % channel_multiple == 0:
-            channels = Fw - channel_multiple * round((Fw - channels) / channel_multiple)
-        channels = min(max(channels, 0), Fw - 1)
-        carry = want - heads * per_group - channels * per_channel
+                             f"every {head_unit} head of layer {l} ({units}); lower the ratio or prune more layers")
+        want = f * (K * per_kv + H * per_query + Fw * per_channel) + carry  # parameters this layer should lose
+        channels = round_channels((want - heads * per_unit) / per_channel, Fw, channel_multiple)
+        carry = want - heads * per_unit - channels * per_channel
         counts[l] = (heads, channels)
     return counts
+
+
+def channels_after_kv(args: ModelArgs, layers: list, counts: list, kv_emptied: list, already: list,
+                      channel_multiple: int = 1) -> list:
+    """Query-head mode at mask time: the channels each pruned layer loses once the kv heads its query-head masks
+    emptied are counted. `counts` are the schedule's (query heads, channels), whose channels assume no kv head
+    emptied; each emptied kv head saves its wk/wv rows (2*D*C), i.e. that many parameters' worth of channels fewer.
+    The rounding is carried to the next layer as in prune_counts, and a layer never loses fewer channels than the
+    `already` masked ones (masks do not come back), so the total lands within two channels (two multiples) of the
+    target unless kv heads emptied after their channels were cut. Returns channels removed per layer."""
+    (_, per_kv), (_, per_channel) = head_params(args), group_params(args)
+    channels, carry = [c for _, c in counts], 0.0
+    for l in layers:
+        exact = counts[l][1] - kv_emptied[l] * per_kv / per_channel + carry
+        channels[l] = round_channels(exact, args.layer_hidden_dims[l], channel_multiple, least=already[l])
+        carry = exact - channels[l]
+    return channels
 
 
 def cubic_schedule(step: int, total_steps: int, warmup: float = 0.1, cooldown: float = 0.1) -> float:
@@ -217,31 +315,49 @@ def counts_at(final_counts: list, fraction: float) -> list:
 # Eq. 13: masks in the model, and slicing them away
 
 
-def full_masks(args: ModelArgs, device=None) -> list:
-    """Keep-everything masks: [(heads_keep bool (K_l,), channels_keep bool (F_l,))] per layer."""
-    return [(torch.ones(k, dtype=torch.bool, device=device), torch.ones(f, dtype=torch.bool, device=device))
-            for k, f in zip(args.layer_kv_heads, args.layer_hidden_dims)]
+def full_masks(args: ModelArgs, device=None, head_unit: str = "kv") -> list:
+    """Keep-everything masks: [(heads_keep bool (K_l,) or, with head_unit 'query', (H_l,), channels_keep bool
+    (F_l,))] per layer."""
+    heads = args.layer_kv_heads if head_unit == "kv" else args.layer_n_heads
+    return [(torch.ones(h, dtype=torch.bool, device=device), torch.ones(f, dtype=torch.bool, device=device))
+            for h, f in zip(heads, args.layer_hidden_dims)]
+
+
+def query_keep(heads: Tensor, q_per_kv: list) -> Tensor:
+    """A head mask as one flag per query head: (K,) per kv group -> each flag repeated for the group's query heads;
+    (H,) per query head -> as it is (when K == H every group is one head, and the two readings agree)."""
+    if heads.shape == (len(q_per_kv),):
+        return heads[kv_of_heads(q_per_kv, heads.device)]  # (H,)
+    if heads.shape == (sum(q_per_kv),):
+        return heads
+    raise ValueError(f"head mask of shape {tuple(heads.shape)}; the layer has {len(q_per_kv)} kv heads and "
+                     f"{sum(q_per_kv)} query heads")
 
 
 def apply_masks(model: Transformer, masks: list, clear_kept: bool = True) -> None:
-    """Set each layer's head_mask (K,) and channel_mask (F,) buffers (Eq. 13); an all-kept mask is cleared unless
-    clear_kept=False (the Pruner's choice: a compiled block then sees a mask tensor from the first step to the last
-    and compiles once, instead of again each time a layer's first head or channel goes)."""
+    """Set each layer's head_mask (H,) and channel_mask (F,) buffers (Eq. 13) from masks per kv group (K,) or per
+    query head (H,); an all-kept mask is cleared unless clear_kept=False (the Pruner's choice: a compiled block then
+    sees a mask tensor from the first step to the last and compiles once, instead of again each time a layer's
+    first head or channel goes)."""
     for layer, (heads, channels) in zip(model.layers, masks):
         att, ff = layer.attention, layer.feed_forward
-        if heads.shape != (att.n_kv_heads,) or channels.shape != (ff.w1.out_features,):
-            raise ValueError(f"masks of shape {tuple(heads.shape)}, {tuple(channels.shape)}; the layer has "
-                             f"{att.n_kv_heads} kv heads and {ff.w1.out_features} channels")
+        if channels.shape != (ff.w1.out_features,):
+            raise ValueError(f"channel mask of shape {tuple(channels.shape)}; the layer has {ff.w1.out_features} "
+                             "channels")
+        heads = query_keep(heads, att.q_per_kv)  # (H,)
         if not heads.any() or not channels.any():
-            raise ValueError("a mask removes every kv head or every channel of a layer")
+            raise ValueError("a mask removes every head or every channel of a layer")
         device = att.wq.weight.device
         att.head_mask = None if clear_kept and heads.all() else heads.to(device, torch.float32)
         ff.channel_mask = None if clear_kept and channels.all() else channels.to(device, torch.float32)
 
 
 def masked_param_count(args: ModelArgs, masks: list) -> int:
-    """Parameters of the model that slicing with these masks produces (LoRA merged)."""
-    return count_base_params(args, [int(h.sum()) for h, _ in masks], [int(c.sum()) for _, c in masks])
+    """Parameters of the model that slicing with these masks produces (LoRA merged): a kept query head counts its
+    wq rows and wo columns, a kv head its wk/wv rows while any of its query heads is kept."""
+    left = [query_heads_left(query_keep(h, args.q_per_kv(l)), args.q_per_kv(l)) for l, (h, _) in enumerate(masks)]
+    return count_base_params(args, [int((n > 0).sum()) for n in left], [int(c.sum()) for _, c in masks],
+                             [int(n.sum()) for n in left])
 
 
 def _kept_rows(keep: Tensor, rows_per_group: int) -> Tensor:
@@ -252,13 +368,17 @@ def _kept_rows(keep: Tensor, rows_per_group: int) -> Tensor:
 
 @torch.no_grad()
 def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = None) -> Transformer:
-    """A new, smaller, dense Transformer: LoRA merged (W + s * B @ A), the rows and columns of masked kv groups and
-    channels removed, per-layer sizes in its ModelArgs. Same logits as the masked model. `dtype` defaults to the
+    """A new, smaller, dense Transformer: LoRA merged (W + s * B @ A), the rows and columns of masked query heads
+    (or kv groups) and channels removed, a kv head's wk/wv rows with its last query head, per-layer sizes (and
+    uneven query heads per kv head) in its ModelArgs. Same logits as the masked model. `dtype` defaults to the
     embedding's (an int8 model gives a float model; quant8.quantize_model re-quantizes it)."""
-    args, D, n_rep = model.args, model.args.head_dim, model.args.n_rep
+    args, D = model.args, model.args.head_dim
     dtype = dtype or model.tok_embeddings.weight.dtype
-    new_args = ModelArgs(**{**vars(args), "layer_kv_heads": [int(h.sum()) for h, _ in masks],
-                            "layer_hidden_dims": [int(c.sum()) for _, c in masks]})
+    q_keeps = [query_keep(h.cpu(), args.q_per_kv(l)) for l, (h, _) in enumerate(masks)]  # [(H_l,) bool]
+    left = [query_heads_left(q, args.q_per_kv(l)) for l, q in enumerate(q_keeps)]  # [(K_l,) query heads kept]
+    new_args = ModelArgs(**{**vars(args), "layer_kv_heads": [int((n > 0).sum()) for n in left],
+                            "layer_hidden_dims": [int(c.sum()) for _, c in masks],
+                            "layer_q_per_kv": [n[n > 0].tolist() for n in left]})
     with torch.device("meta"):
         new = Transformer(new_args)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()
@@ -266,8 +386,8 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
     for l, (heads, channels) in enumerate(masks):
         p, prefix = projections(model, l), f"layers.{l}."
         device = p["wq"].weight.device
-        q_rows = _kept_rows(heads.to(device), n_rep * D)
-        kv_rows = _kept_rows(heads.to(device), D)
+        q_rows = _kept_rows(q_keeps[l].to(device), D)
+        kv_rows = _kept_rows(left[l].to(device) > 0, D)
         ch = channels.to(device).nonzero().flatten()
         cut = {"attention.wq": (q_rows, None), "attention.wk": (kv_rows, None), "attention.wv": (kv_rows, None),
                "attention.wo": (None, q_rows), "feed_forward.w1": (ch, None), "feed_forward.w3": (ch, None),
@@ -296,22 +416,27 @@ class Pruner:
     """Runs Algorithm 1 beside any training loop. Call `update(step)` once per optimizer step, after backward has
     accumulated the gradients of the whole batch and before `optimizer.zero_grad()`, with step = optimizer steps
     done so far (1-based). As in the official code, the criterion sees the accumulated (batch) gradients once per
-    optimizer step, not one per micro-batch. Every criterion takes the same path; only the importance differs."""
+    optimizer step, not one per micro-batch. Every criterion takes the same path; only the importance differs.
+    head_unit 'kv' prunes kv groups (scores and masks (K,) per layer); 'query' prunes query heads (masks (H,),
+    scores (H,) plus (K,) for the shared kv rows, each with its own moving average)."""
 
     def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
-                 channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0):
+                 channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
+                 head_unit: str = "kv"):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup, cooldown
+        self.head_unit, self.channel_multiple = head_unit, channel_multiple
         args = model.args
         self.layers = default_pruned_layers(args.n_layers) if layers is None else sorted(layers)
-        self.final_counts = prune_counts(args, ratio, self.layers, channel_multiple)
+        self.final_counts = prune_counts(args, ratio, self.layers, channel_multiple, head_unit)
         device = model.tok_embeddings.weight.device
-        self.scores = [(torch.zeros(k, device=device), torch.zeros(f, device=device))
-                       for k, f in zip(args.layer_kv_heads, args.layer_hidden_dims)]
-        self.masks = full_masks(args, device)
+        self.masks = full_masks(args, device, head_unit)
+        self.scores = [tuple(torch.zeros_like(m, dtype=torch.float32) for m in layer) for layer in self.masks]
+        if head_unit == "query":  # and the kv rows' scores, (K,) per layer
+            self.scores = [(h, c, torch.zeros(k, device=device)) for (h, c), k in zip(self.scores, args.layer_kv_heads)]
         apply_masks(model, self.masks, clear_kept=False)  # all ones: the model's output is unchanged
         self.generator = torch.Generator(device).manual_seed(seed)
         for l in self.layers:
@@ -327,27 +452,48 @@ class Pruner:
     def update(self, step: int) -> bool:
         """Score (Eq. 10 or a baseline, Eq. 4), smooth (Eq. 11) and, at scheduled steps, raise the sparsity and
         switch off the lowest groups (Eq. 12-13). Returns True if the masks changed."""
+        score = layer_group_scores if self.head_unit == "kv" else layer_query_scores
         with torch.no_grad():
             for l in self.layers:
-                heads, channels = layer_group_scores(self.model, l, self.criterion, self.square, self.generator)
-                if torch.isfinite(heads).all() and torch.isfinite(channels).all():  # the official code skips NaN
-                    prev_h, prev_c = self.scores[l]
-                    self.scores[l] = (ema(prev_h, heads, self.lam), ema(prev_c, channels, self.lam))
+                new = score(self.model, l, self.criterion, self.square, self.generator)
+                if all(torch.isfinite(t).all() for t in new):  # the official code skips NaN
+                    self.scores[l] = tuple(ema(prev, t, self.lam) for prev, t in zip(self.scores[l], new))
         if self.criterion == "vanilla":
             for l in self.layers:
                 for lin in projections(self.model, l).values():
                     lin.weight.grad = None
         fraction = cubic_schedule(step, self.total_steps, self.warmup, self.cooldown)
-        target = counts_at(self.final_counts, fraction)
-        if target == self.pruned_counts() or (step % self.every and fraction < 1):
+        if step % self.every and fraction < 1:
             return False
-        for l in self.layers:
-            (keep_h, keep_c), (n_h, n_c), (s_h, s_c) = self.masks[l], target[l], self.scores[l]
-            self.masks[l] = (threshold_mask(s_h, keep_h, n_h), threshold_mask(s_c, keep_c, n_c))
+        masks = self.next_masks(counts_at(self.final_counts, fraction))
+        if all(torch.equal(a, b) for old, new in zip(self.masks, masks) for a, b in zip(old, new)):
+            return False
+        self.masks = masks
         apply_masks(self.model, self.masks, clear_kept=False)
         return True
 
+    def next_masks(self, counts: list) -> list:
+        """Masks with `counts` (heads, channels) off per pruned layer, the lowest smoothed scores going first (Eq. 12);
+        in query mode the channels are first recounted for the kv heads the new head masks empty."""
+        args, masks = self.model.args, list(self.masks)
+        for l in self.layers:
+            (keep_h, keep_c), n_heads = masks[l], counts[l][0]
+            if self.head_unit == "kv":
+                keep_h = threshold_mask(self.scores[l][0], keep_h, n_heads)
+            else:
+                keep_h = threshold_query_heads(self.scores[l][0], self.scores[l][2], keep_h, args.q_per_kv(l), n_heads)
+            masks[l] = (keep_h, keep_c)
+        channels = [c for _, c in counts]
+        if self.head_unit == "query":
+            emptied = [int((query_heads_left(h, args.q_per_kv(l)) == 0).sum()) for l, (h, _) in enumerate(masks)]
+            already = [int((~c).sum()) for _, c in masks]
+            channels = channels_after_kv(args, self.layers, counts, emptied, already, self.channel_multiple)
+        for l in self.layers:
+            masks[l] = (masks[l][0], threshold_mask(self.scores[l][1], masks[l][1], channels[l]))
+        return masks
+
     def pruned_counts(self) -> list:
+        """[(kv groups or query heads off, channels off)] per layer."""
         return [(int((~h).sum()), int((~c).sum())) for h, c in self.masks]
 
     def sparsity(self) -> float:
@@ -356,11 +502,15 @@ class Pruner:
         return 1 - masked_param_count(args, self.masks) / masked_param_count(args, full_masks(args))
 
     def state_dict(self) -> dict:
-        return {"scores": self.scores, "masks": self.masks, "generator": self.generator.get_state()}
+        return {"scores": self.scores, "masks": self.masks, "generator": self.generator.get_state(),
+                "head_unit": self.head_unit}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("head_unit", "kv")  # states from before head_unit were kv-group states
+        if saved != self.head_unit:
+            raise ValueError(f"pruner state of head_unit {saved!r}, this pruner's is {self.head_unit!r}")
         device = self.model.tok_embeddings.weight.device
-        self.scores = [(h.to(device), c.to(device)) for h, c in state["scores"]]
+        self.scores = [tuple(t.to(device) for t in layer) for layer in state["scores"]]
         self.masks = [(h.to(device), c.to(device)) for h, c in state["masks"]]
         self.generator.set_state(state["generator"])
         apply_masks(self.model, self.masks, clear_kept=False)

@@ -1,5 +1,6 @@
-"""LoRAPrune from the command line: load a LLaMA, fine-tune LoRA on it while Algorithm 1 prunes kv heads and MLP
-channels, slice the masks away, save a smaller dense checkpoint and compare perplexity before and after.
+"""LoRAPrune from the command line: load a LLaMA, fine-tune LoRA on it while Algorithm 1 prunes attention heads
+(kv groups, or single query heads with --head-unit query) and MLP channels, slice the masks away, save a smaller
+dense checkpoint and compare perplexity before and after.
 
     python run.py --ckpt ../shared/data/stories260K.bin --ratio 0.5 --steps 100 --batch-size 16 \
         --micro-batch-size 16 --seq-len 256 --lr 1e-3 --eval ../shared/data/tinystories-valid.txt --out out
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raise the sparsity every this many optimizer steps (default %(default)s, official)")
     p.add_argument("--layers", help="comma list of layer ids to prune (default: all but the first 10%% and the last, "
                    "loraprune.default_pruned_layers)")
+    p.add_argument("--head-unit", choices=loraprune.HEAD_UNITS, default=_default(loraprune.Pruner, "head_unit"),
+                   help="attention unit pruned: kv = a kv head with all its query heads (the paper's group), query = "
+                   "single query heads, a kv head going with its last one (default %(default)s)")
     p.add_argument("--channel-multiple", type=int, default=64, help="round kept MLP channels to this multiple in "
                    "layers whose width divides by it, for GPU-friendly matmuls; 1 = exact (default %(default)s)")
     # data and optimization (Sec. 4.1)
@@ -349,6 +353,7 @@ def load_resume(out: Path, config: dict) -> dict:
         raise ValueError(f"{out / 'resume.pt'}: not a readable resume checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise ValueError(f"{out / 'resume.pt'}: expected a run.py resume checkpoint, found no 'config' in it")
+    state["config"].setdefault("head_unit", "kv")  # written before --head-unit existed: kv groups
     differ = [f"{k}: {state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
               if state["config"].get(k) != v]
     if differ:
@@ -498,11 +503,11 @@ def run(args, log: Log) -> int:
         llama.compile_blocks(model)
     pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
                               lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
-                              channel_multiple=args.channel_multiple, seed=args.seed)
+                              channel_multiple=args.channel_multiple, seed=args.seed, head_unit=args.head_unit)
     config = {  # the arguments that define the run: a resume must match them
         "ckpt": str(Path(args.ckpt).resolve()), "tokenizer": str(tokenizer_path.resolve()), "ratio": args.ratio,
         "criterion": args.criterion, "square": args.square, "lam": args.lam, "prune_every": args.prune_every,
-        "layers": pruner.layers, "channel_multiple": args.channel_multiple,
+        "layers": pruner.layers, "channel_multiple": args.channel_multiple, "head_unit": args.head_unit,
         "data": [str(p.resolve()) for p in data_paths], "steps": args.steps, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "seq_len": seq_len, "lr": args.lr,
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
@@ -569,7 +574,7 @@ def run(args, log: Log) -> int:
         log(f"training {args.steps} steps of {args.batch_size} x {seq_len} tokens ({accum} x "
             f"{args.micro_batch_size} sequences accumulated"
             + (f" on each of {world} processes" if world > 1 else "")
-            + f"); pruning layers {pruner.layers} to ratio {args.ratio}")
+            + f"); pruning layers {pruner.layers} ({args.head_unit} heads) to ratio {args.ratio}")
     model.train()
     while step < args.steps and (args.stop_after is None or step < args.stop_after):
         t0 = time.time()
@@ -623,14 +628,18 @@ def run(args, log: Log) -> int:
         log("perplexity after:")
     ppl_after = evaluate(sliced, eval_sets, eval_seq_len, args.eval_batch_size, device, log)
     heads, channels = sliced.args.layer_kv_heads, sliced.args.layer_hidden_dims
-    full_groups = sum(model.args.layer_kv_heads[l] + model.args.layer_hidden_dims[l] for l in pruner.layers)
-    kept_groups = sum(heads[l] + channels[l] for l in pruner.layers)
+
+    def groups(a: llama.ModelArgs) -> int:  # attention groups (kv groups or query heads, as pruned) + channels
+        units = a.layer_kv_heads if args.head_unit == "kv" else a.layer_n_heads
+        return sum(units[l] + a.layer_hidden_dims[l] for l in pruner.layers)
+    full_groups, kept_groups = groups(model.args), groups(sliced.args)
     report = {
         "args": {**vars(args), **config},
         "params_before": params_before, "params_after": params_after, "ratio_target": args.ratio,
         "ratio_achieved": 1 - params_after / params_before,
         "group_ratio_in_pruned_layers": 1 - kept_groups / full_groups if full_groups else 0.0,  # the official count
         "pruned_layers": pruner.layers, "kv_heads_per_layer": heads, "channels_per_layer": channels,
+        "q_per_kv_per_layer": [sliced.args.q_per_kv(l) for l in range(sliced.args.n_layers)],
         "ppl_before": ppl_before, "ppl_after": ppl_after,
         "wall_time_s": elapsed_before + time.time() - t_start,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,

@@ -129,6 +129,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
     # a resume that would change the run is refused, naming what differs
     assert run.main(cli(b, save_every=2, lr=1e-2, resume=True)) == 2
     assert "lr: 0.001 there, 0.01 here" in capsys.readouterr().err
+    state = torch.load(b / "resume.pt", weights_only=True)
+    del state["config"]["head_unit"], state["pruner"]["head_unit"]  # as written before --head-unit existed
+    torch.save(state, b / "resume.pt")
     assert run.main(cli(b, save_every=2, resume=True)) == 0
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "ppl_after", "final_loss"):
@@ -137,6 +140,31 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
     assert all(torch.equal(x, y) for ma, mb in zip(masks_a, masks_b) for x, y in zip(ma, mb))
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run.main(cli(a, head_unit="query", save_every=50)) == 0
+    assert run.main(cli(b, head_unit="query", save_every=2, stop_after=5)) == 0
+    assert run.main(cli(b, save_every=2, resume=True)) == 2  # the default, kv groups, would be another run
+    assert "head_unit: 'query' there, 'kv' here" in capsys.readouterr().err
+    assert run.main(cli(b, head_unit="query", save_every=2, resume=True)) == 0
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for key in ("kv_heads_per_layer", "q_per_kv_per_layer", "channels_per_layer", "params_after", "ppl_after",
+                "final_loss"):
+        assert ra[key] == rb[key], key
+    masks_a, masks_b = (torch.load(d / "resume.pt", weights_only=True)["pruner"]["masks"] for d in (a, b))
+    assert all(torch.equal(x, y) for ma, mb in zip(masks_a, masks_b) for x, y in zip(ma, mb))
+    assert masks_a[1][0].shape == (8,)  # one flag per query head of stories260K
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the report and the saved model agree, and the ratio counts the kv rows exactly
+    assert ra["args"]["head_unit"] == "query" and abs(ra["ratio_achieved"] - 0.5) < 0.01
+    model = llama.load_checkpoint(a / "model", dtype=torch.float32)
+    assert llama.count_params(model) == ra["params_after"]
+    assert [model.args.q_per_kv(l) for l in range(model.args.n_layers)] == ra["q_per_kv_per_layer"]
+    assert model.args.layer_kv_heads == ra["kv_heads_per_layer"]
+    assert sum(map(sum, ra["q_per_kv_per_layer"])) < 8 * 5  # query heads went
 
 
 def test_ratio_zero_steps_zero_only_evaluates(tmp_path):
