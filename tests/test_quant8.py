@@ -308,3 +308,45 @@ def test_save_and_load_int8_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="int8"):
         llama.save_checkpoint(model, tmp_path / "int8-lora")
     assert not (tmp_path / "int8-lora").exists()
+
+
+def test_compiled_int8_model_matches_eager_and_saves_no_float_w():
+    """llama.compile_blocks on an int8 model: the same LoRA gradients as eager, and nothing W-shaped in a float
+    dtype saved for backward (a compiled graph once merged the backward's dequantization with the forward's and
+    kept every layer's bf16 W alive)."""
+    torch.manual_seed(0)
+    args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=96, max_seq_len=16)
+    model = llama.Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.2)
+    model = quant8.quantize_model(model)
+    params = llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
+    for p in params:
+        p.data.normal_(0, 0.1)  # B != 0: every LoRA gradient term is live
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Int8LoRALinear)}
+    x = torch.randint(0, args.vocab_size, (3, 8))  # B*T = 21: no activation has a weight's shape
+
+    def grads_and_saved():
+        saved = []
+        def pack(t):
+            if t.is_floating_point() and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes):
+                saved.append(tuple(t.shape))
+            return t
+        for p in params:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        return [p.grad.clone() for p in params], saved
+
+    eager, saved = grads_and_saved()
+    assert not saved
+    llama.compile_blocks(model)
+    grads_and_saved()  # compiles
+    compiled, saved = grads_and_saved()
+    assert not saved, f"float W-shaped tensors saved for backward: {saved}"
+    for a, b in zip(eager, compiled):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
