@@ -227,6 +227,11 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
     return out
 
 
+def config_name(seq, int8, ckpt, criterion, compiled) -> str:
+    return (f"{criterion}:{'int8' if int8 else 'bf16'}:{'ckpt' if ckpt else 'nockpt'}:"
+            f"{'compiled' if compiled else 'eager'}:{seq}")
+
+
 def run_train(args, dev, cfg, deadline):
     warm, timed = cfg["train_steps"]
     big = max(cfg["seqs"])
@@ -235,6 +240,8 @@ def run_train(args, dev, cfg, deadline):
     configs += [(big, False, True, "lora", True), (big, False, False, "lora", True), (big, True, True, "lora", True)]
     configs += [(seq, False, ckpt, "vanilla", False) for seq in cfg["seqs"] for ckpt in (False, True)]
     configs += [(min(cfg["seqs"]), False, True, "lora", True), (big, True, False, "lora", True)]
+    if cfg.get("train_only"):  # --train-only: e.g. "lora:int8:ckpt:compiled:2048"
+        configs = [c for c in configs if config_name(*c) in cfg["train_only"]]
     for seq, int8, ckpt, criterion, compiled in configs:
         tag = dict(bench="train_step", stack="ours", criterion=criterion, w0="int8" if int8 else "bf16",
                    ckpt=ckpt, compiled=compiled, seq=seq)
@@ -339,6 +346,9 @@ def run_forward(args, dev, cfg, deadline):
     # compiled blocks last (each distinct sliced layer size compiles once)
     jobs += [("ours", "dense", 0.0, None, args, False, True), ("ours", "dense-int8", 0.0, None, args, True, True)]
     jobs += [("ours", "sliced-m64", ratio, 64, pruned_args(args, ratio, 64), False, True) for ratio in RATIOS]
+    if cfg.get("forward_only"):  # --forward-only: e.g. "dense-int8:int8:compiled:0.0"
+        jobs = [j for j in jobs if f"{j[1]}:{'int8' if j[5] else 'bf16'}:{'compiled' if j[6] else 'eager'}:{j[2]}"
+                in cfg["forward_only"]]
     for stack, label, ratio, multiple, a, int8, compiled in jobs:
         tag = dict(bench="forward", stack=stack, model=label, ratio=ratio, channel_multiple=multiple,
                    seq=cfg["fwd_seq"], w0="int8" if int8 else "bf16", compiled=compiled, **shape_summary(a))
@@ -352,6 +362,8 @@ def run_forward(args, dev, cfg, deadline):
             log(**tag, error="OOM")
         torch._dynamo.reset()
         dev.reset()
+    if cfg.get("forward_only"):
+        return  # HF's models run only in a full forward part
     try:
         import transformers  # noqa: F401
     except ImportError as e:
@@ -662,6 +674,10 @@ def main():
                    help="soft budget: measurements not started by then are skipped (the tables are still written)")
     p.add_argument("--ckpt-dir", default=None, help="where the Meta checkpoint is written (default: a temp folder)")
     p.add_argument("--keep-ckpt", action="store_true", help="keep the written checkpoint (reused if present)")
+    p.add_argument("--train-only", default=None, help="comma list of train configs to run, named criterion:w0:ckpt:"
+                   "compiled:T, e.g. lora:int8:ckpt:compiled:2048 (default: all)")
+    p.add_argument("--forward-only", default=None, help="comma list of forward models to run, named "
+                   "model:w0:compiled:ratio, e.g. dense-int8:int8:compiled:0.0 (default: all)")
     p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # internal: one load in a fresh process
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args()
@@ -674,6 +690,8 @@ def main():
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU; use --small (CPU) for a smoke test")
     dev, args, cfg = Device(opts.device), model_args(opts.small), settings(opts.small)
+    cfg["train_only"] = opts.train_only and opts.train_only.split(",")
+    cfg["forward_only"] = opts.forward_only and opts.forward_only.split(",")
     deadline = Deadline(opts.deadline_s)
     command = " ".join([Path(sys.executable).name] + sys.argv)
     log(bench="env", device=dev.name(), torch=torch.__version__, small=opts.small, parts=parts, command=command)
