@@ -323,7 +323,8 @@ class Tokenizer:
 
 
 def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> Path:
-    """The tokenizer file beside a checkpoint (a file, or a folder): tokenizer.model, tok*.model, tokenizer.json.
+    """The tokenizer file beside a checkpoint (a file, or a folder): tokenizer.model, tok*.model, tokenizer.json,
+    tokenizer.gguf (what run.py saves beside a model whose tokenizer came from a GGUF).
     Given the model's vocab_size, the first candidate whose vocabulary fits it exactly wins (a data folder may hold
     several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model)."""
     ckpt_path = Path(ckpt_path)
@@ -331,11 +332,11 @@ def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> P
         return ckpt_path  # a GGUF file carries its own tokenizer in its metadata
     folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
     toks = sorted(p for p in folder.glob("tok*.model") if p.name != "tokenizer.model")
-    candidates = [folder / "tokenizer.model"] + toks + [folder / "tokenizer.json"]
+    candidates = [folder / "tokenizer.model"] + toks + [folder / "tokenizer.json", folder / "tokenizer.gguf"]
     candidates = list(dict.fromkeys(p for p in candidates if p.is_file()))
     if not candidates:
-        raise FileNotFoundError(f"no tokenizer beside {ckpt_path}: looked for tokenizer.model, tok*.model and"
-                                f" tokenizer.json in {folder}")
+        raise FileNotFoundError(f"no tokenizer beside {ckpt_path}: looked for tokenizer.model, tok*.model,"
+                                f" tokenizer.json and tokenizer.gguf in {folder}")
     if vocab_size is None:
         if len(toks) > 1 and candidates[0] in toks:
             raise ValueError(f"several tokenizers beside {ckpt_path}: {[p.name for p in toks]};"

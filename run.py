@@ -390,10 +390,12 @@ def load_lora_state(model: llama.Transformer, state: dict) -> None:
 
 def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder: Path) -> None:
     """The pruned checkpoint plus its tokenizer, under a temporary name first, so `folder` appears complete or not
-    at all. The tokenizer keeps a name data.find_tokenizer looks for."""
+    at all. The tokenizer keeps a name data.find_tokenizer looks for, and its suffix, which says how to read it (a
+    GGUF tokenizer is the whole source .gguf: its vocabulary lives in the metadata)."""
     name = tokenizer_path.name
-    if not (name in ("tokenizer.model", "tokenizer.json") or (name.startswith("tok") and name.endswith(".model"))):
-        name = "tokenizer.json" if tokenizer_path.suffix == ".json" else "tokenizer.model"
+    if not (name in ("tokenizer.model", "tokenizer.json", "tokenizer.gguf")
+            or (name.startswith("tok") and name.endswith(".model"))):
+        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(tokenizer_path.suffix, "tokenizer.model")
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     try:
         llama.save_checkpoint(sliced, tmp, kind="pruned")

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,15 +94,17 @@ def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers:
     return steps
 
 
-def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None) -> dict:
-    """Fine-tune LoRA on stories260K as run.py would with these flags (AdamW, warmup + cosine lr, grad clip, LoRA
-    rank/alpha/dropout, lambda, square or abs; no masks) and after every step score each pruned layer with every
-    criterion from the same backward (W.grad is switched on so Eq. 3 has dL/dW; the LoRA gradients exist anyway).
-    rows (N, T+1) are the training rows. Returns, per layer, the Spearman correlation with the vanilla scores of
-    the kv-group scores (K,) and the channel scores (F,): raw at step 1, raw at step k, and the moving averages
-    (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the first step the `ratio` run prunes."""
-    args = run.build_parser().parse_args(["--ckpt", str(CKPT)] + flags + ["--seed", str(seed)])
-    model = llama.load_checkpoint(CKPT, dtype=torch.float32)
+def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None,
+                    ckpt: Path = CKPT, device="cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Fine-tune LoRA on `ckpt` (default stories260K) as run.py would with these flags (AdamW, warmup + cosine lr,
+    micro-batch accumulation, grad clip, LoRA rank/alpha/dropout, lambda, square or abs; no masks) and after every
+    step score each pruned layer with every criterion from the same backward (W.grad is switched on so Eq. 3 has
+    dL/dW; the LoRA gradients exist anyway). rows (N, T+1) are the training rows. Returns, per layer, the Spearman
+    correlation with the vanilla scores of the kv-group scores (K,) and the channel scores (F,): raw at step 1, raw
+    at step k, and the moving averages (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the
+    first step the `ratio` run prunes."""
+    args = run.build_parser().parse_args(["--ckpt", str(ckpt)] + flags + ["--seed", str(seed)])
+    model = llama.load_checkpoint(ckpt, device=device, dtype=dtype)
     layers = loraprune.default_pruned_layers(model.args.n_layers)
     k = k or first_pruning_step(model.args, ratio, args.steps, args.prune_every, layers)
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)
@@ -112,19 +113,19 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
             lin.weight.requires_grad_(True)  # dL/dW for Eq. 3; the optimizer never sees W
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = run.RowSampler(rows.shape[0], seed)  # run.py's data order for this seed
-    generator = torch.Generator().manual_seed(seed)  # the random criterion's
+    generator = torch.Generator(device).manual_seed(seed)  # the random criterion's, on the device as the Pruner's
     torch.manual_seed(seed)  # LoRA dropout, as run.py seeds it
     names = ("lora", "magnitude", "random")  # each is compared with vanilla
-    smoothed = {c: [(torch.zeros(model.args.layer_kv_heads[l]), torch.zeros(model.args.layer_hidden_dims[l]))
-                    for l in layers] for c in names + ("vanilla",)}
+    smoothed = {c: [(torch.zeros(model.args.layer_kv_heads[l], device=device),
+                     torch.zeros(model.args.layer_hidden_dims[l], device=device)) for l in layers]
+                for c in names + ("vanilla",)}
     out = {}
     model.train()
     for step in range(1, k + 1):
         for group in optimizer.param_groups:
             group["lr"] = run.lr_at(step - 1, args.steps, args.lr)
-        batch = rows[sampler.next(args.batch_size)]  # (B, T+1), one micro-batch: the study's flags accumulate none
-        logits = model(batch[:, :-1])  # (B, T, V)
-        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        batch = rows[sampler.next(args.batch_size)]  # (B, T+1)
+        run.backward_batch(model, batch, args.micro_batch_size, device)  # run.py's forward and backward
         torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before the pruner
         with torch.no_grad():
             scores = {c: [loraprune.layer_group_scores(model, l, c, args.square, generator) for l in layers]
@@ -176,9 +177,11 @@ def configurations(seeds: list, steps: int, criteria: list, ratios: list, refere
     return configs
 
 
-def run_one(argv: list, out: str) -> dict:
-    """One run.main job, its stdout and stderr kept in out/console.txt; returns its report.json (plus wall time)."""
-    torch.set_num_threads(1)  # measured: as fast as 2 threads on this tiny model, and no oversubscription
+def run_one(argv: list, out: str, threads: Optional[int] = 1) -> dict:
+    """One run.main job, its stdout and stderr kept in out/console.txt; returns its report.json (plus wall time).
+    threads: torch's CPU threads for it (None = leave them as they are)."""
+    if threads is not None:
+        torch.set_num_threads(threads)  # measured: 1 is as fast as 2 on stories260K, and no oversubscription
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     console = io.StringIO()
     t0 = time.time()
@@ -267,6 +270,9 @@ def overlap_markdown(configs: list, results: list) -> Optional[str]:
         cells = []
         for r in ratios:
             seeds = [s for (cc, rr, s) in runs if cc == c and rr == r and ("vanilla", r, s) in runs]
+            if not seeds:  # no pair with a vanilla run of the same ratio and seed (a study still running)
+                cells += ["-", "-"]
+                continue
             for kind in (0, 1):
                 shares, chance = [], 0.0
                 for s in seeds:

@@ -345,3 +345,21 @@ def test_find_tokenizer_of_a_gguf_is_the_file_itself(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
     assert data.find_tokenizer(path) == path
+
+
+@pytest.mark.parametrize("ckpt_format", ["gguf", "own"])
+def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_format):
+    """run.py with a GGUF checkpoint (its own tokenizer), or our own format with the GGUF passed as --tokenizer:
+    the saved model's folder holds tokenizer.gguf, which find_tokenizer picks and which reads as the original."""
+    import run
+    tok = train_bpe("smollm")
+    src = write_llama_gguf(tmp_path / "tiny.gguf", hf_model(tok.get_vocab_size(), tied=True), tok, pre="smollm")
+    argv = ["--ckpt", str(src)]
+    if ckpt_format == "own":
+        argv = ["--ckpt", str(llama.save_checkpoint(llama.load_checkpoint(src, dtype=torch.float32), tmp_path / "own")),
+                "--tokenizer", str(src)]
+    assert run.main(argv + ["--ratio", "0", "--steps", "0", "--eval", "", "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "model"
+    found = data.find_tokenizer(folder, llama.load_checkpoint(folder).args.vocab_size)
+    assert found == folder / "tokenizer.gguf"
+    assert Tokenizer(found).encode(TEXT, eos=True) == Tokenizer(src).encode(TEXT, eos=True)
