@@ -87,17 +87,31 @@ def has_head_unit() -> bool:
     return not unknown
 
 
-def plan(seeds: list, steps: int, query_heads: bool) -> list:
+def plan(seeds: list, steps: int, query_heads: bool, query_first: bool = False) -> list:
     """(name, criterion, ratio, seed, run.py flags) of every run, most important first; flags None = no run.main,
-    the base model is evaluated here."""
+    the base model is evaluated here. query_first: the query-head runs right after the first seed's."""
     configs = [("unpruned", "-", 0.0, seeds[0], None)]
     for s in seeds:
         configs.append(("unpruned + LoRA", "-", 0.0, s, ["--ratio", "0", "--steps", str(steps)]))
         configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c]) for c, r in ORDER]
     if query_heads:
-        configs += [(c + QUERY, c, r, seeds[0], ["--ratio", str(r), "--steps", str(steps), "--criterion", c,
-                                                 "--head-unit", "query"]) for c, r in ORDER[:4]]
+        query = [(c + QUERY, c, r, seeds[0], ["--ratio", str(r), "--steps", str(steps), "--criterion", c,
+                                              "--head-unit", "query"]) for c, r in ORDER[:4]]
+        at = 2 + len(ORDER) if query_first else len(configs)  # after the unpruned run and the first seed's block
+        configs[at:at] = query
     return configs
+
+
+def previous_results(path: Optional[str], configs: list) -> dict:
+    """{config index: result} of the runs an earlier call of this study finished (its results.json), matched by
+    name, ratio and seed: a study split over device calls runs each of them once."""
+    if not path:
+        return {}
+    finished = {(r["name"], r["ratio"], r["seed"]): r for r in json.loads(Path(path).read_text())["runs"]
+                if "skipped" not in r and "error" not in r}
+    return {i: {k: v for k, v in finished[(c[0], c[2], c[3])].items()
+                if k not in ("name", "criterion", "ratio", "seed", "flags")}
+            for i, c in enumerate(configs) if (c[0], c[2], c[3]) in finished}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +502,8 @@ def main(argv=None) -> int:
                    "would end after this many seconds from the start (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few steps, short rows, 512 eval tokens")
     p.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the rank correlations")
+    p.add_argument("--previous", help="results.json of an earlier call: its finished runs are taken, not re-run")
+    p.add_argument("--query-first", action="store_true", help="run the query-head runs before the second seed's")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -511,16 +527,25 @@ def main(argv=None) -> int:
         if not query_heads:
             meta["notes"].append("run.py has no --head-unit flag yet: the query-head runs are skipped")
             print("note: " + meta["notes"][-1], flush=True)
-        configs = plan(seeds, steps, query_heads)
+        configs = plan(seeds, steps, query_heads, args.query_first)
         print(f"{len(configs)} runs on {meta['device']}; {meta['train']}; {meta['eval']}", flush=True)
         results, agreement, walls = [None] * len(configs), [], []
-        checked = False  # whether a fine-tuning run has let run.py evaluate too (the first one does)
+        earlier = previous_results(args.previous, configs)
+        checked = bool(earlier)  # whether a fine-tuning run has let run.py evaluate too (the first one does)
+        if earlier:
+            old_meta = json.loads(Path(args.previous).read_text())["meta"]
+            meta["notes"] += old_meta["notes"] + [f"{len(earlier)} runs taken from an earlier call ({old_meta['date']}, "
+                                                  f"{old_meta['wall_s']:.0f} s): {old_meta['command']}"]
 
         def fits() -> bool:  # the next run, at the mean wall time of the fine-tuning runs so far, ends in budget
             return time.time() - t_start + (sum(walls) / len(walls) if walls else 0.0) <= args.budget_s
 
         for i, config in enumerate(configs):
             label = f"[{i + 1}/{len(configs)}] {config[0]} ratio {config[2]} seed {config[3]}"
+            if i in earlier:
+                results[i] = earlier[i]
+                print(f"{label}: from {args.previous}", flush=True)
+                continue
             if not fits():
                 results[i] = {"skipped": "budget"}
                 meta["skipped"].append(f"{config[0]} {config[2]} s{config[3]}")
