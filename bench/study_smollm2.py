@@ -109,9 +109,13 @@ def previous_results(path: Optional[str], configs: list) -> dict:
         return {}
     finished = {(r["name"], r["ratio"], r["seed"]): r for r in json.loads(Path(path).read_text())["runs"]
                 if "skipped" not in r and "error" not in r}
-    return {i: {k: v for k, v in finished[(c[0], c[2], c[3])].items()
-                if k not in ("name", "criterion", "ratio", "seed", "flags")}
-            for i, c in enumerate(configs) if (c[0], c[2], c[3]) in finished}
+    taken = {i: {k: v for k, v in finished[(c[0], c[2], c[3])].items()
+                 if k not in ("name", "criterion", "ratio", "seed", "flags")}
+             for i, c in enumerate(configs) if (c[0], c[2], c[3]) in finished}
+    for r in taken.values():
+        if r.get("pruned") and isinstance(r["pruned"][0][0], str):  # packed (older files hold the plain lists)
+            r["pruned"] = unpack_pruned(r["pruned"])
+    return taken
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,11 +313,25 @@ def runs_markdown(configs: list, results: list, labels: list) -> str:
     return "\n".join(lines)
 
 
+def pack_pruned(pruned: Optional[list]) -> Optional[list]:
+    """A run's final masks for results.json: per layer [removed heads, removed channels, K, F] with each index list
+    as a hex bit mask (bit i = index i removed), 20x smaller than the lists."""
+    bits = lambda idx: format(sum(1 << i for i in idx), "x")  # noqa: E731
+    return pruned and [[bits(h), bits(c), K, F] for h, c, K, F in pruned]
+
+
+def unpack_pruned(packed: Optional[list]) -> Optional[list]:
+    """pack_pruned undone: per layer (removed head indices, removed channel indices, K, F)."""
+    idx = lambda hexa, n: [i for i in range(n) if int(hexa, 16) >> i & 1]  # noqa: E731
+    return packed and [(idx(h, K), idx(c, F), K, F) for h, c, K, F in packed]
+
+
 def write_outputs(configs: list, results: list, agreement: list, meta: dict, margs, out_dir: Path) -> None:
     """results.json, results.md and the plots, from whatever has finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [{"name": c[0], "criterion": c[1], "ratio": c[2], "seed": c[3], "flags": c[4],
              **(r or {"skipped": "not run"})} for c, r in zip(configs, results)]
+    runs = [{**r, "pruned": pack_pruned(r["pruned"])} if "pruned" in r else r for r in runs]
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "agreement": agreement},
                                                      separators=(",", ":")))  # compact: the masks are long lists
     done = [(c, r) for c, r in zip(configs, results) if r and "ppl_after" in r]
