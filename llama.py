@@ -138,10 +138,10 @@ def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
 
 
 def repeat_kv(x: Tensor, q_per_kv: tuple) -> Tensor:
-    """Kv head g repeated q_per_kv[g] times: (B, K, T, D) -> (B, H, T, D), torch.repeat_interleave on dim 1
-    (llama2.c's repeat_kv when every count is n_rep)."""
-    repeats = torch.tensor(q_per_kv, device=x.device)
-    return x.repeat_interleave(repeats, dim=1, output_size=sum(q_per_kv))
+    """Kv head g repeated q_per_kv[g] times: (B, K, T, D) -> (B, H, T, D) (llama2.c's repeat_kv when every count is
+    n_rep). Built from views, so no tensor of counts is copied to the device on every forward."""
+    B, _, T, D = x.shape
+    return torch.cat([x[:, g:g + 1].expand(B, c, T, D) for g, c in enumerate(q_per_kv)], dim=1)
 
 
 class RMSNorm(nn.Module):
