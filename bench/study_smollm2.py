@@ -369,10 +369,12 @@ def plots(done: list, labels: list, meta: dict, out_dir: Path) -> None:
     criteria = [c for c in study_tiny.CRITERIA if any(name == c for name, _ in groups)]
     if ("unpruned", 0.0) not in groups or ("unpruned + LoRA", 0.0) not in groups or not criteria:
         return
+    counts = sorted({len(g["ppl"][labels[0]]) for (n, r), g in groups.items() if n in criteria and r > 0})
+    seeds = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds"  # per pruned point
     for label, name in zip(labels, ("ppl_vs_ratio.png", "ppl_vs_ratio_ptb.png")):
         try:
             study_tiny.plot(groups, label, criteria, out_dir / name, f"SmolLM2-135M-Instruct, {meta['steps']} "
-                            f"steps, seeds {meta['seeds']}: {label} after fine-tuning")
+                            f"steps, {seeds} a point: {label} after fine-tuning")
         except ImportError as e:
             note = f"no plot: {e}"
             if note not in meta["notes"]:
