@@ -261,24 +261,28 @@ def perplexity_markdown(done: list, labels: list) -> str:
 
 def agreement_markdown(agreement: list) -> str:
     """Per layer (rows), the Spearman correlation of the lora scores with the vanilla ones, mean over seeds; and
-    a summary over layers for lora, magnitude and random."""
+    a summary over layers for lora, magnitude and random. Query heads (9 per layer, the --head-unit query scores)
+    only where the run recorded them (agreement_cpu.json predates them)."""
     k, layers, keys = agreement[0]["k"], agreement[0]["layers"], list(agreement[0]["corr"])
+    units = ["heads", "channels", "query heads"][:len(agreement[0]["corr"][keys[0]][0])]
     mine = [key for key in keys if key.startswith("lora|")]
     lines = [f"Spearman rank correlation with the vanilla (Eq. 3) group scores from the same backward, "
              f"{len(agreement)} seed(s); step {k} is the first the ratio-0.5 schedule prunes at. Heads: 3 kv groups "
-             f"per layer, so the correlation can only be -1, -0.5, 0.5 or 1; channels: 1536 per layer.", "",
-             "| criterion | scores | mean over layers: heads | channels | layers with heads < 1 |",
-             "| --- | --- | --- | --- | --- |"]
+             f"per layer, so the correlation can only be -1, -0.5, 0.5 or 1; channels: 1536 per layer"
+             + ("; query heads: 9 per layer, each with a third of its kv head's wk/wv score." if len(units) > 2
+                else "."), "",
+             f"| criterion | scores | mean over layers: {' | '.join(units)} | layers with heads < 1 |",
+             "| --- | --- | " + " | ".join("---" for _ in units) + " | --- |"]
     for key in keys:
         criterion, when = key.split("|")
-        per_seed = [[sum(c[j] for c in a["corr"][key]) / len(layers) for a in agreement] for j in (0, 1)]
+        per_seed = [[sum(c[j] for c in a["corr"][key]) / len(layers) for a in agreement] for j in range(len(units))]
         off = sum(sum(c[0] < 0.99 for c in a["corr"][key]) for a in agreement) / len(agreement)  # 1 - rounding
-        lines.append(f"| {criterion} | {when} | {fmt(per_seed[0])} | {fmt(per_seed[1])} | {off:.1f} of "
+        lines.append(f"| {criterion} | {when} | {' | '.join(fmt(v) for v in per_seed)} | {off:.1f} of "
                      f"{len(layers)} |")
-    lines += ["", "| layer | " + " | ".join(f"lora {key.split('|')[1]}: heads | channels" for key in mine) + " |",
-              "| --- | " + " | ".join("--- | ---" for _ in mine) + " |"]
+    lines += ["", "| layer | " + " | ".join(f"lora {key.split('|')[1]}: {' | '.join(units)}" for key in mine) + " |",
+              "| --- | " + " | ".join(" | ".join("---" for _ in units) for _ in mine) + " |"]
     for i, l in enumerate(layers):
-        cells = [fmt([a["corr"][key][i][j] for a in agreement]) for key in mine for j in (0, 1)]
+        cells = [fmt([a["corr"][key][i][j] for a in agreement]) for key in mine for j in range(len(units))]
         lines.append(f"| {l} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

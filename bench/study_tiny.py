@@ -94,15 +94,25 @@ def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers:
     return steps
 
 
+def unit_scores(model, layer_id: int, criterion: str, square: bool, generator) -> tuple:
+    """(K,) kv-group, (F,) channel and (H,) query-head scores of one unpruned layer from one set of projection sums
+    (one draw for the random criterion): a kv group's score is the sum of its query heads' shares (an identity
+    tests/test_query_heads.py checks against layer_group_scores)."""
+    heads, channels, kv = loraprune.layer_query_scores(model, layer_id, criterion, square, generator)
+    q_per_kv = model.args.q_per_kv(layer_id)
+    query = loraprune.query_head_scores(heads, kv, torch.ones_like(heads, dtype=torch.bool), q_per_kv)  # (H,)
+    return query.view(len(q_per_kv), -1).sum(1), channels, query
+
+
 def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None,
                     ckpt: Path = CKPT, device="cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Fine-tune LoRA on `ckpt` (default stories260K) as run.py would with these flags (AdamW, warmup + cosine lr,
     micro-batch accumulation, grad clip, LoRA rank/alpha/dropout, lambda, square or abs; no masks) and after every
     step score each pruned layer with every criterion from the same backward (W.grad is switched on so Eq. 3 has
     dL/dW; the LoRA gradients exist anyway). rows (N, T+1) are the training rows. Returns, per layer, the Spearman
-    correlation with the vanilla scores of the kv-group scores (K,) and the channel scores (F,): raw at step 1, raw
-    at step k, and the moving averages (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the
-    first step the `ratio` run prunes."""
+    correlation with the vanilla scores of the kv-group scores (K,), the channel scores (F,) and the query-head
+    scores (H,) of --head-unit query with every head live: raw at step 1, raw at step k, and the moving averages
+    (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the first step the `ratio` run prunes."""
     args = run.build_parser().parse_args(["--ckpt", str(ckpt)] + flags + ["--seed", str(seed)])
     model = llama.load_checkpoint(ckpt, device=device, dtype=dtype)
     layers = loraprune.default_pruned_layers(model.args.n_layers)
@@ -117,7 +127,8 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
     torch.manual_seed(seed)  # LoRA dropout, as run.py seeds it
     names = ("lora", "magnitude", "random")  # each is compared with vanilla
     smoothed = {c: [(torch.zeros(model.args.layer_kv_heads[l], device=device),
-                     torch.zeros(model.args.layer_hidden_dims[l], device=device)) for l in layers]
+                     torch.zeros(model.args.layer_hidden_dims[l], device=device),
+                     torch.zeros(model.args.layer_n_heads[l], device=device)) for l in layers]
                 for c in names + ("vanilla",)}
     out = {}
     model.train()
@@ -128,17 +139,17 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
         run.backward_batch(model, batch, args.micro_batch_size, device)  # run.py's forward and backward
         torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before the pruner
         with torch.no_grad():
-            scores = {c: [loraprune.layer_group_scores(model, l, c, args.square, generator) for l in layers]
+            scores = {c: [unit_scores(model, l, c, args.square, generator) for l in layers]
                       for c in names + ("vanilla",)}
             for c, per_layer in scores.items():
-                smoothed[c] = [(loraprune.ema(ph, h, args.lam), loraprune.ema(pf, f, args.lam))
-                               for (ph, pf), (h, f) in zip(smoothed[c], per_layer)]
+                smoothed[c] = [tuple(loraprune.ema(p, s, args.lam) for p, s in zip(prev, now))
+                               for prev, now in zip(smoothed[c], per_layer)]
         taken = [("step 1", scores)] if step == 1 else []
         taken += [(f"step {k}", scores), (f"EMA at step {k}", smoothed)] if step == k else []
         for when, source in taken:
             for c in names:
-                out[f"{c}|{when}"] = [(spearman(h, vh), spearman(f, vf))
-                                      for (h, f), (vh, vf) in zip(source[c], source["vanilla"])]
+                out[f"{c}|{when}"] = [tuple(spearman(s, v) for s, v in zip(mine, theirs))
+                                      for mine, theirs in zip(source[c], source["vanilla"])]
         optimizer.step()
         model.zero_grad(set_to_none=True)  # LoRA and W gradients alike
     return {"k": k, "layers": layers, "corr": out}
