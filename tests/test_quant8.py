@@ -11,7 +11,7 @@ import loraprune
 import quant8
 from conftest import shared_file
 from llama import LoRALinear
-from quant8 import Int8LoRALinear, Int8Matmul, dequantize, quantization_error, quantize
+from quant8 import Int8LoRALinear, Int8Matmul, dequantize, int8_linear, quantization_error, quantize
 
 
 def _max_error_bound(W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -136,15 +136,21 @@ def test_int8_matmul_backward_saves_no_float_copy_of_w():
     # positive control: a float layer keeps W (out, in) for dL/dx, so the hook does see it
     assert float_w_shaped(saved_by(lambda: lin(x)))
 
-    # the bare int8 matmul saves exactly the int8 q and the float32 scales (and at most the input)
-    saved = saved_by(lambda: Int8Matmul.apply(x, lin8.weight, lin8.scales))
-    assert saved
-    for t in saved:
-        ok = ((t.dtype == torch.int8 and t.shape == lin8.weight.shape)
-              or (t.dtype == torch.float32 and t.shape == (out_features,))
-              or (t.shape == x.shape and t.data_ptr() == x.data_ptr()))
-        assert ok, f"unexpected saved tensor {t.dtype} {tuple(t.shape)}"
-    assert any(t.dtype == torch.int8 for t in saved)
+    # the bare int8 matmul, as an autograd.Function and as the custom op, saves exactly the int8 q and the float32
+    # scales (and at most the input), and both give the float layer's dL/dx (the same W, dequantized)
+    lin.weight.data.copy_(dequantize(lin8.weight, lin8.scales))
+    expected = torch.autograd.grad(torch.nn.functional.linear(x, lin.weight).square().sum(), x)[0]
+    for matmul in (Int8Matmul.apply, int8_linear):
+        saved = saved_by(lambda: matmul(x, lin8.weight, lin8.scales))
+        assert saved
+        for t in saved:
+            ok = ((t.dtype == torch.int8 and t.shape == lin8.weight.shape)
+                  or (t.dtype == torch.float32 and t.shape == (out_features,))
+                  or (t.shape == x.shape and t.data_ptr() == x.data_ptr()))
+            assert ok, f"unexpected saved tensor {t.dtype} {tuple(t.shape)}"
+        assert any(t.dtype == torch.int8 for t in saved)
+        got = torch.autograd.grad(matmul(x, lin8.weight, lin8.scales).square().sum(), x)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     # the whole LoRA layer: the adapters' small tensors, but never a float W
     assert not float_w_shaped(saved_by(lambda: lin8(x)))
@@ -313,7 +319,8 @@ def test_save_and_load_int8_checkpoint(tmp_path):
 def test_compiled_int8_model_matches_eager_and_saves_no_float_w():
     """llama.compile_blocks on an int8 model: the same LoRA gradients as eager, and nothing W-shaped in a float
     dtype saved for backward (a compiled graph once merged the backward's dequantization with the forward's and
-    kept every layer's bf16 W alive)."""
+    kept every layer's bf16 W alive); checkpointed, no MLP-wide (B, T, F) activation either (torch 2.11 saved the
+    outputs of the int8 matmul when it was an autograd.Function inside a checkpoint: 12.9 GiB at 7B)."""
     torch.manual_seed(0)
     args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=96, max_seq_len=16)
     model = llama.Transformer(args)
@@ -328,25 +335,30 @@ def test_compiled_int8_model_matches_eager_and_saves_no_float_w():
     x = torch.randint(0, args.vocab_size, (3, 8))  # B*T = 21: no activation has a weight's shape
 
     def grads_and_saved():
-        saved = []
+        saved, wide = [], []
         def pack(t):
             if t.is_floating_point() and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes):
                 saved.append(tuple(t.shape))
+            if t.dim() == 3 and t.shape[-1] == args.hidden_dim:
+                wide.append(tuple(t.shape))
             return t
         for p in params:
             p.grad = None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        return [p.grad.clone() for p in params], saved
+        return [p.grad.clone() for p in params], saved, wide
 
-    eager, saved = grads_and_saved()
-    assert not saved
+    eager, saved, wide = grads_and_saved()
+    assert not saved and wide  # positive control: eager without checkpointing keeps the (B, T, F) activations
     llama.compile_blocks(model)
-    grads_and_saved()  # compiles
-    compiled, saved = grads_and_saved()
-    assert not saved, f"float W-shaped tensors saved for backward: {saved}"
-    for a, b in zip(eager, compiled):
-        assert a.abs().max() > 0
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for ckpt in (False, True):
+        model.checkpoint_activations = ckpt
+        grads_and_saved()  # compiles
+        compiled, saved, wide = grads_and_saved()
+        assert not saved, f"ckpt={ckpt}: float W-shaped tensors saved for backward: {saved}"
+        assert bool(wide) != ckpt, f"ckpt={ckpt}: MLP-wide tensors saved: {wide}"
+        for a, b in zip(eager, compiled):
+            assert a.abs().max() > 0
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
