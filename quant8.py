@@ -72,8 +72,8 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """Int8Matmul as a custom op, for compiled training: torch.compile keeps it one opaque node, which an activation
     checkpoint recomputes like any other op. (torch 2.11 does not recompute what an autograd.Function computes inside
     a checkpointed compiled block: it saved every int8 matmul's output, 12.9 GiB peak at 7B instead of 8.3;
-    bench/memory_peak.py.) Elsewhere Int8Matmul is used: in eager mode it is the same, and compiled without grad
-    Inductor sees into it (7B forward 1.12x bf16 against 1.52x through this op)."""
+    bench/memory_peak.py.) Elsewhere Int8Matmul is used: eager, it skips the op's dispatch, and compiled without
+    grad Inductor sees into it (7B forward 1.12x bf16 against 1.52x through this op)."""
     return F.linear(x, dequantize_as(q, scale, x.dtype))  # (..., in) -> (..., out)
 
 
