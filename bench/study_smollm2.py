@@ -610,10 +610,7 @@ def main(argv=None) -> int:
         write_outputs(configs, results, agreement, meta, s["base"].args, out_dir)
         print("\n" + (out_dir / "results.md").read_text(encoding="utf-8"))
     finally:
-        if args.keep_runs:
-            print(f"run folders kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        study_tiny.drop_workdir(workdir, args.keep_runs)
     return 0
 
 

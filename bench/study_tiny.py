@@ -397,6 +397,14 @@ def write_outputs(configs: list, results: list, agreement: Optional[list], meta:
     return md
 
 
+def drop_workdir(workdir: Path, keep: bool) -> None:
+    """The run folders go when the study ends, unless --keep-runs asked to keep them (then say where)."""
+    if keep:
+        print(f"run folders kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default %(default)s)")
@@ -462,10 +470,7 @@ def main(argv=None) -> int:
         md = write_outputs(configs, results, agreement, meta, out_dir, args.append_to)
         print("\n" + md)
     finally:
-        if args.keep_runs:
-            print(f"run folders kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        drop_workdir(workdir, args.keep_runs)
     return 0
 
 
