@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import quant8
+
 # ----------------------------------------------------------------------------------------------
 # config
 
@@ -160,15 +162,21 @@ class RMSNorm(nn.Module):
 
 class LoRALinear(nn.Module):
     """y = x @ W.T + s * (dropout(x) @ A.T) @ B.T with W (out, in) frozen, A (r, in), B (out, r), s = alpha / r.
-    r = 0 is a plain frozen linear. B starts at zero, so a fresh adapter leaves the output unchanged."""
+    r = 0 is a plain frozen linear. B starts at zero, so a fresh adapter leaves the output unchanged.
+    W is a float `weight`, or an int8 `weight` with float32 `scales` (out,) (quant8.py; see `quantize_`)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.register_buffer("scales", None)  # (out,) float32 when W is int8
         self.r, self.scaling = 0, 0.0
         self.lora_A = self.lora_B = None
         self.lora_dropout = nn.Identity()
+
+    @property
+    def int8(self) -> bool:
+        return self.weight.dtype == torch.int8
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, generator: Optional[torch.Generator] = None):
         """Attach fresh adapters (fp32, on the weight's device): A Kaiming-uniform as in loralib, B zero."""
@@ -181,12 +189,20 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def drop_lora(self):
+        self.r, self.scaling, self.lora_A, self.lora_B = 0, 0.0, None, None
+        self.lora_dropout = nn.Identity()
+
     def base(self, x: Tensor) -> Tensor:
-        """The frozen part x @ W.T (the int8 store in quant8.py overrides this)."""
+        """The frozen part x @ W.T."""
+        if self.int8:
+            return quant8.int8_matmul(x, self.weight, self.scales)
         return F.linear(x, self.weight)
 
     def dense_weight(self, rows: slice = slice(None)) -> Tensor:
-        """W[rows] in a float dtype (int8 stores dequantize here, a slice of rows at a time)."""
+        """W[rows] in a float dtype: an int8 W is dequantized to float32 (the criterion asks a slice at a time)."""
+        if self.int8:
+            return quant8.dequantize(self.weight[rows], self.scales[rows])
         return self.weight[rows]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,7 +213,7 @@ class LoRALinear(nn.Module):
         return y
 
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """W + s * B @ A computed in float32, returned in `dtype` (default: W's float dtype)."""
+        """W + s * B @ A computed in float32, returned in `dtype` (default: W's float dtype, float32 for int8)."""
         W = self.dense_weight()
         dtype = dtype or W.dtype
         if not self.r:
@@ -207,14 +223,25 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the adapters into W (explicit, never a side effect of .eval()) and drop them."""
+        """Fold the adapters into a float W (explicit, never a side effect of .eval()) and drop them."""
+        if self.int8 and self.r:
+            raise ValueError("merging LoRA into an int8 weight would need a re-quantization: use quantize_ (merges "
+                             "in float32, then quantizes), or loraprune.slice_model for a float model")
         if self.r:
             self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
-            self.r, self.scaling, self.lora_A, self.lora_B = 0, 0.0, None, None
-            self.lora_dropout = nn.Identity()
+            self.drop_lora()
+
+    @torch.no_grad()
+    def quantize_(self):
+        """Store W + s * B @ A (merged in float32) as int8 `weight` + float32 `scales` (quant8.quantize), adapters
+        dropped. On the meta device this makes the empty int8 store that a checkpoint is then assigned into."""
+        q, scale = quant8.quantize(self.merged_weight(torch.float32))  # not bf16: its rounding adds 1/4 step
+        self.weight, self.scales = nn.Parameter(q, requires_grad=False), scale
+        self.drop_lora()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+        int8 = ", int8" if self.int8 else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}{int8}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +396,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def quantize_model(model: Transformer) -> Transformer:
+    """int8 W for the seven projections of every block, in place (LoRA merged in float32 first: LoRALinear.quantize_).
+    The embedding, head and norms stay float. On the meta device, this prepares an int8 model for loading."""
+    for l in range(model.args.n_layers):
+        for lin in projections(model, l).values():
+            lin.quantize_()
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # loading: every format becomes (ModelArgs, {our name: zero-argument reader}) and goes through one builder,
 # so tensors are read one at a time (from mmap or safetensors' lazy reads) straight to the target dtype/device.
@@ -404,8 +440,7 @@ def build_from_readers(args: ModelArgs, readers: dict, device, dtype, int8: bool
     with torch.device("meta"):
         model = Transformer(args)
     if int8:
-        import quant8
-        quant8.convert_to_int8(model)
+        quantize_model(model)  # on meta: empty int8 stores for the projections
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith(".scales")}
     if args.tie_embeddings:
         expected.pop("output.weight")
@@ -736,7 +771,7 @@ def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
         if isinstance(module, LoRALinear) and module.r:
             if int8:
                 raise ValueError(f"{name}: an int8 model with unmerged LoRA; make a float model with "
-                                 "loraprune.slice_model (and quant8.quantize_model for int8) first")
+                                 "loraprune.slice_model (and llama.quantize_model for int8) first")
             state[name + ".weight"] = module.merged_weight()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.int8})

@@ -371,7 +371,7 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
     """A new, smaller, dense Transformer: LoRA merged (W + s * B @ A), the rows and columns of masked query heads
     (or kv groups) and channels removed, a kv head's wk/wv rows with its last query head, per-layer sizes (and
     uneven query heads per kv head) in its ModelArgs. Same logits as the masked model. `dtype` defaults to the
-    embedding's (an int8 model gives a float model; quant8.quantize_model re-quantizes it)."""
+    embedding's (an int8 model gives a float model; llama.quantize_model re-quantizes it)."""
     args, D = model.args, model.args.head_dim
     dtype = dtype or model.tok_embeddings.weight.dtype
     q_keeps = [query_keep(h.cpu(), args.q_per_kv(l)) for l, (h, _) in enumerate(masks)]  # [(H_l,) bool]

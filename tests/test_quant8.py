@@ -11,7 +11,7 @@ import loraprune
 import quant8
 from conftest import shared_file
 from llama import LoRALinear
-from quant8 import Int8LoRALinear, Int8Matmul, dequantize, int8_linear, quantization_error, quantize
+from quant8 import Int8Matmul, dequantize, int8_linear, int8_matmul, quantization_error, quantize
 
 
 def _max_error_bound(W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,15 @@ def _max_error_bound(W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # the quantizer
+
+
+def test_quant8_imports_only_torch():
+    """quant8.py is pure functions over tensors: it imports no module of this project (no import cycle)."""
+    import ast
+    tree = ast.parse(open(quant8.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported == {"torch"}, imported
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,10 +88,10 @@ def test_quantization_error_is_relative_to_the_largest_scale():
 
 
 def _int8_and_float_pair(in_features=48, out_features=80, r=4, seed=0):
-    """An Int8LoRALinear and a float32 LoRALinear with W = dequantize(q, scale) and the same random nonzero A, B."""
+    """An int8 LoRALinear and a float32 LoRALinear with W = dequantize(q, scale) and the same random nonzero A, B."""
     g = torch.Generator().manual_seed(seed)
     q, scale = quantize(torch.randn(out_features, in_features, generator=g))
-    lin8 = Int8LoRALinear(in_features, out_features)
+    lin8 = LoRALinear(in_features, out_features)
     lin8.weight = torch.nn.Parameter(q, requires_grad=False)
     lin8.scales = scale
     lin = LoRALinear(in_features, out_features)
@@ -140,7 +149,7 @@ def test_int8_matmul_backward_saves_no_float_copy_of_w():
     # scales (and at most the input), and both give the float layer's dL/dx (the same W, dequantized)
     lin.weight.data.copy_(dequantize(lin8.weight, lin8.scales))
     expected = torch.autograd.grad(torch.nn.functional.linear(x, lin.weight).square().sum(), x)[0]
-    for matmul in (Int8Matmul.apply, int8_linear):
+    for matmul in (Int8Matmul.apply, int8_linear, int8_matmul):
         saved = saved_by(lambda: matmul(x, lin8.weight, lin8.scales))
         assert saved
         for t in saved:
@@ -158,7 +167,7 @@ def test_int8_matmul_backward_saves_no_float_copy_of_w():
 
 def test_int8_merge_refuses_with_a_message():
     lin8, _, _ = _int8_and_float_pair()
-    with pytest.raises(ValueError, match=r"int8.*quantize_model"):
+    with pytest.raises(ValueError, match=r"int8.*quantize_"):
         lin8.merge()
     assert lin8.r == 4 and lin8.weight.dtype == torch.int8  # nothing changed
 
@@ -176,7 +185,7 @@ def _load(int8: bool) -> llama.Transformer:
 
 def _is_int8(model: llama.Transformer) -> bool:
     lins = [lin for l in range(model.args.n_layers) for lin in llama.projections(model, l).values()]
-    return all(isinstance(lin, Int8LoRALinear) and lin.weight.dtype == torch.int8
+    return all(lin.weight.dtype == torch.int8
                and lin.scales.dtype == torch.float32 for lin in lins)
 
 
@@ -249,7 +258,7 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
     assert (plain - masked).abs().max() > 1e-1
 
     float_weights = {k: v.clone() for k, v in sliced_model.state_dict().items()}
-    quant8.quantize_model(sliced_model)
+    llama.quantize_model(sliced_model)
     assert _is_int8(sliced_model)
     state = sliced_model.state_dict()
     for k, W in float_weights.items():
@@ -279,7 +288,7 @@ def test_quantize_model_merges_lora_in_float32(int8):
             for name, lin in llama.projections(model, l).items():
                 lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=g) * 0.05)
                 expected[l, name] = quantize(lin.merged_weight(torch.float32))
-    quant8.quantize_model(model)
+    llama.quantize_model(model)
     assert _is_int8(model)
     for (l, name), (q, scale) in expected.items():
         lin = llama.projections(model, l)[name]
@@ -327,11 +336,11 @@ def test_compiled_int8_model_matches_eager_and_saves_no_float_w():
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.2)
-    model = quant8.quantize_model(model)
+    model = llama.quantize_model(model)
     params = llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
     for p in params:
         p.data.normal_(0, 0.1)  # B != 0: every LoRA gradient term is live
-    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Int8LoRALinear)}
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, LoRALinear) and m.int8}
     x = torch.randint(0, args.vocab_size, (3, 8))  # B*T = 21: no activation has a weight's shape
 
     def grads_and_saved():
