@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -414,9 +413,10 @@ FORMATS = ("our own (params.json with format 'loraprune' + model.safetensors)",
            "llama2.c legacy export (*.bin)", "GGUF (*.gguf)")
 
 
-def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Transformer:
-    """Read any supported checkpoint into a Transformer on `device`. Weights go to `dtype`; with int8=True the
-    seven projections of every block are quantized on the way in (quant8.py), one tensor at a time."""
+def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = False) -> Transformer:
+    """Read any supported checkpoint into a Transformer on `device`. Weights go to `dtype` (None: our own folders
+    keep their saved dtype, other formats become bfloat16); with int8=True the seven projections of every block are
+    quantized on the way in (quant8.py), one tensor at a time."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -432,10 +432,11 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.bfloat16, int
         args, readers = hf_readers(path)
     else:
         raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
-    return build_from_readers(args, readers, device, dtype, int8, source=str(path))
+    return build_from_readers(args, readers, device, dtype or torch.bfloat16, int8, source=str(path))
 
 
-def build_from_readers(args: ModelArgs, readers: dict, device, dtype, int8: bool, source: str) -> Transformer:
+def build_from_readers(args: ModelArgs, readers: dict, device, dtype: Optional[torch.dtype], int8: bool,
+                       source: str) -> Transformer:
     """Build on the meta device, read each tensor once, check its shape, cast, place (and quantize), assign."""
     with torch.device("meta"):
         model = Transformer(args)
@@ -456,7 +457,7 @@ def build_from_readers(args: ModelArgs, readers: dict, device, dtype, int8: bool
         if meta.dtype == torch.int8 and t.is_floating_point():  # quantize from the file's precision, not bf16
             state[name], state[name[: -len("weight")] + "scales"] = quant8.quantize(t.to(device))
         else:
-            state[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+            state[name] = t.to(device, dtype or t.dtype) if t.is_floating_point() else t.to(device)  # None: as saved
     state.update({k: readers[k]().to(device) for k in scales})
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -756,33 +757,53 @@ def gguf_readers(path: Path):
 # our own format: model.safetensors + params.json {"format": "loraprune", "kind", "dtype", "int8", "args"}
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int8: "I8"}
+
+
+def write_safetensors(path: Path, specs: dict, read) -> None:
+    """A safetensors file written as a stream: the header from specs {name: (shape, dtype)}, then read(name) for one
+    tensor at a time, so the host never holds more than one tensor of the model (the format: 8-byte little-endian
+    header length, a JSON header of dtype, shape and byte offsets, then the raw little-endian bytes)."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:  # plain open(): the file follows the umask
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in specs.items():
+            t = read(name).detach().to("cpu").contiguous()
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, tuple(t.shape), dtype, shape)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
-    """Write the model (LoRA merged into W on the way out) atomically: a temporary folder, then a rename.
-    `kind` tags what the weights are ('dense' or 'pruned'); int8 stores are written as int8 + scales."""
-    from safetensors.torch import save_file
+    """Write the model (LoRA merged into W on the way out, one tensor at a time) atomically: a temporary folder,
+    then a rename. `kind` tags what the weights are ('dense' or 'pruned'); int8 stores are written as int8 + scales.
+    Files and folder follow the umask."""
     out_dir = Path(out_dir)
-    int8 = any(t.dtype == torch.int8 for t in model.state_dict().values())
-    state = {}
-    for name, t in model.state_dict().items():
-        if ".lora_" in name or (name == "output.weight" and model.args.tie_embeddings):
-            continue
-        state[name] = t
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and module.r:
-            if int8:
-                raise ValueError(f"{name}: an int8 model with unmerged LoRA; make a float model with "
-                                 "loraprune.slice_model (and llama.quantize_model for int8) first")
-            state[name + ".weight"] = module.merged_weight()
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.int8})
+    state = {name: t for name, t in model.state_dict().items()
+             if ".lora_" not in name and not (name == "output.weight" and model.args.tie_embeddings)}
+    merged = {name + ".weight": m for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.r}
+    int8 = any(t.dtype == torch.int8 for t in state.values())
+    if int8 and merged:
+        raise ValueError(f"{next(iter(merged))}: an int8 model with unmerged LoRA; make a float model with "
+                         "loraprune.slice_model (and llama.quantize_model for int8) first")
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}  # a merged W keeps W's shape and dtype
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in specs.values() if dtype != torch.int8})
     args = asdict(model.args)
     if args["layer_q_per_kv"] is None:  # written only when uneven: a uniform model's params.json stays as it was
         del args["layer_q_per_kv"]
     meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes), "args": args}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this pid
+    tmp.mkdir(parents=True)  # not tempfile.mkdtemp: that makes the folder 0700 whatever the umask
     try:
-        save_file(state, str(tmp / "model.safetensors"))
+        write_safetensors(tmp / "model.safetensors", specs,
+                          lambda name: merged[name].merged_weight() if name in merged else state[name])
         (tmp / "params.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
@@ -797,7 +818,8 @@ def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
     return out_dir
 
 
-def load_own(folder: Path, device, dtype, int8: bool) -> Transformer:
+def load_own(folder: Path, device, dtype: Optional[torch.dtype], int8: bool) -> Transformer:
+    """Our own folder; dtype None keeps each tensor's saved dtype."""
     meta = _read_json(folder / "params.json")
     if meta.get("format") != "loraprune" or meta.get("version") != 1:
         raise ValueError(f"{folder}/params.json: format {meta.get('format')!r} version {meta.get('version')!r}, "

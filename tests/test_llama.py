@@ -336,16 +336,64 @@ def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or .old folders left behind
     assert_same_state(second, llama.load_checkpoint(tmp_path / "ckpt", dtype=torch.float32))
 
-    import safetensors.torch
+    write = llama.write_safetensors
 
-    def broken_save_file(*args, **kwargs):
-        raise OSError("disk full")
+    def disk_full_after_three_tensors(path, specs, read):
+        count = []
+        def read_or_fail(name):
+            count.append(name)
+            if len(count) > 3:
+                raise OSError("disk full")
+            return read(name)
+        write(path, specs, read_or_fail)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    monkeypatch.setattr(llama, "write_safetensors", disk_full_after_three_tensors)
     with pytest.raises(OSError, match="disk full"):
         llama.save_checkpoint(first, tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the failed write left nothing behind...
     assert_same_state(second, llama.load_checkpoint(tmp_path / "ckpt", dtype=torch.float32))  # ...and kept the old
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = llama.save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {"ckpt": 0o750, "model.safetensors": 0o640, "params.json": 0o640}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_streamed_safetensors_file_reads_back_with_the_safetensors_package(tmp_path):
+    """Our own writer against the reference reader: every dtype we store, tensors of odd byte sizes."""
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.randint(-127, 128, (2, 3), generator=g).to(torch.int8),
+               "d": torch.randn(1, 3, generator=g).to(torch.float16), "e": torch.randn(2, generator=g).double()}
+    llama.write_safetensors(tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                            tensors.__getitem__)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_own_checkpoint_keeps_its_dtype_unless_asked(tmp_path, dtype):
+    model = tiny_model(seed=7).to(dtype)
+    out = llama.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = llama.load_checkpoint(out)  # dtype=None: as saved
+    assert_same_state(model, loaded)
+    assert {t.dtype for t in loaded.state_dict().values()} == {dtype}
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    assert {t.dtype for t in llama.load_checkpoint(out, dtype=other).state_dict().values()} == {other}
+
+
+def test_other_formats_default_to_bfloat16(tmp_path):
+    folder = meta_folder(tmp_path)  # float32 shards
+    assert torch.load(folder / "consolidated.00.pth", weights_only=True)["norm.weight"].dtype == torch.float32
+    assert {t.dtype for t in llama.load_checkpoint(folder).state_dict().values()} == {torch.bfloat16}
 
 
 def test_lora_model_saves_merged(tmp_path):
