@@ -124,18 +124,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def rope_frequencies(T: int, D: int, theta: float, device=None) -> Tensor:
-    """Meta's freqs_cis: e^(i * position * theta^(-2j/D)) for j < D/2, a (T, D/2) complex64 tensor."""
-    freqs = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32)[: D // 2] / D)  # (D/2,)
-    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, D/2)
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_cos_sin(positions: Tensor, D: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles position * theta^(-2j/D), j < D/2 (Meta's freqs_cis as two real tables):
+    positions (T,) -> (T, D/2), (T, D/2), float32."""
+    freqs = 1.0 / theta ** (torch.arange(0, D, 2, device=positions.device)[: D // 2].float() / D)  # (D/2,), Meta's
+    angles = torch.outer(positions.float(), freqs)  # (T, D/2)
+    return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) by the position's angle, as one complex product: Meta's interleaved
-    convention (Hugging Face's rotate-half layout is converted at load time). x (B, T, H, D), freqs_cis (T, D/2)."""
-    xc = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs_cis[:, None, :].to(xc.dtype)).flatten(-2).type_as(x)  # (B, T, H, D)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[2j], x[2j+1]) by its position's angle, in float32: Meta's interleaved pairing (Hugging
+    Face's rotate-half layout is converted at load time). x (B, T, H, D), cos and sin (T, D/2) -> (B, T, H, D)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2) each
+    cos, sin = cos[:, None].to(xf.dtype), sin[:, None].to(xf.dtype)  # (T, 1, D/2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)  # (B, T, H, D)
 
 
 def repeat_kv(x: Tensor, q_per_kv: tuple) -> Tensor:
@@ -259,12 +262,12 @@ class Attention(nn.Module):
         self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
         self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (H,) 0/1 per query head (apply_masks)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         if self.uneven:  # kv head g serves the next q_per_kv[g] query heads: copy it to each, then plain attention
             k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T, D)
@@ -300,15 +303,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.checkpoint = False  # keep only x for backward and recompute the rest (Transformer.checkpoint_activations)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # the checkpoint call sits inside forward so that a compiled block (compile_blocks) sees it and recomputes
         # inside the compiled graph; wrapped around a compiled block from outside it saves no memory
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, freqs_cis, use_reentrant=False)
-        return self._forward(x, freqs_cis)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
 
-    def _forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -340,10 +343,11 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        freqs_cis = rope_frequencies(T, self.args.head_dim, self.args.rope_theta, tokens.device)  # (T, D/2)
+        positions = torch.arange(T, device=tokens.device)  # (T,)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)  # (T, D/2) each
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
-            h = layer(h, freqs_cis)
+            h = layer(h, cos, sin)
         return self.output(self.norm(h))  # (B, T, V)
 
 
