@@ -175,6 +175,7 @@ class LoRALinear(nn.Module):
         self.r, self.scaling = 0, 0.0
         self.lora_A = self.lora_B = None
         self.lora_dropout = nn.Identity()
+        self.adapters_on = True  # False: the base layer alone (e.g. a teacher forward for self-distillation)
 
     @property
     def int8(self) -> bool:
@@ -209,7 +210,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        if self.r:
+        if self.r and self.adapters_on:
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
             y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling  # (..., in) -> (..., r) -> (..., out)
         return y

@@ -498,6 +498,22 @@ def test_fresh_lora_equals_base_model_exactly():
     assert torch.equal(our_logits(model, ids), base)
 
 
+def test_adapters_off_gives_exactly_the_base_output():
+    model = tiny_model(seed=11)
+    ids = tokens(128)
+    base = our_logits(model, ids)
+    llama.add_lora(model, r=4, alpha=16.0, dropout=0.1)
+    randomize_lora_B_(model, 5)
+    model.train()  # dropout would draw if the branch ran
+    assert not torch.allclose(our_logits(model, ids), base)  # the adapters matter when on
+    for m in lora_linears(model).values():
+        m.adapters_on = False
+    assert torch.equal(our_logits(model, ids), base)
+    for m in lora_linears(model).values():
+        m.adapters_on = True
+    assert not torch.allclose(our_logits(model, ids), base)
+
+
 def test_merged_weight_and_merge_match_hand_computation():
     model = tiny_model(seed=12)
     llama.add_lora(model, r=4, alpha=6.0, dropout=0.0)
