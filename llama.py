@@ -251,6 +251,21 @@ class LoRALinear(nn.Module):
 # modules: attention, MLP, block, transformer
 
 
+class KVCache:
+    """Keys and values of one layer for positions [0, S) of a generation, as gpt-fast's KVCache: two (B, K, S, D)
+    tensors, K that layer's kv heads (a pruned layer has its own)."""
+
+    def __init__(self, B: int, K: int, S: int, D: int, dtype: torch.dtype, device=None):
+        self.k = torch.zeros(B, K, S, D, dtype=dtype, device=device)
+        self.v = torch.zeros(B, K, S, D, dtype=dtype, device=device)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, T, D) at positions (T,); return the whole cache (B, K, S, D), unwritten slots too."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, q_per_kv: list):
         super().__init__()
@@ -263,17 +278,24 @@ class Attention(nn.Module):
         self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
         self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (H,) 0/1 per query head (apply_masks)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
+                positions: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, C) at `positions` (T,) -> (B, T, C); without a cache the positions are 0..T-1 (causal)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
+        mask = None
+        if cache is not None:  # keys of all positions so far; query i sees key j iff j <= positions[i]
+            k, v = cache.update(positions, k, v)  # (B, K, S, D)
+            mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)  # (T, S)
         if self.uneven:  # kv head g serves the next q_per_kv[g] query heads: copy it to each, then plain attention
             k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T, D)
         # grouped-query attention: query head h reads kv head h // (H / K) (SDPA broadcasts the kv heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != k.shape[1])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_heads != k.shape[1])  # (B, H, T, D)
         if self.head_mask is not None:  # Eq. 13: a masked query head (or all heads of a masked kv group) outputs 0
             y = y * self.head_mask[:, None, None].to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
@@ -304,15 +326,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.checkpoint = False  # keep only x for backward and recompute the rest (Transformer.checkpoint_activations)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
+                positions: Optional[Tensor] = None) -> Tensor:
         # the checkpoint call sits inside forward so that a compiled block (compile_blocks) sees it and recomputes
         # inside the compiled graph; wrapped around a compiled block from outside it saves no memory
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, cache, positions, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, positions)
 
-    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], positions: Optional[Tensor]):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -339,16 +362,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.checkpoint = bool(on)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V)."""
+    def forward(self, tokens: Tensor, start: int = 0, caches: Optional[list] = None) -> Tensor:
+        """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T, V). With `caches` (one KVCache per
+        layer, as `generate` makes them) attention also reads the keys and values of the earlier positions."""
         B, T = tokens.shape
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        positions = torch.arange(T, device=tokens.device)  # (T,)
+        if start + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)  # (T, D/2) each
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache, positions)
         return self.output(self.norm(h))  # (B, T, V)
 
 
@@ -407,6 +431,57 @@ def quantize_model(model: Transformer) -> Transformer:
         for lin in projections(model, l).values():
             lin.quantize_()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# text generation with a KV cache (Meta's generation.py, gpt-fast's generate.py)
+
+
+def sample_probs(logits: Tensor, temperature: float, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None) -> Tensor:
+    """Next-token distribution (V,) from logits (V,): softmax(logits / temperature), cut to the top_k most likely
+    tokens, then to the smallest set of most likely tokens whose probability reaches top_p; renormalized."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    if top_k is not None:
+        kth = torch.topk(probs, min(top_k, probs.numel())).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+        probs = probs / probs.sum()
+    if top_p is not None:
+        p, order = probs.sort(descending=True)  # (V,)
+        p[p.cumsum(0) - p >= top_p] = 0.0  # the more likely tokens before it already reach top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, p)
+    return probs / probs.sum()
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature: float = 0.8,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> list:
+    """Up to max_new_tokens token ids sampled after `prompt` (new tokens only; the last one is eos_id if that was
+    drawn). One forward over the prompt fills the per-layer KV caches, then one token per forward. temperature 0 is
+    greedy; `generator` (on the model's device) seeds the sampling. Call model.eval() first (LoRA dropout)."""
+    if not prompt:
+        raise ValueError("generate needs a prompt of at least one token (e.g. BOS)")
+    S = len(prompt) + max_new_tokens
+    if S > model.args.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {S} tokens is longer than "
+                         f"max_seq_len={model.args.max_seq_len}")
+    emb = model.tok_embeddings.weight
+    caches = [KVCache(1, layer.attention.n_kv_heads, S, model.args.head_dim, emb.dtype, emb.device)
+              for layer in model.layers]
+    tokens, start, new = torch.tensor([prompt], device=emb.device), 0, []  # (1, T)
+    while len(new) < max_new_tokens:
+        logits = model(tokens, start, caches)[0, -1]  # (V,) for the next position
+        start += tokens.shape[1]
+        if temperature == 0:
+            new.append(int(logits.argmax()))
+        else:
+            probs = sample_probs(logits, temperature, top_k, top_p)
+            new.append(int(torch.multinomial(probs, 1, generator=generator)))
+        if new[-1] == eos_id:
+            break
+        tokens = torch.tensor([[new[-1]]], device=emb.device)  # (1, 1)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------

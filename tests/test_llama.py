@@ -339,14 +339,82 @@ def test_stories260k_greedy_story():
     assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (64, 172, 5, 8, 4, 512)
     assert a.tie_embeddings and model.output.weight is model.tok_embeddings.weight
     assert llama.count_params(model) == 260032  # MANIFEST: parameters without the two RoPE tables
-    # greedy decoding yields these ids exactly when each is the argmax after its own prefix; a causal model
-    # gives every prefix's logits in one forward (40 recomputed prefixes would cost 40 forwards)
-    logits = our_logits(model, torch.tensor([[1] + STORIES_GREEDY[:-1]]))[0]  # (40, V)
-    ids = logits.argmax(-1).tolist()
-    assert ids == STORIES_GREEDY
+    ids = llama.generate(model, [1], 40, temperature=0)  # from BOS, with the KV cache
+    assert ids == STORIES_GREEDY  # MANIFEST.md: llama2.c's run.c -t 0 gives the same story
     sentencepiece = pytest.importorskip("sentencepiece")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_file("tok512.model")))
     assert sp.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
+
+
+# ----------------------------------------------------------------------------------------------
+# generation with a KV cache
+
+PRUNED_SHAPES = {  # n_heads 4 over 2 kv heads (n_rep 2) unless pruned
+    "gqa": {},
+    "mha": {"n_kv_heads": 4},
+    "pruned": {"layer_kv_heads": [2, 1], "layer_hidden_dims": [96, 40], "layer_q_per_kv": [[2, 1], [1]]},
+    "pruned_even": {"layer_kv_heads": [1, 2], "layer_hidden_dims": [8, 96]},
+}
+
+
+@pytest.mark.parametrize("shape", PRUNED_SHAPES)
+def test_cached_logits_equal_full_forward(shape):
+    """Prefill 5 tokens, then feed 7 one at a time through the caches: every position's logits equal one forward
+    over the whole sequence (so the cache, its per-layer sizes and the RoPE positions are right)."""
+    model = tiny_model(seed=20, **PRUNED_SHAPES[shape])
+    ids = tokens(128, T=12, B=1, seed=3)
+    full = our_logits(model, ids)[0]  # (12, V)
+    caches = [llama.KVCache(1, layer.attention.n_kv_heads, 12, 16, torch.float32) for layer in model.layers]
+    with torch.no_grad():
+        got = [model(ids[:, :5], 0, caches)[0]] + [model(ids[:, t:t + 1], t, caches)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(got), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", PRUNED_SHAPES)
+def test_cached_greedy_equals_the_no_cache_argmax_loop(shape):
+    model = tiny_model(seed=21, **PRUNED_SHAPES[shape])
+    prompt = [5, 17, 99]
+    assert llama.generate(model, prompt, 20, temperature=0) == greedy(model, prompt, 20)
+
+
+def test_generate_stops_after_eos_and_checks_lengths():
+    model = tiny_model(seed=22)
+    ids = llama.generate(model, [3], 30, temperature=0)
+    eos = ids[6]
+    first = ids.index(eos)
+    assert llama.generate(model, [3], 30, temperature=0, eos_id=eos) == ids[:first + 1]
+    assert llama.generate(model, [3], 0) == []
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        llama.generate(model, [3] * 60, 5)
+    with pytest.raises(ValueError, match="prompt"):
+        llama.generate(model, [], 5)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = tiny_model(seed=23)
+    draw = lambda seed, **kw: llama.generate(model, [1, 2], 25, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(seed), **kw)
+    a = draw(0)
+    assert draw(0) == a and draw(1) != a  # reproducible, and really random
+    assert a != llama.generate(model, [1, 2], 25, temperature=0)
+    assert draw(0, top_k=1) == llama.generate(model, [1, 2], 25, temperature=0)
+    assert draw(0, top_p=1e-6) == llama.generate(model, [1, 2], 25, temperature=0)  # only the most likely token
+
+
+def test_sample_probs_temperature_top_k_top_p_by_hand():
+    logits = torch.log(torch.tensor([0.1, 0.5, 0.2, 0.05, 0.15]))
+    p = lambda **kw: llama.sample_probs(logits, **kw)
+    torch.testing.assert_close(p(temperature=1.0), torch.tensor([0.1, 0.5, 0.2, 0.05, 0.15]))
+    sharp = torch.tensor([0.1, 0.5, 0.2, 0.05, 0.15]) ** 2
+    torch.testing.assert_close(p(temperature=0.5), sharp / sharp.sum())  # softmax(log p / 0.5) ~ p^2
+    torch.testing.assert_close(p(temperature=1.0, top_k=2), torch.tensor([0.0, 0.5, 0.2, 0.0, 0.0]) / 0.7)
+    # top_p: the smallest set of most likely tokens (0.5, 0.2, 0.15, 0.1, 0.05) whose probability reaches p
+    for top_p, kept in [(0.3, [1]), (0.6, [1, 2]), (0.75, [1, 2, 4]), (0.9, [1, 2, 4, 0]), (0.99, [0, 1, 2, 3, 4])]:
+        expected = torch.zeros(5)
+        expected[kept] = torch.tensor([0.1, 0.5, 0.2, 0.05, 0.15])[kept]
+        torch.testing.assert_close(p(temperature=1.0, top_p=top_p), expected / expected.sum(), msg=str(top_p))
+    # top_k first, then top_p within what is left: (0.5, 0.2) / 0.7 -> 0.714 reaches 0.7 alone
+    torch.testing.assert_close(p(temperature=1.0, top_k=2, top_p=0.7), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 # ----------------------------------------------------------------------------------------------
