@@ -858,6 +858,7 @@ def write_safetensors(path: Path, specs: dict, read) -> None:
             t = read(name).detach().to("cpu").contiguous()
             assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, tuple(t.shape), dtype, shape)
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t  # before the next read: one tensor at a time
 
 
 def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:

@@ -367,11 +367,14 @@ def _kept_rows(keep: Tensor, rows_per_group: int) -> Tensor:
 
 
 @torch.no_grad()
-def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = None) -> Transformer:
+def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = None,
+                in_place: bool = False) -> Transformer:
     """A new, smaller, dense Transformer: LoRA merged (W + s * B @ A), the rows and columns of masked query heads
     (or kv groups) and channels removed, a kv head's wk/wv rows with its last query head, per-layer sizes (and
     uneven query heads per kv head) in its ModelArgs. Same logits as the masked model. `dtype` defaults to the
-    embedding's (an int8 model gives a float model; llama.quantize_model re-quantizes it)."""
+    embedding's (an int8 model gives a float model; llama.quantize_model re-quantizes it). in_place=True consumes
+    `model` block by block: each old block is emptied (to the meta device) as soon as its sliced copy exists, so
+    at most one block's extra weights are ever alive; `model` is unusable afterwards."""
     args, D = model.args, model.args.head_dim
     dtype = dtype or model.tok_embeddings.weight.dtype
     q_keeps = [query_keep(h.cpu(), args.q_per_kv(l)) for l, (h, _) in enumerate(masks)]  # [(H_l,) bool]
@@ -381,8 +384,7 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
                             "layer_q_per_kv": [n[n > 0].tolist() for n in left]})
     with torch.device("meta"):
         new = Transformer(new_args)
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()
-             if not k.startswith("layers.") and not (k == "output.weight" and args.tie_embeddings)}
+    state = {}
     for l, (heads, channels) in enumerate(masks):
         p, prefix = projections(model, l), f"layers.{l}."
         device = p["wq"].weight.device
@@ -394,12 +396,18 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
                "feed_forward.w2": (None, ch)}
         for name, (rows, cols) in cut.items():
             W = p[name.split(".")[1]].merged_weight(dtype)
-            W = W[rows] if rows is not None else W[:, cols]
-            state[prefix + name + ".weight"] = W.contiguous()
+            state[prefix + name + ".weight"] = (W[rows] if rows is not None else W[:, cols]).contiguous()
+            del W
         for norm in ("attention_norm.weight", "ffn_norm.weight"):
             state[prefix + norm] = model.layers[l].get_parameter(norm).to(dtype)
+        if in_place:
+            model.layers[l].to_empty(device="meta")  # frees the old block before the next is sliced
+    state.update({k: v.to(dtype) for k, v in model.state_dict().items()
+                  if not k.startswith("layers.") and not (k == "output.weight" and args.tie_embeddings)})
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
+    if in_place:
+        model.to_empty(device="meta")  # the embedding, norm and head now live in `new` (or were copied to dtype)
     new.load_state_dict(state, strict=True, assign=True)
     for param in new.parameters():
         param.requires_grad_(False)

@@ -541,6 +541,77 @@ def test_lora_model_saves_merged(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the run's peak is the training peak: slicing in place and streamed saving
+
+
+def is_meta(module: torch.nn.Module) -> bool:
+    return all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_slice_in_place_frees_each_old_block_before_slicing_the_next(monkeypatch, in_place):
+    import loraprune
+    model = tiny_model(seed=30, n_layers=3, layer_q_per_kv=[[2, 1], [1, 2], [2, 2]])
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
+    randomize_lora_B_(model, 6)
+    masks = [(torch.tensor([True, False, True]), torch.arange(96) % 3 > 0),
+             (torch.tensor([False, True, True]), torch.arange(96) < 40),
+             (torch.tensor([True, True, True, False]), torch.ones(96, dtype=torch.bool))]
+    loraprune.apply_masks(model, masks)
+    ids = tokens(128)
+    masked = our_logits(model, ids)
+    old_layers = list(model.layers)
+    seen = []  # per merged projection: which old blocks are still alive
+    merged_weight = llama.LoRALinear.merged_weight
+
+    def recording(self, *args, **kwargs):
+        seen.append((next(l for l, layer in enumerate(old_layers) if self in layer.modules()),
+                     [not is_meta(layer) for layer in old_layers]))
+        return merged_weight(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama.LoRALinear, "merged_weight", recording)
+    sliced = loraprune.slice_model(model, masks, in_place=in_place)
+    assert len(seen) == 7 * 3
+    for l, alive in seen:
+        assert alive == [not in_place or i >= l for i in range(3)], (l, alive)  # in place: blocks < l are freed
+    assert all(is_meta(layer) for layer in old_layers) == in_place
+    assert is_meta(model) == in_place
+    assert not is_meta(sliced)
+    torch.testing.assert_close(our_logits(sliced, ids), masked, atol=1e-5, rtol=1e-5)
+    assert sliced.args.layer_q_per_kv == [[1, 1], [2], [2, 1]]
+
+
+def test_save_holds_one_merged_tensor_at_a_time(tmp_path, monkeypatch):
+    """Every merged LoRA weight is made when the writer asks for it and dropped before the next one is made."""
+    import weakref
+    model = tiny_model(seed=31)
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
+    randomize_lora_B_(model, 7)
+    expected = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in lora_linears(model).items():
+        expected[name + ".weight"] = m.merged_weight()
+    write, made = llama.write_safetensors, []
+
+    def watching(path, specs, read):
+        def read_and_watch(name):
+            assert all(ref() is None for ref in made), "an earlier merged tensor is still alive"
+            t = read(name)
+            if name.endswith(".weight") and name.rsplit(".", 1)[0] in lora_linears(model):
+                made.append(weakref.ref(t.untyped_storage()))  # dies with the memory, not with this view
+            return t
+        write(path, specs, read_and_watch)
+
+    monkeypatch.setattr(llama, "write_safetensors", watching)
+    out = llama.save_checkpoint(model, tmp_path / "ckpt")
+    assert len(made) == 7 * 2
+    from safetensors.torch import load_file
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored.keys() == expected.keys()
+    for k, t in expected.items():
+        assert torch.equal(stored[k], t), k
+
+
+# ----------------------------------------------------------------------------------------------
 # LoRA
 
 
