@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import formats
+
 # ----------------------------------------------------------------------------------------------
 # where the data lives
 
@@ -180,7 +182,7 @@ class _HFTokenizerJson:
 
 
 class _GGUFVocab:
-    """The tokenizer in a llama.cpp GGUF file's metadata, read with the optional `gguf` package. Only
+    """The tokenizer in a llama.cpp GGUF file's metadata (read by formats.gguf_tokenizer, optional `gguf`). Only
     tokenizer.ggml.model 'gpt2' (GPT-2-style byte-level BPE) is supported: its tokens (id = position) and merges
     become a `tokenizers` BPE (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre.
     Control tokens are special: matched whole in the text and dropped on decode."""
@@ -190,19 +192,7 @@ class _GGUFVocab:
     CONTROL = 3  # llama.cpp's token type of special tokens (gguf.TokenType.CONTROL)
 
     def __init__(self, path: Path):
-        try:
-            import gguf
-        except ImportError as e:
-            raise ImportError(f"reading the tokenizer in {path} needs the gguf extra: pip install gguf") from e
-        try:
-            reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
-            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-        def meta(key: str, default=None):
-            field = reader.get_field("tokenizer.ggml." + key)
-            return default if field is None else field.contents()
-
+        meta = formats.gguf_tokenizer(path).get  # tokenizer.ggml.* metadata, the prefix dropped from the keys
         model, pre = meta("model"), meta("pre", "gpt-2")
         if model != "gpt2":
             raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE); "
