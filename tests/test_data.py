@@ -430,6 +430,24 @@ def test_tiktoken_tokenizer(tmp_path):
 
 
 
+def test_tokenizer_backend_is_chosen_by_extension(tmp_path):
+    """One table: .model SentencePiece (or Llama 3's tiktoken tokenizer.model), .json, .gguf, .tiktoken; any other
+    extension is refused by name, whatever the file holds."""
+    pytest.importorskip("tiktoken")
+    assert sorted(data.TOKENIZER_BACKENDS) == [".gguf", ".json", ".model", ".tiktoken"]
+    ranks = write_tiktoken_file(tmp_path / "llama3.tiktoken", [b"th", b"the"])
+    for name in ("llama3.tiktoken", "tokenizer.model"):
+        if name != "llama3.tiktoken":
+            (tmp_path / name).write_bytes((tmp_path / "llama3.tiktoken").read_bytes())
+        tok = Tokenizer(tmp_path / name)
+        assert type(tok.backend).__name__ == "_Tiktoken" and tok.encode("the", bos=False) == [ranks[b"the"]]
+    assert type(Tokenizer(shared_file("tok512.model")).backend).__name__ == "_SentencePiece"
+    (tmp_path / "tokenizer.txt").write_bytes((tmp_path / "llama3.tiktoken").read_bytes())
+    with pytest.raises(ValueError, match=r"tokenizer\.txt.*'\.tiktoken'.*found '\.txt'"):
+        Tokenizer(tmp_path / "tokenizer.txt")
+    assert find_tokenizer(tmp_path / "tokenizer.txt") == tmp_path / "tokenizer.model"  # first in the fixed order
+
+
 def test_tiktoken_file_errors(tmp_path):
     pytest.importorskip("tiktoken")
     bad = tmp_path / "tokenizer.model"
