@@ -7,7 +7,9 @@ are read one at a time straight to the target dtype and device. Optional package
 imported inside the functions that need them.
 """
 import math
+import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -187,50 +189,69 @@ def gguf_tokenizer(path) -> dict:
 
 
 def gguf_readers(path: Path):
-    """A llama.cpp GGUF file of architecture 'llama': config from its metadata, each tensor dequantized to float32
-    when read (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). q/k rows are used as stored: llama.cpp's
-    converter undoes HF's rotate-half permutation (LlamaModel.permute in convert_hf_to_gguf.py), which leaves
-    Meta's interleaved pairs, the convention of apply_rope."""
+    """A llama.cpp GGUF file of architecture 'llama', or 'deci' (per-layer head counts and MLP widths, what
+    export_gguf writes for a pruned model): config from its metadata, each tensor dequantized to float32 when read
+    (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). q/k rows are used as stored: llama.cpp's converter
+    undoes HF's rotate-half permutation (LlamaModel.permute in convert_hf_to_gguf.py), which leaves Meta's
+    interleaved pairs, the convention of apply_rope."""
     import numpy as np
     gguf, reader = _open_gguf(path)
 
-    def meta(key: str, default=...):
-        """One metadata value; without a default the key is required."""
+    def meta(key: str, default=..., per_layer: bool = False):
+        """One metadata value (a list of one per layer if per_layer and the file is 'deci'); without a default the
+        key is required."""
         field = reader.get_field(key)
         if field is None and default is ...:
             raise ValueError(f"{path}: GGUF metadata has no {key}")
         value = default if field is None else field.contents()
-        if isinstance(value, list):  # some architectures store per-layer head counts; llama has one of each
+        if isinstance(value, list) and not (per_layer and arch == "deci"):
             raise ValueError(f"{path}: GGUF metadata {key} holds a list {value[:4]}..., expected one number")
         return value
 
     arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected 'llama'")
+    if arch not in ("llama", "deci"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected 'llama' or 'deci'")
     tensors = {t.name: t for t in reader.tensors}
-    scaling = meta("llama.rope.scaling.type", "none")
+    scaling = meta(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensors:  # rope_freqs: Llama 3.1's per-frequency factors
         raise ValueError(f"{path}: RoPE scaling (type {scaling!r}, rope_freqs.weight "
                          f"{'present' if 'rope_freqs.weight' in tensors else 'absent'}) is not supported")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
     dim, vocab = (int(n) for n in tensors["token_embd.weight"].shape)  # GGUF lists dims fastest first: (C, V)
-    if meta("llama.vocab_size", vocab) != vocab:
-        raise ValueError(f"{path}: llama.vocab_size {meta('llama.vocab_size')} but token_embd.weight has "
+    if meta(f"{arch}.vocab_size", vocab) != vocab:
+        raise ValueError(f"{path}: {arch}.vocab_size {meta(f'{arch}.vocab_size')} but token_embd.weight has "
                          f"{vocab} rows")
-    n_heads = meta("llama.attention.head_count")
-    head_dim = meta("llama.attention.key_length", meta("llama.embedding_length") // n_heads)
-    if meta("llama.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path}: llama.rope.dimension_count {meta('llama.rope.dimension_count')}, expected "
+    n_layers = meta(f"{arch}.block_count")
+
+    def per_layer(key: str, default=...) -> list:
+        value = meta(f"{arch}.{key}", default, per_layer=True)
+        value = [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
+        if len(value) != n_layers or min(value) < 1:  # deci's 0 heads / 0 width (no-op layers) are not read
+            raise ValueError(f"{path}: {arch}.{key} = {value}, expected {n_layers} positive sizes")
+        return value
+
+    heads = per_layer("attention.head_count")
+    kv_heads = per_layer("attention.head_count_kv", heads)
+    widths = per_layer("feed_forward_length")
+    bad = [l for l in range(n_layers) if heads[l] % kv_heads[l]]
+    if bad:
+        raise ValueError(f"{path}: layer {bad[0]} has {heads[bad[0]]} query heads over {kv_heads[bad[0]]} kv heads")
+    rep = [h // k for h, k in zip(heads, kv_heads)]  # every kv head of a layer serves rep[l] query heads
+    head_dim = meta(f"{arch}.attention.key_length", meta(f"{arch}.embedding_length") // heads[0])
+    if meta(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: {arch}.rope.dimension_count {meta(f'{arch}.rope.dimension_count')}, expected "
                          f"RoPE over the whole head (head_dim {head_dim})")
-    args = llama.ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"),
-                           n_heads=n_heads, n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-                           vocab_size=vocab, hidden_dim=meta("llama.feed_forward_length"), head_dim=head_dim,
-                           norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-                           rope_theta=meta("llama.rope.freq_base", 10000.0), max_seq_len=meta("llama.context_length"),
-                           tie_embeddings="output.weight" not in tensors)
+    n_rep, n_kv = max(rep), max(kv_heads)  # the unpruned shape that holds every layer
+    args = llama.ModelArgs(dim=meta(f"{arch}.embedding_length"), n_layers=n_layers, n_heads=n_kv * n_rep,
+                           n_kv_heads=n_kv, vocab_size=vocab, hidden_dim=max(widths), head_dim=head_dim,
+                           norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"),
+                           rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+                           max_seq_len=meta(f"{arch}.context_length"), tie_embeddings="output.weight" not in tensors,
+                           layer_kv_heads=kv_heads, layer_hidden_dims=widths,
+                           layer_q_per_kv=[[r] * k for r, k in zip(rep, kv_heads)])
     if args.dim != dim:
-        raise ValueError(f"{path}: llama.embedding_length {args.dim} but token_embd.weight has width {dim}")
+        raise ValueError(f"{path}: {arch}.embedding_length {args.dim} but token_embd.weight has width {dim}")
 
     def reader_of(t):
         def read() -> Tensor:
@@ -244,7 +265,7 @@ def gguf_readers(path: Path):
         rename.update({g.format(i): ours.format(i) for g, ours in GGUF_NAMES.items()})
     unknown = sorted(set(tensors) - set(rename))
     if unknown:
-        raise ValueError(f"{path}: unexpected GGUF tensor(s) {unknown[:8]} for a llama of {args.n_layers} layers")
+        raise ValueError(f"{path}: unexpected GGUF tensor(s) {unknown[:8]} for a {arch} of {args.n_layers} layers")
     return args, {rename[name]: reader_of(t) for name, t in tensors.items()}
 
 
@@ -277,3 +298,214 @@ def load(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = F
     else:
         raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
     return llama.build_from_readers(args, readers, device, dtype, int8, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# export: shared helpers
+
+
+def _check_exportable(model: llama.Transformer, target: str) -> None:
+    """ValueError unless the model's weights are what it computes: no pruning masks still set (Eq. 13's masked
+    forward is not a shape another program can hold; loraprune.slice_model makes the kept heads and channels real)."""
+    for l, layer in enumerate(model.layers):
+        if layer.attention.head_mask is not None or layer.feed_forward.channel_mask is not None:
+            raise ValueError(f"{target}: layer {l} still has pruning masks set; slice the model first "
+                             "(loraprune.slice_model) so the file holds only the kept heads and channels")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _float32(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def kv_repeat(q_per_kv: list) -> list:
+    """Kv head of each kv slot after repeating kv heads so that every slot serves the same number g = gcd(q_per_kv)
+    of consecutive query heads, the only grouping llama.cpp and transformers compute: [3, 1] -> [0, 0, 0, 1]."""
+    g = math.gcd(*q_per_kv)
+    return [j for j, c in enumerate(q_per_kv) for _ in range(c // g)]
+
+
+def _layer_weights(model: llama.Transformer, l: int) -> dict:
+    """{our projection name: zero-argument reader of its float32 (out, in) weight} for layer l, LoRA merged
+    (W + s B@A), int8 stores dequantized, and wk / wv rows repeated per kv_repeat (the layer's own q/k rows stay in
+    Meta's interleaved RoPE layout)."""
+    D = model.args.head_dim
+    rows = torch.tensor([j * D + d for j in kv_repeat(model.args.q_per_kv(l)) for d in range(D)])  # (K' * D,)
+    readers = {}
+    for name, lin in llama.projections(model, l).items():
+        if name in ("wk", "wv"):
+            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))[rows]
+        else:
+            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))
+    return readers
+
+
+# ----------------------------------------------------------------------------------------------
+# export: GGUF (llama.cpp)
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what export_gguf writes the matrices as; norms are always F32
+PROJECTION_GGUF = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+                   "w2": "ffn_down", "w3": "ffn_up"}
+
+
+def gguf_layer_shapes(model: llama.Transformer) -> list:
+    """(query heads, kv heads after kv_repeat, MLP width) of every layer, as the GGUF file states them."""
+    a = model.args
+    return [(a.layer_n_heads[l], len(kv_repeat(a.q_per_kv(l))), a.layer_hidden_dims[l]) for l in range(a.n_layers)]
+
+
+def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenizer_path=None) -> Path:
+    """Write the model as a llama.cpp GGUF file at out_path (atomically: a temporary file, then a rename).
+    Architecture 'llama' when every layer has the same shape, else 'deci' (llama.cpp's per-layer arrays of
+    head_count, head_count_kv and feed_forward_length, as for Llama-3.1-Nemotron-51B). Matrices are written as
+    `ftype` (GGUF_TYPES; q8_0 keeps F16 for a matrix whose rows are not a multiple of 32), norms as F32. q/k rows go
+    as stored: Meta's interleaved RoPE pairs are the layout llama.cpp's converter writes for 'llama'. Uneven
+    query-head groups (--head-unit query) are written exactly by repeating kv heads (kv_repeat). The tokenizer:
+    a SentencePiece .model as tokenizer.ggml.model 'llama', a GGUF's tokenizer metadata copied as it was."""
+    out_path = Path(out_path)
+    if ftype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; expected one of {', '.join(GGUF_TYPES)}")
+    _check_exportable(model, str(out_path))
+    try:
+        import gguf
+        import numpy as np
+    except ImportError as e:
+        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    Q, T = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    qtype, file_type = {"f32": (Q.F32, T.ALL_F32), "f16": (Q.F16, T.MOSTLY_F16), "bf16": (Q.BF16, T.MOSTLY_BF16),
+                        "q8_0": (Q.Q8_0, T.MOSTLY_Q8_0)}[ftype]
+    a = model.args
+    shapes = gguf_layer_shapes(model)
+    arch = "llama" if len(set(shapes)) == 1 else "deci"
+
+    # tensors: (GGUF name, torch shape, zero-argument reader of a float32 tensor), in llama.cpp's order
+    tensors = [("token_embd.weight", tuple(model.tok_embeddings.weight.shape),
+                lambda: _float32(model.tok_embeddings.weight))]
+    for l, (H, K, F) in enumerate(shapes):
+        weights = _layer_weights(model, l)
+        C, D = a.dim, a.head_dim
+        out_in = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (F, C),
+                  "w2": (C, F), "w3": (F, C)}
+        tensors.append((f"blk.{l}.attn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].attention_norm.weight)))
+        tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.weight", out_in[n], weights[n]) for n in PROJECTION_GGUF]
+        tensors.append((f"blk.{l}.ffn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].ffn_norm.weight)))
+    tensors.append(("output_norm.weight", (a.dim,), lambda: _float32(model.norm.weight)))
+    if not a.tie_embeddings:  # no output.weight: llama.cpp uses token_embd for the head
+        tensors.append(("output.weight", tuple(model.output.weight.shape), lambda: _float32(model.output.weight)))
+
+    def type_of(shape: tuple):
+        if len(shape) == 1 or (qtype == Q.Q8_0 and shape[-1] % 32):
+            return Q.F32 if len(shape) == 1 else Q.F16
+        return qtype
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(out_path.stem)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(a.max_seq_len)
+        writer.add_embedding_length(a.dim)
+        writer.add_block_count(a.n_layers)
+        heads, kv_heads, widths = ([s[i] for s in shapes] for i in range(3))
+        uniform = arch == "llama"
+        writer.add_head_count(heads[0] if uniform else heads)
+        writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
+        writer.add_feed_forward_length(widths[0] if uniform else widths)
+        writer.add_key_length(a.head_dim)  # stated: llama.cpp would derive dim / head_count, wrong once pruned
+        writer.add_value_length(a.head_dim)
+        writer.add_rope_dimension_count(a.head_dim)
+        writer.add_rope_freq_base(a.rope_theta)
+        writer.add_layer_norm_rms_eps(a.norm_eps)
+        writer.add_vocab_size(a.vocab_size)
+        _add_gguf_tokenizer(writer, gguf, tokenizer_path, a.vocab_size)
+        for name, shape, _ in tensors:
+            t = type_of(shape)
+            if t in (Q.F32, Q.F16):
+                dtype = np.float32 if t == Q.F32 else np.float16
+                writer.add_tensor_info(name, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize)
+            else:  # block types are written as raw bytes, (out, bytes per row)
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, shape, read in tensors:  # one tensor in memory at a time
+            w = read()
+            assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} != {shape}"
+            writer.write_tensor_data(gguf.quants.quantize(w.numpy(), type_of(shape)))
+        writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file follows the umask
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
+    """tokenizer.ggml.* metadata: copied from a GGUF file as it was, or built from a SentencePiece .model the way
+    llama.cpp's converter does (pieces, scores, token types, BOS/EOS/UNK ids; unused [PAD<i>] pieces up to a larger
+    model vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary)."""
+    if tokenizer_path is None:
+        writer.add_tokenizer_model("none")
+        return
+    path = Path(tokenizer_path)
+    if path.suffix == ".gguf":
+        _, reader = _open_gguf(path)
+        V = gguf.GGUFValueType
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            if field.types[0] == V.ARRAY and field.types[-1] == V.STRING:  # the bytes exactly as stored
+                writer.add_key_value(key, [bytes(field.parts[i]) for i in field.data], V.ARRAY, sub_type=V.STRING)
+            elif field.types[0] == V.ARRAY:
+                writer.add_key_value(key, field.contents(), V.ARRAY, sub_type=field.types[-1])
+            elif field.types[0] == V.STRING:
+                writer.add_key_value(key, bytes(field.parts[field.data[0]]), V.STRING)
+            else:
+                writer.add_key_value(key, field.contents(), field.types[0])
+        return
+    if path.suffix != ".model":
+        raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model or a .gguf file, "
+                         f"found {path.suffix!r}")
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: GGUF export needs a SentencePiece model here ({e})") from None
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise ValueError(f"{path}: {n} tokens, but the model's embedding has only {vocab_size} rows")
+    TT = gguf.TokenType
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(TT.UNKNOWN if sp.is_unknown(i) else TT.CONTROL if sp.is_control(i) else
+                     TT.UNUSED if sp.is_unused(i) else TT.BYTE if sp.is_byte(i) else TT.NORMAL)
+    for i in range(n, vocab_size):  # a padded embedding: rows no text maps to
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TT.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for add, token_id in ((writer.add_bos_token_id, sp.bos_id()), (writer.add_eos_token_id, sp.eos_id()),
+                          (writer.add_unk_token_id, sp.unk_id()), (writer.add_pad_token_id, sp.pad_id())):
+        if token_id >= 0:
+            add(token_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)

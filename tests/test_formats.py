@@ -314,3 +314,207 @@ def test_gguf_errors(tmp_path):
     broken.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(10))
     with pytest.raises(ValueError, match="not a readable GGUF file"):
         formats.load(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF export, run by a real llama.cpp (llama-cpp-python)
+
+CPP_TOLERANCE = 1e-3  # max |logit difference| allowed for an f32 export (measured: about 3e-5 on logits of ~15)
+CPP_TYPE_TOLERANCE = {"f16": 0.1, "bf16": 0.5, "q8_0": 1.0}  # measured 0.03, 0.16, 0.51 on stories260K
+
+
+def llama_cpp_module():
+    """llama_cpp, or a failure under CI=true (CI must run these tests), else a skip."""
+    import os
+    try:
+        import llama_cpp
+    except ImportError as e:
+        message = f"llama-cpp-python is not installed ({e}): pip install llama-cpp-python"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return llama_cpp
+
+
+class CppModel:
+    """A GGUF file opened in llama.cpp: every position's logits, float32 KV cache, 2 threads."""
+
+    def __init__(self, path):
+        llama_cpp = llama_cpp_module()
+        self.lm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lm.close()
+
+    def logits(self, ids: list) -> torch.Tensor:
+        self.lm.reset()
+        self.lm.eval(ids)
+        return torch.from_numpy(self.lm.scores[: len(ids)].copy())  # (T, V)
+
+    def greedy(self, prompt: list, n: int) -> list:
+        """n greedy tokens after `prompt`, decoded one at a time through llama.cpp's KV cache."""
+        self.lm.reset()
+        self.lm.eval(prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(self.lm.scores[self.lm.n_tokens - 1].argmax()))
+            self.lm.eval(out[-1:])
+        return out
+
+
+def stories(shape: str) -> Transformer:
+    """stories260K (8 query heads over 4 kv heads, MLP 172) as a uniform model or sliced by fixed masks: 'pruned'
+    removes 50% of the parameters by kv groups and channels (layers 0-3 of 5, so layers differ), 'query' drops
+    query heads so that kv heads keep uneven numbers of them ([1, 2, 2], [1, 2, 2, 2], ...)."""
+    import loraprune
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32).eval()
+    if shape == "uniform":
+        return model
+    g = torch.Generator().manual_seed(0)
+    args = model.args
+    layers = loraprune.default_pruned_layers(args.n_layers)
+    counts = loraprune.prune_counts(args, 0.5, layers, head_unit="kv" if shape == "pruned" else "query")
+    dropped_heads = {0: [1, 4, 5], 1: [1], 2: [0, 1, 2], 3: [3, 5, 7]}  # query heads; kv head j owns 2j, 2j + 1
+    masks = []
+    for l, ((h, f), (heads, channels)) in enumerate(zip(counts, loraprune.full_masks(args, head_unit="kv"))):
+        if shape == "query":
+            heads = torch.ones(args.n_heads, dtype=torch.bool)
+            heads[dropped_heads.get(l, [])] = False
+        else:
+            heads[torch.randperm(len(heads), generator=g)[:h]] = False
+        channels[torch.randperm(len(channels), generator=g)[:f]] = False
+        masks.append((heads, channels))
+    return loraprune.slice_model(model, masks).eval()
+
+
+def gguf_arch(path) -> str:
+    import gguf
+    return gguf.GGUFReader(path).get_field("general.architecture").contents()
+
+
+PROMPT_IDS = [1, 403, 407, 261, 378]  # <s> "Once upon a time" in tok512.model
+
+
+@pytest.mark.parametrize("shape", ["pruned", "uniform", "query"])
+def test_gguf_export_runs_in_llama_cpp(tmp_path, shape):
+    """The exported f32 file in llama.cpp: every position's logits equal ours within CPP_TOLERANCE, 20 greedy
+    tokens identical; 'llama' for the uniform model, 'deci' (per-layer sizes) for the pruned ones; tied head."""
+    model = stories(shape)
+    if shape == "pruned":
+        assert len(set(model.args.layer_kv_heads)) > 1 and len(set(model.args.layer_hidden_dims)) > 1
+    if shape == "query":
+        assert model.args.layer_q_per_kv[0] == [1, 2, 2] and model.args.layer_q_per_kv[3] == [2, 1, 1, 1]
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f32",
+                               tokenizer_path=shared_file("tok512.model"))
+    assert gguf_arch(path) == ("llama" if shape == "uniform" else "deci")
+    ids = PROMPT_IDS + tokens(512, T=40, B=1, seed=1)[0].tolist()  # a story start, then random tokens
+    ours = our_logits(model, torch.tensor([ids]))[0]  # (T, V)
+    with CppModel(path) as cpp:
+        theirs = cpp.logits(ids)
+        assert ours.std() > 1.0  # far from uniform
+        torch.testing.assert_close(theirs, ours, atol=CPP_TOLERANCE, rtol=0)
+        assert cpp.greedy(PROMPT_IDS, 20) == greedy(model, PROMPT_IDS, 20)
+    import gguf
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names  # tied: the head is the embedding
+    back = formats.load(path)  # our own reader of llama and deci files
+    torch.testing.assert_close(our_logits(back, torch.tensor([ids]))[0], ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ftype", ["f16", "bf16", "q8_0"])
+def test_gguf_export_types_in_llama_cpp(tmp_path, ftype):
+    model = stories("pruned")
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype=ftype,
+                               tokenizer_path=shared_file("tok512.model"))
+    import gguf
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == ftype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    ids = PROMPT_IDS + tokens(512, T=40, B=1, seed=2)[0].tolist()
+    ours = our_logits(model, torch.tensor([ids]))[0]  # (T, V)
+    with CppModel(path) as cpp:
+        theirs = cpp.logits(ids)
+    assert (theirs - ours).abs().max() < CPP_TYPE_TOLERANCE[ftype]
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_export_tokenizer_in_llama_cpp(tmp_path):
+    """A SentencePiece tokenizer written as tokenizer.ggml.model 'llama': llama.cpp tokenizes like sentencepiece."""
+    path = formats.export_gguf(stories("uniform"), tmp_path / "model.gguf", ftype="f32",
+                               tokenizer_path=shared_file("tok512.model"))
+    tok = Tokenizer(shared_file("tok512.model"))
+    meta = formats.gguf_tokenizer(path)
+    assert (meta["model"], meta["bos_token_id"], meta["eos_token_id"], len(meta["tokens"])) == ("llama", 1, 2, 512)
+    with CppModel(path) as cpp:
+        for text in ["Once upon a time, there was a little girl named Lily.", "The cat sat on the mat. 42!"]:
+            assert cpp.lm.tokenize(text.encode()) == tok.encode(text)
+            assert cpp.lm.detokenize(tok.encode(text)).decode() == text == tok.decode(tok.encode(text))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_export_of_a_gguf_copies_its_tokenizer(tmp_path, tied):
+    """A model read from a GGUF file (byte-level BPE tokenizer, RoPE base 100000, tied or untied head) exported again:
+    the tokenizer metadata is the source's, RoPE theta and the head carry over, llama.cpp gives transformers'
+    logits, and tokenizes as our reader of the source does."""
+    tok = train_bpe("gpt-2")
+    hf = gguf_hf_model(tok.get_vocab_size(), tied)
+    src = write_llama_gguf(tmp_path / "src.gguf", hf, tok)
+    out = formats.export_gguf(formats.load(src), tmp_path / "out.gguf", ftype="f32", tokenizer_path=src)
+    assert formats.gguf_tokenizer(out) == formats.gguf_tokenizer(src)
+    import gguf
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("llama.rope.freq_base").contents() == ROPE_THETA
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (not tied)
+    ids = tokens(300, T=24, B=1)[0].tolist()
+    with CppModel(out) as cpp:
+        torch.testing.assert_close(cpp.logits(ids), hf_logits(hf, torch.tensor([ids]))[0], atol=CPP_TOLERANCE,
+                                   rtol=0)
+        text = "The cat sat on the mat."
+        assert cpp.lm.tokenize(text.encode(), add_bos=False) == Tokenizer(src).encode(text, bos=False)
+
+
+def test_gguf_export_is_atomic_and_follows_the_umask(tmp_path, monkeypatch):
+    import os
+    model = stories("uniform")
+    old = os.umask(0o027)
+    try:
+        path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f16")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    before = path.read_bytes()
+    import gguf
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", broken)
+    with pytest.raises(OSError, match="disk full"):
+        formats.export_gguf(model, path, ftype="f32")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"] and path.read_bytes() == before
+
+
+def test_gguf_export_bad_input(tmp_path):
+    """One-line ValueErrors, nothing written: an unknown type, a model with masks still set, a tokenizer GGUF
+    cannot take, a tokenizer larger than the embedding."""
+    import loraprune
+    model = stories("uniform")
+    out = tmp_path / "model.gguf"
+    with pytest.raises(ValueError, match=r"unknown GGUF type 'q4_k'; expected one of f32, f16, bf16, q8_0") as e:
+        formats.export_gguf(model, out, ftype="q4_k")
+    assert "\n" not in str(e.value)
+    masks = loraprune.full_masks(model.args)
+    masks[2][1][:10] = False
+    loraprune.apply_masks(model, masks)
+    with pytest.raises(ValueError, match=r"layer 2 still has pruning masks set.*slice_model"):
+        formats.export_gguf(model, out)
+    loraprune.apply_masks(model, loraprune.full_masks(model.args))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"SentencePiece \.model or a \.gguf file, found '\.json'"):
+        formats.export_gguf(model, out, tokenizer_path=tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"32000 tokens, but the model's embedding has only 512 rows"):
+        formats.export_gguf(model, out, tokenizer_path=shared_file("tokenizer.model"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "tokenizer.json"]
