@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import formats
+
 # ----------------------------------------------------------------------------------------------
 # where the data lives
 
@@ -23,8 +25,6 @@ def data_dir() -> Path:
     """The data folder: $LORAPRUNE_DATA if set (read at call time), else <repo>/../shared/data."""
     return Path(os.environ.get("LORAPRUNE_DATA", _DEFAULT_DATA_DIR))
 
-
-DATA_DIR = data_dir()  # the folder as seen at import time; call data_dir() to honour later changes
 
 # ----------------------------------------------------------------------------------------------
 # training documents: plain text (TinyStories) or instruction data (Alpaca, LaMini)
@@ -95,7 +95,7 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenizers: one small backend per file type, picked by Tokenizer.__init__
+# tokenizers: one small backend per kind of file, picked by its extension from TOKENIZER_BACKENDS
 
 
 def _is_tiktoken_bpe(head: bytes) -> bool:
@@ -180,7 +180,7 @@ class _HFTokenizerJson:
 
 
 class _GGUFVocab:
-    """The tokenizer in a llama.cpp GGUF file's metadata, read with the optional `gguf` package. Only
+    """The tokenizer in a llama.cpp GGUF file's metadata (read by formats.gguf_tokenizer, optional `gguf`). Only
     tokenizer.ggml.model 'gpt2' (GPT-2-style byte-level BPE) is supported: its tokens (id = position) and merges
     become a `tokenizers` BPE (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre.
     Control tokens are special: matched whole in the text and dropped on decode."""
@@ -190,19 +190,7 @@ class _GGUFVocab:
     CONTROL = 3  # llama.cpp's token type of special tokens (gguf.TokenType.CONTROL)
 
     def __init__(self, path: Path):
-        try:
-            import gguf
-        except ImportError as e:
-            raise ImportError(f"reading the tokenizer in {path} needs the gguf extra: pip install gguf") from e
-        try:
-            reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
-            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-        def meta(key: str, default=None):
-            field = reader.get_field("tokenizer.ggml." + key)
-            return default if field is None else field.contents()
-
+        meta = formats.gguf_tokenizer(path).get  # tokenizer.ggml.* metadata, the prefix dropped from the keys
         model, pre = meta("model"), meta("pre", "gpt-2")
         if model != "gpt2":
             raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE); "
@@ -281,23 +269,36 @@ class _Tiktoken:
         return self.enc.decode([i for i in ids if i < self.n_ranks])  # special tokens decode to nothing
 
 
+def _dot_model(path: Path):
+    """A *.model file: SentencePiece, or tiktoken when it is Meta Llama 3's tokenizer.model (see the table)."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    return _Tiktoken(path) if _is_tiktoken_bpe(head) else _SentencePiece(path)
+
+
+# What reads a tokenizer file, by its extension: the one place a file's kind is decided.
+TOKENIZER_BACKENDS = {
+    # SentencePiece protobuf (LLaMA 1/2's tokenizer.model, llama2.c's tok512.model). Meta ships Llama 3's tiktoken
+    # BPE under the same name, tokenizer.model: a .model file whose first line is '<base64 token> <rank>' is that.
+    ".model": _dot_model,
+    ".json": _HFTokenizerJson,  # Hugging Face tokenizer.json (+ tokenizer_config.json beside it for BOS/EOS)
+    ".gguf": _GGUFVocab,  # the tokenizer in a GGUF file's metadata (byte-level BPE)
+    ".tiktoken": _Tiktoken,  # a tiktoken BPE file under its own extension
+}
+
+
 class Tokenizer:
-    """Text <-> token ids. *.json is read as a Hugging Face tokenizer.json, *.gguf as the tokenizer inside a GGUF
-    file, a text file of '<base64 token> <rank>' lines as tiktoken BPE (Llama 3), anything else as SentencePiece."""
+    """Text <-> token ids, read by the backend TOKENIZER_BACKENDS names for the file's extension."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        if path.suffix not in TOKENIZER_BACKENDS:
+            raise ValueError(f"tokenizer file {path}: expected one of the extensions {sorted(TOKENIZER_BACKENDS)}, "
+                             f"found {path.suffix!r}")
         self.path = path
-        if path.suffix == ".json":
-            self.backend = _HFTokenizerJson(path)
-        elif path.suffix == ".gguf":
-            self.backend = _GGUFVocab(path)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(256)
-            self.backend = _Tiktoken(path) if _is_tiktoken_bpe(head) else _SentencePiece(path)
+        self.backend = TOKENIZER_BACKENDS[path.suffix](path)
         self.vocab_size: int = self.backend.vocab_size
         self.bos_id: int = self.backend.bos_id  # -1 when the tokenizer has none
         self.eos_id: int = self.backend.eos_id
@@ -323,8 +324,9 @@ class Tokenizer:
 
 
 def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> Path:
-    """The tokenizer file beside a checkpoint (a file, or a folder): tokenizer.model, tok*.model, tokenizer.json,
-    tokenizer.gguf (what run.py saves beside a model whose tokenizer came from a GGUF).
+    """The tokenizer file beside a checkpoint (a file, or a folder); candidates in this order: tokenizer.model,
+    tok*.model (sorted), tokenizer.json, tokenizer.tiktoken, tokenizer.gguf (what run.py saves beside a model whose
+    tokenizer came from a GGUF). A .gguf checkpoint is its own tokenizer.
     Given the model's vocab_size, the first candidate whose vocabulary fits it exactly wins (a data folder may hold
     several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model)."""
     ckpt_path = Path(ckpt_path)
@@ -332,11 +334,12 @@ def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> P
         return ckpt_path  # a GGUF file carries its own tokenizer in its metadata
     folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
     toks = sorted(p for p in folder.glob("tok*.model") if p.name != "tokenizer.model")
-    candidates = [folder / "tokenizer.model"] + toks + [folder / "tokenizer.json", folder / "tokenizer.gguf"]
+    candidates = [folder / "tokenizer.model", *toks, folder / "tokenizer.json", folder / "tokenizer.tiktoken",
+                  folder / "tokenizer.gguf"]
     candidates = list(dict.fromkeys(p for p in candidates if p.is_file()))
     if not candidates:
         raise FileNotFoundError(f"no tokenizer beside {ckpt_path}: looked for tokenizer.model, tok*.model,"
-                                f" tokenizer.json and tokenizer.gguf in {folder}")
+                                f" tokenizer.json, tokenizer.tiktoken and tokenizer.gguf in {folder}")
     if vocab_size is None:
         if len(toks) > 1 and candidates[0] in toks:
             raise ValueError(f"several tokenizers beside {ckpt_path}: {[p.name for p in toks]};"

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import formats
 import llama
 import loraprune
 
@@ -467,7 +468,7 @@ def run(args, log: Log) -> int:
 
     # --- everything that can fail on bad input, before --out is touched
     t0 = time.time()
-    model = llama.load_checkpoint(args.ckpt, device=device, dtype=dtype, int8=args.int8)
+    model = formats.load(args.ckpt, device=device, dtype=dtype, int8=args.int8)
     margs = model.args
     params_before = llama.count_params(model)
     log(f"loaded {args.ckpt} in {time.time() - t0:.1f}s: {params_before:,} parameters, {margs.n_layers} layers, "

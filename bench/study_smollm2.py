@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run, llama, loraprune, data
 sys.path.insert(0, str(REPO / "bench"))  # study_tiny
 import data  # noqa: E402
+import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
@@ -115,7 +116,7 @@ def previous_results(path: Optional[str], configs: list) -> dict:
 def convert(gguf: Path, folder: Path) -> Path:
     """The GGUF dequantized once (float32) into our own format, so no run repeats it."""
     t0 = time.time()
-    model = llama.load_checkpoint(gguf, dtype=torch.float32)
+    model = formats.load(gguf, dtype=torch.float32)
     llama.save_checkpoint(model, folder)
     print(f"converted {gguf.name} to {folder} in {time.time() - t0:.1f}s: "
           f"{describe(model.args, llama.count_params(model))}", flush=True)
@@ -404,7 +405,7 @@ def setup(gguf: Path, workdir: Path, device: torch.device, dtype: torch.dtype, t
     tokenized, and the issue's sanity perplexity of the base model."""
     ckpt = convert(gguf, workdir / "smollm2-135m")
     tokenizer = data.Tokenizer(gguf)
-    base = llama.load_checkpoint(ckpt, device=device, dtype=dtype)
+    base = formats.load(ckpt, device=device, dtype=dtype)
     seq_len = int(flag_value(train_flags, "--seq-len", "512"))
     train_paths = [data.data_dir() / name for name in TRAIN_FILES]
     rows = data.training_tokens(train_paths, tokenizer, seq_len)  # (N, T+1): the agreement's, and for the record

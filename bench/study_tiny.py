@@ -46,6 +46,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repo root: run, llama, loraprune, data
 import data  # noqa: E402
+import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
@@ -114,7 +115,7 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
     scores (H,) of --head-unit query with every head live: raw at step 1, raw at step k, and the moving averages
     (Eq. 11, from zero as the Pruner starts) at step k, where k defaults to the first step the `ratio` run prunes."""
     args = run.build_parser().parse_args(["--ckpt", str(ckpt)] + flags + ["--seed", str(seed)])
-    model = llama.load_checkpoint(ckpt, device=device, dtype=dtype)
+    model = formats.load(ckpt, device=device, dtype=dtype)
     layers = loraprune.default_pruned_layers(model.args.n_layers)
     k = k or first_pruning_step(model.args, ratio, args.steps, args.prune_every, layers)
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)

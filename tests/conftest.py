@@ -1,9 +1,12 @@
 """Shared test helpers. `from conftest import shared_file` works in every test file: pytest puts tests/ on
 sys.path (there is no tests/__init__.py), and the repo root is added below so the modules under test import."""
+import json
+import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +40,176 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint helpers, written independently of llama.py and formats.py (test_llama, test_formats, test_data,
+# test_run): seeded weights, a tiny transformers LLaMA, the published q/k row permutations, GGUF files as llama.cpp
+# writes them.
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter with seeded values large enough that attention is far from uniform (so a RoPE
+    or head-order mistake moves the logits by O(1), not by 1e-6): matrices N(0, 1/in), norms in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():  # a tied matrix is listed once
+            if p.ndim == 1:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return module
+
+
+def hf_model(seed: int = 0, **config):
+    """A randomly initialised float32 transformers LlamaForCausalLM (default: the tiny GQA config)."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, vocab_size=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+              max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)  # transformers' own init draws from the global generator; we overwrite it anyway
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config}))
+    return randomize_(model, seed).float().eval()
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' convert_llama_weights_to_hf permute: Meta's interleaved q/k rows -> rotate-half rows."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def hf_to_meta_rows_by_index(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of meta_to_hf_rows, found by pushing row indices through it: HF row i is Meta row idx[i]."""
+    idx = meta_to_hf_rows(torch.arange(w.shape[0])[:, None], n_heads)[:, 0]  # (out,)
+    meta = torch.empty_like(w)
+    meta[idx] = w
+    return meta
+
+
+ROPE_THETA = 100000.0  # the GGUF helpers' RoPE base (SmolLM2's), so a loader that ignored llama.rope.freq_base fails
+TEXT = "The cat sat on the mat. It was 1234 degrees!\nA dog ran 42 times around the garden."
+
+CORPUS = [TEXT, "Once upon a time there was a little cat who liked the sun and the mat.",
+          "The dog and the cat are friends; they sat in the garden for 3 hours, 17 minutes."] * 20
+
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv=None) -> np.ndarray:
+    """convert_hf_to_gguf.py, LlamaModel.permute: HF's rotate-half q/k rows back to interleaved pairs.
+    Applied as permute(q, n_head, n_head) and permute(k, n_head, n_head_kv); rows only, so it works on
+    quantized byte rows too."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+
+def gguf_name(hf_name: str) -> str:
+    """transformers' parameter name -> llama.cpp's tensor name (written here, independently of llama.py)."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf_name in fixed:
+        return fixed[hf_name]
+    _, _, i, *rest = hf_name.split(".")
+    part = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+            "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    return f"blk.{i}.{part['.'.join(rest[:-1])]}.weight"
+
+
+
+def train_bpe(pre: str):
+    """A small byte-level BPE (vocab 300) trained on CORPUS, with two special tokens; `pre` 'smollm' splits
+    digits one by one before GPT-2's regex, as SmolLM2's tokenizer.json does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "smollm":
+        split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split])
+    tok.pre_tokenizer, tok.decoder = split, decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+
+def add_bpe_metadata(writer, tok, pre: str, add_bos: bool):
+    """tokenizer.ggml.* as llama.cpp's converter writes a GPT-2-style BPE: tokens by id, 'a b' merges, types."""
+    import gguf
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    specials = {"<|endoftext|>", "<|im_start|>"}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_bos_token_id(vocab["<|im_start|>"])
+    writer.add_eos_token_id(vocab["<|endoftext|>"])
+    writer.add_add_bos_token(add_bos)
+
+
+
+def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: bool = True, pre: str = "gpt-2",
+                     add_bos: bool = True, extra=None, rope_theta: float = ROPE_THETA):
+    """Write `hf` as llama.cpp would: q/k permuted, a mix of tensor types (Q8_0, Q4_1, F16, F32; norms F32;
+    a row length that is not a multiple of the 32-value block stays F32). Each matrix is also written back into
+    `hf` as the file holds it (dequantized), so transformers computes with the file's values."""
+    gguf = pytest.importorskip("gguf")
+    Q = gguf.GGMLQuantizationType
+    types = {"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0, "ffn_gate": Q.Q4_1,
+             "attn_v": Q.F16, "ffn_up": Q.F16, "output": Q.F16}
+    cfg = hf.config
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(K)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_rope_dimension_count(cfg.hidden_size // H)
+    writer.add_vocab_size(cfg.vocab_size)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
+    if tok is not None:
+        add_bpe_metadata(writer, tok, pre, add_bos)
+    state = hf.state_dict()
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    with torch.no_grad():
+        for name, w in state.items():
+            gname = gguf_name(name)
+            qtype = types.get(gname.split(".")[-2], Q.F32) if w.ndim == 2 and w.shape[1] % 32 == 0 else Q.F32
+            data = gguf.quants.quantize(w.numpy(), qtype)  # (out, in) floats, or (out, bytes per row) blocks
+            w.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype)))  # transformers gets what the file holds
+            if permute and gname.endswith("attn_q.weight"):
+                data = llama_cpp_permute(data, H, H)
+            elif permute and gname.endswith("attn_k.weight"):
+                data = llama_cpp_permute(data, H, K)
+            writer.add_tensor(gname, data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+
+def write_tokenizer_gguf(path, tok, pre: str = "gpt-2", add_bos: bool = True):
+    """A GGUF holding only metadata: the architecture and a tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_bpe_metadata(writer, tok, pre, add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

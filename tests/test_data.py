@@ -1,4 +1,5 @@
 """Tests for data.py: tokenizers, document reading, packing, eval text and the perplexity protocol."""
+import base64
 import json
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import data
-from conftest import shared_file
+from conftest import TEXT, hf_model, shared_file, train_bpe, write_llama_gguf, write_tokenizer_gguf
 from data import (Tokenizer, data_dir, eval_text, find_tokenizer, pack_sequences, perplexity,
                   read_documents, training_tokens)
 
@@ -368,3 +369,109 @@ def test_eval_tokens_one_bos_per_story():
     assert "endoftext" not in tok.decode(ids[:3000].tolist())
     label, ids = data.eval_tokens("wikitext2", tok)  # no separators: the whole split, BOS once
     assert int((ids == tok.bos_id).sum()) == 1 and ids[0] == tok.bos_id
+
+
+# ----------------------------------------------------------------------------------------------
+# the GGUF tokenizer (metadata read by formats.gguf_tokenizer) and tiktoken (Llama 3's tokenizer.model)
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm"])
+def test_gguf_tokenizer_matches_its_source(tmp_path, pre):
+    tok = train_bpe(pre)
+    path = write_tokenizer_gguf(tmp_path / "tok.gguf", tok, pre=pre)
+    ours = Tokenizer(path)
+    bos, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|endoftext|>")
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (300, bos, eos)
+    for text in [TEXT, "  leading spaces, ümlauts and ünïcode: 東京 2024\t tabs", "<|endoftext|>the cat"]:
+        expected = tok.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, bos=False) == expected
+        assert ours.decode(expected) == tok.decode(expected, skip_special_tokens=True)
+    assert ours.decode(ours.encode(TEXT, bos=True, eos=True)) == TEXT  # specials dropped on decode
+    assert len(ours.encode(TEXT, bos=False)) < 0.6 * len(TEXT)  # the merges are used
+    if pre == "smollm":
+        assert ours.encode("1234", bos=False) == [tok.token_to_id(d) for d in "1234"]
+
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gguf_tokenizer_honours_add_bos(tmp_path, add_bos):
+    tok = train_bpe("gpt-2")
+    path = write_tokenizer_gguf(tmp_path / "tok.gguf", tok, add_bos=add_bos)
+    ours = Tokenizer(path)
+    body = tok.encode("the cat", add_special_tokens=False).ids
+    assert ours.add_bos == add_bos
+    assert ours.encode("the cat") == ([ours.bos_id] if add_bos else []) + body
+    assert ours.encode("the cat", bos=True)[0] == ours.bos_id  # an explicit request still wins
+
+
+
+def write_tiktoken_file(path, merged: list) -> dict:
+    """Llama 3's format: one '<base64 bytes> <rank>' line per token, the 256 bytes first, then `merged`."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({m: 256 + i for i, m in enumerate(merged)})
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+
+def test_tiktoken_tokenizer(tmp_path):
+    pytest.importorskip("tiktoken")
+    merged = [b"th", b"he", b"the", b" the", b"at", b" c", b" cat", b"\xc3\xbc"]
+    ranks = write_tiktoken_file(tmp_path / "tokenizer.model", merged)
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    n = len(ranks)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (n + 256, n, n + 1, True)
+    assert tok.encode("the cat", eos=True) == [n, ranks[b"the"], ranks[b" cat"], n + 1]
+    for text in [TEXT, "über  naïve\n\n 東京 <|begin_of_text|> 12345"]:
+        ids = tok.encode(text)
+        assert ids[0] == n and max(ids[1:]) < n  # special-token names in the text are plain text
+        assert tok.decode(ids) == text
+    assert "ü" in tok.decode([ranks[b"\xc3\xbc"]])
+
+
+
+def test_tokenizer_backend_is_chosen_by_extension(tmp_path):
+    """One table: .model SentencePiece (or Llama 3's tiktoken tokenizer.model), .json, .gguf, .tiktoken; any other
+    extension is refused by name, whatever the file holds."""
+    pytest.importorskip("tiktoken")
+    assert sorted(data.TOKENIZER_BACKENDS) == [".gguf", ".json", ".model", ".tiktoken"]
+    ranks = write_tiktoken_file(tmp_path / "llama3.tiktoken", [b"th", b"the"])
+    for name in ("llama3.tiktoken", "tokenizer.model"):
+        if name != "llama3.tiktoken":
+            (tmp_path / name).write_bytes((tmp_path / "llama3.tiktoken").read_bytes())
+        tok = Tokenizer(tmp_path / name)
+        assert type(tok.backend).__name__ == "_Tiktoken" and tok.encode("the", bos=False) == [ranks[b"the"]]
+    assert type(Tokenizer(shared_file("tok512.model")).backend).__name__ == "_SentencePiece"
+    (tmp_path / "tokenizer.txt").write_bytes((tmp_path / "llama3.tiktoken").read_bytes())
+    with pytest.raises(ValueError, match=r"tokenizer\.txt.*'\.tiktoken'.*found '\.txt'"):
+        Tokenizer(tmp_path / "tokenizer.txt")
+    assert find_tokenizer(tmp_path / "tokenizer.txt") == tmp_path / "tokenizer.model"  # first in the fixed order
+
+
+def test_tiktoken_file_errors(tmp_path):
+    pytest.importorskip("tiktoken")
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("IQ== 0\nnot-base64! 1\n")
+    with pytest.raises(ValueError, match=r"line 2.*base64 token"):
+        Tokenizer(bad)
+    bad.write_text("IQ== 0\nIg== 5\n")
+    with pytest.raises(ValueError, match=r"ranks 0\.\.1"):
+        Tokenizer(bad)
+
+
+
+def test_find_tokenizer_of_a_gguf_is_the_file_itself(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    assert data.find_tokenizer(path) == path
+
+
+
+def test_gguf_tokenizer_errors(tmp_path):
+    pytest.importorskip("gguf")
+    scaled = write_llama_gguf(tmp_path / "scaled.gguf", hf_model(vocab_size=300, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model is None, expected 'gpt2'"):
+        Tokenizer(scaled)  # a GGUF without tokenizer metadata
+    qwen = write_tokenizer_gguf(tmp_path / "qwen.gguf", train_bpe("gpt-2"), pre="qwen2")
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre 'qwen2' is not supported"):
+        Tokenizer(qwen)

@@ -2,33 +2,18 @@
 folder, Meta shards), the real files in shared/data, our own save/load round trip, LoRA, activation
 checkpointing and the loaders' error messages. Tiny models on CPU, float32, seeded, no network."""
 import json
-import math
 import os
-import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama
-from conftest import shared_file
+from conftest import hf_model, hf_to_meta_rows_by_index, randomize_
 from llama import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fill every parameter with seeded values large enough that attention is far from uniform (so a RoPE
-    or head-order mistake moves the logits by O(1), not by 1e-6): matrices N(0, 1/in), norms in [0.5, 1.5]."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():  # a tied matrix is listed once
-            if p.ndim == 1:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-    return module
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -52,17 +37,6 @@ def greedy(model: Transformer, prompt: list, n: int) -> list:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
-
-
-def hf_model(seed: int = 0, **config):
-    """A randomly initialised float32 transformers LlamaForCausalLM (default: the tiny GQA config)."""
-    transformers = pytest.importorskip("transformers")
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, vocab_size=128, rope_theta=10000.0, rms_norm_eps=1e-5,
-              max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(seed)  # transformers' own init draws from the global generator; we overwrite it anyway
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config}))
-    return randomize_(model, seed).float().eval()
 
 
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -94,20 +68,6 @@ SHARD_DIM_BY_KIND = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
 
 def expected_shard_dim(name: str):
     return SHARD_DIM_BY_KIND[name.split(".")[-2]]  # 'layers.0.attention.wq.weight' -> 'wq'
-
-
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """transformers' convert_llama_weights_to_hf permute: Meta's interleaved q/k rows -> rotate-half rows."""
-    d1, d2 = w.shape
-    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
-
-
-def hf_to_meta_rows_by_index(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of meta_to_hf_rows, found by pushing row indices through it: HF row i is Meta row idx[i]."""
-    idx = meta_to_hf_rows(torch.arange(w.shape[0])[:, None], n_heads)[:, 0]  # (out,)
-    meta = torch.empty_like(w)
-    meta[idx] = w
-    return meta
 
 
 def hf_state_to_meta(hf, n_heads: int, n_kv_heads: int) -> dict:
@@ -145,60 +105,8 @@ def meta_params(dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multipl
                 multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=1e-5, rope_theta=rope_theta)
 
 
-def test_test_helpers_invert_the_published_permutation():
-    w = torch.randn(32, 5)
-    for heads in (1, 2, 4):
-        assert torch.equal(meta_to_hf_rows(hf_to_meta_rows_by_index(w, heads), heads), w)
-        assert torch.equal(llama.hf_to_meta_rows(w, heads), hf_to_meta_rows_by_index(w, heads))
-    assert not torch.equal(hf_to_meta_rows_by_index(w, 4), w)  # the permutation does move rows
-
-
 # ----------------------------------------------------------------------------------------------
 # logits equal transformers' LlamaForCausalLM
-
-
-@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
-def test_hf_safetensors_folder_matches_transformers(tmp_path, rope_theta):
-    hf = hf_model(rope_theta=rope_theta)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = llama.load_checkpoint(tmp_path / "hf", dtype=torch.float32)
-    assert ours.args.rope_theta == rope_theta
-    ids = tokens(128, T=20)
-    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
-
-
-def test_hf_transformers_4_config_layout_matches(tmp_path):
-    """transformers 4.x wrote rope_theta at the top level (5.x nests it in rope_parameters); read both."""
-    hf = hf_model(rope_theta=500000.0)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.pop("rope_parameters", None)
-    cfg.update(rope_theta=500000.0, rope_scaling=None)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
-    ids = tokens(128, T=20)
-    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
-
-
-def test_hf_pytorch_model_bin_matches_transformers(tmp_path):
-    hf = hf_model(seed=3)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
-    ids = tokens(128, T=16)
-    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
-
-
-def test_hf_tied_embeddings_match_transformers(tmp_path):
-    hf = hf_model(seed=1, tie_word_embeddings=True)
-    assert hf.lm_head.weight is hf.model.embed_tokens.weight
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = llama.load_checkpoint(tmp_path, dtype=torch.float32)
-    assert ours.args.tie_embeddings
-    assert ours.output.weight is ours.tok_embeddings.weight
-    ids = tokens(128, T=16)
-    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
@@ -311,39 +219,6 @@ def test_compiled_block_has_no_complex_tensors():
 
 # ----------------------------------------------------------------------------------------------
 # real files in shared/data
-
-
-def test_tiny_random_llama_2_matches_recorded_corpus():
-    folder = shared_file("tiny-random-llama-2")
-    corpus = json.loads((folder / "corpus.json").read_text())
-    tol = corpus["logit_tolerance"]
-    model = llama.load_checkpoint(folder, dtype=torch.float32).eval()
-    assert (model.args.dim, model.args.vocab_size, model.args.n_layers) == (16, 3000, 2)
-    assert len(corpus["model_cases"]) == 3
-    for case in corpus["model_cases"]:
-        last = our_logits(model, torch.tensor([case["input_ids"]]))[0, -1]  # (V,)
-        ids = [int(i) for i in case["sampled_logits"]]
-        expected = torch.tensor([case["sampled_logits"][str(i)] for i in ids])
-        torch.testing.assert_close(last[ids], expected, atol=tol["absolute"], rtol=tol["relative"])
-        assert int(last.argmax()) == case["greedy_token"]
-        assert greedy(model, case["input_ids"], len(case["greedy_continuation"])) == case["greedy_continuation"]
-
-
-STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
-                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352]
-
-
-def test_stories260k_greedy_story():
-    model = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32).eval()
-    a = model.args
-    assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (64, 172, 5, 8, 4, 512)
-    assert a.tie_embeddings and model.output.weight is model.tok_embeddings.weight
-    assert llama.count_params(model) == 260032  # MANIFEST: parameters without the two RoPE tables
-    ids = llama.generate(model, [1], 40, temperature=0)  # from BOS, with the KV cache
-    assert ids == STORIES_GREEDY  # MANIFEST.md: llama2.c's run.c -t 0 gives the same story
-    sentencepiece = pytest.importorskip("sentencepiece")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_file("tok512.model")))
-    assert sp.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -814,13 +689,6 @@ def test_missing_path(tmp_path):
         llama.load_checkpoint(tmp_path / "nowhere")
 
 
-def test_folder_with_no_known_format(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="no known checkpoint format") as e:
-        llama.load_checkpoint(tmp_path)
-    assert "params.json" in str(e.value) and "config.json" in str(e.value) and "consolidated" in str(e.value)
-
-
 def test_params_json_unknown_key(tmp_path):
     with pytest.raises(ValueError, match="use_scaled_rope"):
         llama.load_checkpoint(meta_folder(tmp_path, use_scaled_rope=True))
@@ -862,49 +730,6 @@ def test_corrupt_pth(tmp_path):
     (folder / "consolidated.00.pth").write_bytes(b"not a zip archive, not a pickle" * 10)
     with pytest.raises(ValueError, match="consolidated.00.pth"):
         llama.load_checkpoint(folder)
-
-
-def test_truncated_llama2c_bin(tmp_path):
-    # a valid legacy header: dim 8, hidden 16, 1 layer, 2 heads, 2 kv heads, shared vocab 10, seq_len 4
-    header = struct.pack("7i", 8, 16, 1, 2, 2, 10, 4)
-    n_floats = 10 * 8 + 8 + 3 * 8 * 8 + 8 * 8 + 8 + 3 * 16 * 8 + 8 + 2 * 4 * 2
-    path = tmp_path / "tiny.bin"
-    path.write_bytes(header + struct.pack(f"{n_floats}f", *([0.5] * n_floats)))
-    model = llama.load_checkpoint(path, dtype=torch.float32)  # the intact file loads
-    assert model.args.hidden_dim == 16 and model.args.tie_embeddings
-    path.write_bytes(path.read_bytes()[:-40])
-    full = 28 + 4 * n_floats
-    with pytest.raises(ValueError, match=f"{full - 40} bytes") as e:
-        llama.load_checkpoint(path)
-    assert str(full) in str(e.value)
-
-
-@pytest.mark.parametrize("edit, words", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope"),
-    ({"model_type": "mistral"}, "mistral"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
-])
-def test_unsupported_hf_config(tmp_path, edit, words):
-    hf = hf_model()
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(edit)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=words):
-        llama.load_checkpoint(tmp_path)
-
-
-def test_hf_folder_with_unexpected_tensor(tmp_path):
-    hf = hf_model()
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    from safetensors.torch import load_file, save_file
-    state = load_file(str(tmp_path / "model.safetensors"))
-    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
-    save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="q_proj.bias"):
-        llama.load_checkpoint(tmp_path)
 
 
 def test_sequence_longer_than_max_seq_len():

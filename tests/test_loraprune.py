@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import formats
 import llama
 import loraprune as lp
 from conftest import shared_file
@@ -299,7 +300,7 @@ def test_vanilla_pruner_uses_weight_grads_and_frees_them():
 def short_prune_run(criterion, ratio=0.5, steps=40, seed=0):
     """LoRAPrune on stories260K for a few steps on CPU; returns the sliced model's perplexity on held-out text."""
     torch.manual_seed(seed)
-    model = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32)
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32)
     tok = data.Tokenizer(shared_file("tok512.model"))
     rows = data.training_tokens([shared_file("tinystories-train.txt")], tok, seq_len=128)
     params = llama.add_lora(model, r=8, alpha=16, dropout=0.0, seed=seed)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import formats
 import llama
 import loraprune
 import quant8
@@ -180,7 +181,7 @@ N_TOKENS = 16384  # 32 windows of 512; the whole file (71519 tokens) gives fp32 
 
 
 def _load(int8: bool) -> llama.Transformer:
-    return llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32, int8=int8)
+    return formats.load(shared_file("stories260K.bin"), dtype=torch.float32, int8=int8)
 
 
 def _is_int8(model: llama.Transformer) -> bool:
@@ -279,7 +280,7 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
 def test_quantize_model_merges_lora_in_float32(int8):
     """quantize_model quantizes W + s * B @ A as computed in float32, not a bf16 rounding of it (which would add up
     to a quarter step of error), for a bf16 float model and for an int8 model being re-quantized."""
-    model = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.bfloat16, int8=int8)
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.bfloat16, int8=int8)
     llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=0)
     g = torch.Generator().manual_seed(3)
     expected = {}

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import formats
 import llama
 import loraprune as lp
 import quant8
@@ -353,7 +354,7 @@ def test_query_pruner_state_resumes_exactly():
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 def test_sliced_uneven_stories260k_saves_and_reloads_identically(tmp_path, int8):
-    model = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32)
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32)
     args = model.args
     g = torch.Generator().manual_seed(0)
     masks = query_masks(args, g, keep_whole_layer=args.n_layers - 1)

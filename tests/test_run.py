@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import formats
 import llama
 import loraprune
 import run
@@ -85,7 +86,7 @@ def test_saved_model_reloads_and_matches_report(finished):
     # the per-layer sizes the pruner chose are the saved model's, and unpruned layers are whole
     assert model.args.layer_kv_heads == report["kv_heads_per_layer"]
     assert model.args.layer_hidden_dims == report["channels_per_layer"]
-    full = llama.load_checkpoint(shared_file("stories260K.bin"), dtype=torch.float32).args
+    full = formats.load(shared_file("stories260K.bin"), dtype=torch.float32).args
     assert report["pruned_layers"] == loraprune.default_pruned_layers(full.n_layers)
     for l in range(full.n_layers):
         pruned = l in report["pruned_layers"]
@@ -242,3 +243,24 @@ def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     assert report["kv_heads_per_layer"][0] == report["kv_heads_per_layer"][2] == 4
     assert llama.count_params(llama.load_checkpoint(out / "model")) == report["params_after"]
+
+
+@pytest.mark.parametrize("ckpt_format", ["gguf", "own"])
+def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_format):
+    """run.py with a GGUF checkpoint (its own tokenizer), or our own format with the GGUF passed as --tokenizer:
+    the saved model's folder holds tokenizer.gguf, which find_tokenizer picks and which reads as the original."""
+    from conftest import ROPE_THETA, TEXT, hf_model, train_bpe, write_llama_gguf
+    from data import Tokenizer
+    tok = train_bpe("smollm")
+    hf = hf_model(vocab_size=tok.get_vocab_size(), tie_word_embeddings=True, rope_theta=ROPE_THETA)
+    src = write_llama_gguf(tmp_path / "tiny.gguf", hf, tok, pre="smollm")
+    argv = ["--ckpt", str(src)]
+    if ckpt_format == "own":
+        argv = ["--ckpt", str(llama.save_checkpoint(formats.load(src, dtype=torch.float32), tmp_path / "own")),
+                "--tokenizer", str(src)]
+    assert run.main(argv + ["--ratio", "0", "--steps", "0", "--eval", "", "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "model"
+    found = data.find_tokenizer(folder, llama.load_checkpoint(folder).args.vocab_size)
+    assert found == folder / "tokenizer.gguf"
+    assert Tokenizer(found).encode(TEXT, eos=True) == Tokenizer(src).encode(TEXT, eos=True)
+

@@ -1,0 +1,511 @@
+"""Checkpoint formats at the edge of the project, as llama2.c keeps export.py beside model.py: readers for
+Hugging Face folders, llama2.c legacy exports and llama.cpp GGUF files (weights and tokenizer metadata), `load`
+that reads every format we know, and the exporters. llama.py itself reads only Meta's original folders and our own.
+
+Every reader returns (ModelArgs, {our tensor name: zero-argument reader}) for llama.build_from_readers, so tensors
+are read one at a time straight to the target dtype and device. Optional packages (safetensors, gguf, numpy) are
+imported inside the functions that need them.
+"""
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import llama
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folder (config.json + *.safetensors or pytorch_model*.bin)
+
+HF_NAMES = {  # Hugging Face name -> ours ({} is the layer index)
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Undo HF's q/k row permutation: HF stores each head's rows as [evens..., odds...] for rotate-half RoPE,
+    Meta interleaves them as pairs. (out, in) -> (out, in)."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def hf_config_to_args(cfg: dict, source: str) -> llama.ModelArgs:
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r}, expected 'llama'")
+    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta (and any scaling) in here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope_parameters={rope!r} is not supported (expected rope_type 'default')")
+    return llama.ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                           n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
+                           vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                           head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
+                           rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                           max_seq_len=cfg.get("max_position_embeddings", 2048),
+                           tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def hf_readers(folder: Path):
+    args = hf_config_to_args(llama._read_json(folder / "config.json"), str(folder / "config.json"))
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: config.json found but no *.safetensors or pytorch_model*.bin")
+    sources = {}  # hf name -> zero-argument reader
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            handle = safe_open(str(f), framework="pt")  # lazy: a tensor is read when asked for
+            sources.update({k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
+        else:
+            sd = llama._torch_load(f)
+            sources.update({k: (lambda sd=sd, k=k: sd[k]) for k in sd})
+    rename = {}
+    for i in range(args.n_layers):
+        rename.update({hf.format(i): ours.format(i) for hf, ours in HF_NAMES.items()})
+    readers = {}
+    for hf, read in sources.items():
+        if hf.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf not in rename:
+            raise ValueError(f"{folder}: unexpected tensor {hf}")
+        name = rename[hf]
+        if name.endswith(("wq.weight", "wk.weight")):
+            heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+            read = (lambda read=read, heads=heads: hf_to_meta_rows(read(), heads))
+        readers[name] = read
+    if args.tie_embeddings:
+        readers.pop("output.weight", None)
+    return args, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# llama2.c legacy export (*.bin)
+
+
+def llama2c_readers(path: Path):
+    """llama2.c 'version 0' export: 7 int32 (dim, hidden, layers, heads, kv heads, vocab, seq len), then float32
+    weights in a fixed order; a negative vocab size means the classifier follows, unshared."""
+    import numpy as np
+    with open(path, "rb") as f:
+        head = f.read(28)
+    if len(head) < 28:
+        raise ValueError(f"{path}: {len(head)} bytes, too short for a llama2.c header (28 bytes)")
+    if struct.unpack("I", head[:4])[0] == 0x616B3432:
+        raise ValueError(f"{path}: a llama2.c version 1/2 export; only the legacy (version 0) layout is read")
+    dim, hidden, L, H, K, vocab, seq_len = struct.unpack("7i", head)
+    shared = vocab > 0
+    vocab = abs(vocab)
+    if min(dim, hidden, L, H, K, vocab, seq_len) <= 0 or dim % H:
+        raise ValueError(f"{path}: not a llama2.c export (header {dim, hidden, L, H, K, vocab, seq_len})")
+    D = dim // H
+    shapes = [("tok_embeddings.weight", (vocab, dim)), ("attention_norm", (L, dim)), ("wq", (L, H * D, dim)),
+              ("wk", (L, K * D, dim)), ("wv", (L, K * D, dim)), ("wo", (L, dim, H * D)), ("ffn_norm", (L, dim)),
+              ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("norm.weight", (dim,)),
+              ("freq_cis_real", (seq_len, D // 2)), ("freq_cis_imag", (seq_len, D // 2))]
+    if not shared:
+        shapes.append(("output.weight", (vocab, dim)))
+    n_floats = sum(math.prod(s) for _, s in shapes)
+    size = path.stat().st_size
+    if size != 28 + 4 * n_floats:
+        raise ValueError(f"{path}: {size} bytes, but header {dim, hidden, L, H, K, vocab, seq_len} "
+                         f"implies {28 + 4 * n_floats}")
+    data = np.memmap(path, dtype=np.float32, mode="r", offset=28)
+    arrays, offset = {}, 0
+    for name, shape in shapes:
+        arrays[name] = data[offset: offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    where = {"attention_norm": "layers.{}.attention_norm.weight", "ffn_norm": "layers.{}.ffn_norm.weight",
+             "wq": "layers.{}.attention.wq.weight", "wk": "layers.{}.attention.wk.weight",
+             "wv": "layers.{}.attention.wv.weight", "wo": "layers.{}.attention.wo.weight",
+             "w1": "layers.{}.feed_forward.w1.weight", "w2": "layers.{}.feed_forward.w2.weight",
+             "w3": "layers.{}.feed_forward.w3.weight"}
+    readers = {}
+    for name, arr in arrays.items():
+        if name in where:
+            for i in range(L):
+                readers[where[name].format(i)] = lambda arr=arr, i=i: torch.from_numpy(np.array(arr[i]))
+        elif not name.startswith("freq_cis"):  # RoPE tables: recomputed (they equal theta=10000)
+            readers[name] = lambda arr=arr: torch.from_numpy(np.array(arr))
+    args = llama.ModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=K, vocab_size=vocab, hidden_dim=hidden,
+                           max_seq_len=seq_len, tie_embeddings=shared)
+    return args, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): weights and tokenizer metadata
+
+GGUF_NAMES = {  # GGUF name -> ours ({} is the layer index); no output.weight means a tied head
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def _open_gguf(path: Path):
+    """(the gguf module, a GGUFReader of `path`): the one place a GGUF file is opened for reading."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"{path}: reading GGUF needs the optional extra: pip install gguf") from e
+    try:
+        return gguf, gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_tokenizer(path) -> dict:
+    """The tokenizer metadata of a GGUF file as {key: value} with the 'tokenizer.ggml.' prefix dropped, e.g.
+    'model' ('gpt2', 'llama'), 'pre', 'tokens', 'merges', 'scores', 'token_type', 'bos_token_id', 'add_bos_token'.
+    Empty when the file holds no tokenizer. data.py builds its tokenizer from this."""
+    _, reader = _open_gguf(Path(path))
+    prefix = "tokenizer.ggml."
+    return {name[len(prefix):]: field.contents() for name, field in reader.fields.items() if name.startswith(prefix)}
+
+
+def gguf_readers(path: Path):
+    """A llama.cpp GGUF file of architecture 'llama', or 'deci' (per-layer head counts and MLP widths, what
+    export_gguf writes for a pruned model): config from its metadata, each tensor dequantized to float32 when read
+    (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). q/k rows are used as stored: llama.cpp's converter
+    undoes HF's rotate-half permutation (LlamaModel.permute in convert_hf_to_gguf.py), which leaves Meta's
+    interleaved pairs, the convention of apply_rope."""
+    import numpy as np
+    gguf, reader = _open_gguf(path)
+
+    def meta(key: str, default=..., per_layer: bool = False):
+        """One metadata value (a list of one per layer if per_layer and the file is 'deci'); without a default the
+        key is required."""
+        field = reader.get_field(key)
+        if field is None and default is ...:
+            raise ValueError(f"{path}: GGUF metadata has no {key}")
+        value = default if field is None else field.contents()
+        if isinstance(value, list) and not (per_layer and arch == "deci"):
+            raise ValueError(f"{path}: GGUF metadata {key} holds a list {value[:4]}..., expected one number")
+        return value
+
+    arch = meta("general.architecture")
+    if arch not in ("llama", "deci"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected 'llama' or 'deci'")
+    tensors = {t.name: t for t in reader.tensors}
+    scaling = meta(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:  # rope_freqs: Llama 3.1's per-frequency factors
+        raise ValueError(f"{path}: RoPE scaling (type {scaling!r}, rope_freqs.weight "
+                         f"{'present' if 'rope_freqs.weight' in tensors else 'absent'}) is not supported")
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    dim, vocab = (int(n) for n in tensors["token_embd.weight"].shape)  # GGUF lists dims fastest first: (C, V)
+    if meta(f"{arch}.vocab_size", vocab) != vocab:
+        raise ValueError(f"{path}: {arch}.vocab_size {meta(f'{arch}.vocab_size')} but token_embd.weight has "
+                         f"{vocab} rows")
+    n_layers = meta(f"{arch}.block_count")
+
+    def per_layer(key: str, default=...) -> list:
+        value = meta(f"{arch}.{key}", default, per_layer=True)
+        value = [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
+        if len(value) != n_layers or min(value) < 1:  # deci's 0 heads / 0 width (no-op layers) are not read
+            raise ValueError(f"{path}: {arch}.{key} = {value}, expected {n_layers} positive sizes")
+        return value
+
+    heads = per_layer("attention.head_count")
+    kv_heads = per_layer("attention.head_count_kv", heads)
+    widths = per_layer("feed_forward_length")
+    bad = [l for l in range(n_layers) if heads[l] % kv_heads[l]]
+    if bad:
+        raise ValueError(f"{path}: layer {bad[0]} has {heads[bad[0]]} query heads over {kv_heads[bad[0]]} kv heads")
+    rep = [h // k for h, k in zip(heads, kv_heads)]  # every kv head of a layer serves rep[l] query heads
+    head_dim = meta(f"{arch}.attention.key_length", meta(f"{arch}.embedding_length") // heads[0])
+    if meta(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: {arch}.rope.dimension_count {meta(f'{arch}.rope.dimension_count')}, expected "
+                         f"RoPE over the whole head (head_dim {head_dim})")
+    n_rep, n_kv = max(rep), max(kv_heads)  # the unpruned shape that holds every layer
+    args = llama.ModelArgs(dim=meta(f"{arch}.embedding_length"), n_layers=n_layers, n_heads=n_kv * n_rep,
+                           n_kv_heads=n_kv, vocab_size=vocab, hidden_dim=max(widths), head_dim=head_dim,
+                           norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"),
+                           rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+                           max_seq_len=meta(f"{arch}.context_length"), tie_embeddings="output.weight" not in tensors,
+                           layer_kv_heads=kv_heads, layer_hidden_dims=widths,
+                           layer_q_per_kv=[[r] * k for r, k in zip(rep, kv_heads)])
+    if args.dim != dim:
+        raise ValueError(f"{path}: {arch}.embedding_length {args.dim} but token_embd.weight has width {dim}")
+
+    def reader_of(t):
+        def read() -> Tensor:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)  # float32 numpy, fastest dim last
+            shape = [int(n) for n in reversed(t.shape)]  # GGUF (in, out) -> torch (out, in)
+            return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy off the mmap
+        return read
+
+    rename = {}
+    for i in range(args.n_layers):
+        rename.update({g.format(i): ours.format(i) for g, ours in GGUF_NAMES.items()})
+    unknown = sorted(set(tensors) - set(rename))
+    if unknown:
+        raise ValueError(f"{path}: unexpected GGUF tensor(s) {unknown[:8]} for a {arch} of {args.n_layers} layers")
+    return args, {rename[name]: reader_of(t) for name, t in tensors.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# load: every format
+
+
+FORMATS = ("our own (params.json with format 'loraprune' + model.safetensors)",
+           "Meta (params.json + consolidated.*.pth)",
+           "Hugging Face (config.json + *.safetensors or pytorch_model*.bin)",
+           "llama2.c legacy export (*.bin)", "GGUF (*.gguf)")
+
+
+def load(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = False) -> llama.Transformer:
+    """Read a checkpoint of any format in FORMATS into a Transformer on `device`, chosen by what the path is: a folder
+    with params.json (ours or Meta's, through llama.load_checkpoint), a folder with config.json (Hugging Face), a
+    *.gguf file, a *.bin file (llama2.c). Weights go to `dtype` (None: as stored; GGUF dequantizes to float32);
+    int8=True quantizes the seven projections of every block on the way in (quant8.py)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir() and (path / "params.json").exists():
+        return llama.load_checkpoint(path, device=device, dtype=dtype, int8=int8)
+    if path.is_dir() and (path / "config.json").exists():
+        args, readers = hf_readers(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        args, readers = gguf_readers(path)
+    elif path.is_file() and path.suffix == ".bin":
+        args, readers = llama2c_readers(path)
+    else:
+        raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
+    return llama.build_from_readers(args, readers, device, dtype, int8, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# export: shared helpers
+
+
+def _check_exportable(model: llama.Transformer, target: str) -> None:
+    """ValueError unless the model's weights are what it computes: no pruning masks still set (Eq. 13's masked
+    forward is not a shape another program can hold; loraprune.slice_model makes the kept heads and channels real)."""
+    for l, layer in enumerate(model.layers):
+        if layer.attention.head_mask is not None or layer.feed_forward.channel_mask is not None:
+            raise ValueError(f"{target}: layer {l} still has pruning masks set; slice the model first "
+                             "(loraprune.slice_model) so the file holds only the kept heads and channels")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _float32(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def kv_repeat(q_per_kv: list) -> list:
+    """Kv head of each kv slot after repeating kv heads so that every slot serves the same number g = gcd(q_per_kv)
+    of consecutive query heads, the only grouping llama.cpp and transformers compute: [3, 1] -> [0, 0, 0, 1]."""
+    g = math.gcd(*q_per_kv)
+    return [j for j, c in enumerate(q_per_kv) for _ in range(c // g)]
+
+
+def _layer_weights(model: llama.Transformer, l: int) -> dict:
+    """{our projection name: zero-argument reader of its float32 (out, in) weight} for layer l, LoRA merged
+    (W + s B@A), int8 stores dequantized, and wk / wv rows repeated per kv_repeat (the layer's own q/k rows stay in
+    Meta's interleaved RoPE layout)."""
+    D = model.args.head_dim
+    rows = torch.tensor([j * D + d for j in kv_repeat(model.args.q_per_kv(l)) for d in range(D)])  # (K' * D,)
+    readers = {}
+    for name, lin in llama.projections(model, l).items():
+        if name in ("wk", "wv"):
+            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))[rows]
+        else:
+            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))
+    return readers
+
+
+# ----------------------------------------------------------------------------------------------
+# export: GGUF (llama.cpp)
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what export_gguf writes the matrices as; norms are always F32
+PROJECTION_GGUF = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+                   "w2": "ffn_down", "w3": "ffn_up"}
+
+
+def gguf_layer_shapes(model: llama.Transformer) -> list:
+    """(query heads, kv heads after kv_repeat, MLP width) of every layer, as the GGUF file states them."""
+    a = model.args
+    return [(a.layer_n_heads[l], len(kv_repeat(a.q_per_kv(l))), a.layer_hidden_dims[l]) for l in range(a.n_layers)]
+
+
+def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenizer_path=None) -> Path:
+    """Write the model as a llama.cpp GGUF file at out_path (atomically: a temporary file, then a rename).
+    Architecture 'llama' when every layer has the same shape, else 'deci' (llama.cpp's per-layer arrays of
+    head_count, head_count_kv and feed_forward_length, as for Llama-3.1-Nemotron-51B). Matrices are written as
+    `ftype` (GGUF_TYPES; q8_0 keeps F16 for a matrix whose rows are not a multiple of 32), norms as F32. q/k rows go
+    as stored: Meta's interleaved RoPE pairs are the layout llama.cpp's converter writes for 'llama'. Uneven
+    query-head groups (--head-unit query) are written exactly by repeating kv heads (kv_repeat). The tokenizer:
+    a SentencePiece .model as tokenizer.ggml.model 'llama', a GGUF's tokenizer metadata copied as it was."""
+    out_path = Path(out_path)
+    if ftype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; expected one of {', '.join(GGUF_TYPES)}")
+    _check_exportable(model, str(out_path))
+    try:
+        import gguf
+        import numpy as np
+    except ImportError as e:
+        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    Q, T = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    qtype, file_type = {"f32": (Q.F32, T.ALL_F32), "f16": (Q.F16, T.MOSTLY_F16), "bf16": (Q.BF16, T.MOSTLY_BF16),
+                        "q8_0": (Q.Q8_0, T.MOSTLY_Q8_0)}[ftype]
+    a = model.args
+    shapes = gguf_layer_shapes(model)
+    arch = "llama" if len(set(shapes)) == 1 else "deci"
+
+    # tensors: (GGUF name, torch shape, zero-argument reader of a float32 tensor), in llama.cpp's order
+    tensors = [("token_embd.weight", tuple(model.tok_embeddings.weight.shape),
+                lambda: _float32(model.tok_embeddings.weight))]
+    for l, (H, K, F) in enumerate(shapes):
+        weights = _layer_weights(model, l)
+        C, D = a.dim, a.head_dim
+        out_in = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (F, C),
+                  "w2": (C, F), "w3": (F, C)}
+        tensors.append((f"blk.{l}.attn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].attention_norm.weight)))
+        tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.weight", out_in[n], weights[n]) for n in PROJECTION_GGUF]
+        tensors.append((f"blk.{l}.ffn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].ffn_norm.weight)))
+    tensors.append(("output_norm.weight", (a.dim,), lambda: _float32(model.norm.weight)))
+    if not a.tie_embeddings:  # no output.weight: llama.cpp uses token_embd for the head
+        tensors.append(("output.weight", tuple(model.output.weight.shape), lambda: _float32(model.output.weight)))
+
+    def type_of(shape: tuple):
+        if len(shape) == 1 or (qtype == Q.Q8_0 and shape[-1] % 32):
+            return Q.F32 if len(shape) == 1 else Q.F16
+        return qtype
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(out_path.stem)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(a.max_seq_len)
+        writer.add_embedding_length(a.dim)
+        writer.add_block_count(a.n_layers)
+        heads, kv_heads, widths = ([s[i] for s in shapes] for i in range(3))
+        uniform = arch == "llama"
+        writer.add_head_count(heads[0] if uniform else heads)
+        writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
+        writer.add_feed_forward_length(widths[0] if uniform else widths)
+        writer.add_key_length(a.head_dim)  # stated: llama.cpp would derive dim / head_count, wrong once pruned
+        writer.add_value_length(a.head_dim)
+        writer.add_rope_dimension_count(a.head_dim)
+        writer.add_rope_freq_base(a.rope_theta)
+        writer.add_layer_norm_rms_eps(a.norm_eps)
+        writer.add_vocab_size(a.vocab_size)
+        _add_gguf_tokenizer(writer, gguf, tokenizer_path, a.vocab_size)
+        for name, shape, _ in tensors:
+            t = type_of(shape)
+            if t in (Q.F32, Q.F16):
+                dtype = np.float32 if t == Q.F32 else np.float16
+                writer.add_tensor_info(name, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize)
+            else:  # block types are written as raw bytes, (out, bytes per row)
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, shape, read in tensors:  # one tensor in memory at a time
+            w = read()
+            assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} != {shape}"
+            writer.write_tensor_data(gguf.quants.quantize(w.numpy(), type_of(shape)))
+        writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file follows the umask
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
+    """tokenizer.ggml.* metadata: copied from a GGUF file as it was, or built from a SentencePiece .model the way
+    llama.cpp's converter does (pieces, scores, token types, BOS/EOS/UNK ids; unused [PAD<i>] pieces up to a larger
+    model vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary)."""
+    if tokenizer_path is None:
+        writer.add_tokenizer_model("none")
+        return
+    path = Path(tokenizer_path)
+    if path.suffix == ".gguf":
+        _, reader = _open_gguf(path)
+        V = gguf.GGUFValueType
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            if field.types[0] == V.ARRAY and field.types[-1] == V.STRING:  # the bytes exactly as stored
+                writer.add_key_value(key, [bytes(field.parts[i]) for i in field.data], V.ARRAY, sub_type=V.STRING)
+            elif field.types[0] == V.ARRAY:
+                writer.add_key_value(key, field.contents(), V.ARRAY, sub_type=field.types[-1])
+            elif field.types[0] == V.STRING:
+                writer.add_key_value(key, bytes(field.parts[field.data[0]]), V.STRING)
+            else:
+                writer.add_key_value(key, field.contents(), field.types[0])
+        return
+    if path.suffix != ".model":
+        raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model or a .gguf file, "
+                         f"found {path.suffix!r}")
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: GGUF export needs a SentencePiece model here ({e})") from None
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise ValueError(f"{path}: {n} tokens, but the model's embedding has only {vocab_size} rows")
+    TT = gguf.TokenType
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(TT.UNKNOWN if sp.is_unknown(i) else TT.CONTROL if sp.is_control(i) else
+                     TT.UNUSED if sp.is_unused(i) else TT.BYTE if sp.is_byte(i) else TT.NORMAL)
+    for i in range(n, vocab_size):  # a padded embedding: rows no text maps to
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TT.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for add, token_id in ((writer.add_bos_token_id, sp.bos_id()), (writer.add_eos_token_id, sp.eos_id()),
+                          (writer.add_unk_token_id, sp.unk_id()), (writer.add_pad_token_id, sp.pad_id())):
+        if token_id >= 0:
+            add(token_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)

@@ -1,0 +1,517 @@
+"""Tests for formats.py: every reader gives transformers' logits (Hugging Face folders, GGUF files as llama.cpp
+writes them), the real files in shared/data (llama2.c's stories260K, tiny-random-llama-2), formats.load's choice of
+reader, and the readers' error messages. Tiny models on CPU, float32, seeded, no network."""
+import json
+import struct
+
+import pytest
+import torch
+
+import formats
+import llama
+from conftest import (ROPE_THETA, hf_model, hf_to_meta_rows_by_index, meta_to_hf_rows, shared_file, train_bpe,
+                      write_llama_gguf)
+from data import Tokenizer
+from llama import Transformer
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def tokens(vocab: int, T: int = 12, B: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def greedy(model: Transformer, prompt: list, n: int) -> list:
+    """n greedy tokens after `prompt`, recomputing the whole prefix each step (no KV cache to get wrong)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # (B, T, V)
+
+
+def our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)  # (B, T, V)
+
+
+def gguf_hf_model(vocab: int, tied: bool, seed: int = 0):
+    """The GGUF tests' transformers model: the tiny GQA config with SmolLM2's RoPE base."""
+    return hf_model(seed, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=ROPE_THETA)
+
+
+def logits_both(hf, ours, ids):
+    with torch.no_grad():
+        return hf(input_ids=ids).logits, ours(ids)  # (B, T, V) each
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders: logits equal transformers' LlamaForCausalLM
+
+
+def test_test_helpers_invert_the_published_permutation():
+    w = torch.randn(32, 5)
+    for heads in (1, 2, 4):
+        assert torch.equal(meta_to_hf_rows(hf_to_meta_rows_by_index(w, heads), heads), w)
+        assert torch.equal(formats.hf_to_meta_rows(w, heads), hf_to_meta_rows_by_index(w, heads))
+    assert not torch.equal(hf_to_meta_rows_by_index(w, 4), w)  # the permutation does move rows
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
+def test_hf_safetensors_folder_matches_transformers(tmp_path, rope_theta):
+    hf = hf_model(rope_theta=rope_theta)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours = formats.load(tmp_path / "hf", dtype=torch.float32)
+    assert ours.args.rope_theta == rope_theta
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_transformers_4_config_layout_matches(tmp_path):
+    """transformers 4.x wrote rope_theta at the top level (5.x nests it in rope_parameters); read both."""
+    hf = hf_model(rope_theta=500000.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=500000.0, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_pytorch_model_bin_matches_transformers(tmp_path):
+    hf = hf_model(seed=3)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_tied_embeddings_match_transformers(tmp_path):
+    hf = hf_model(seed=1, tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    assert ours.args.tie_embeddings
+    assert ours.output.weight is ours.tok_embeddings.weight
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF: same logits as transformers on the same (dequantized) weights
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_logits_match_transformers(tmp_path, tied):
+    tok = train_bpe("gpt-2")
+    hf = gguf_hf_model(tok.get_vocab_size(), tied)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, tok)
+    ours = formats.load(path, dtype=torch.float32).eval()
+    args = ours.args
+    shape = (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.head_dim)
+    assert shape == (64, 2, 4, 2, 96, 16)
+    assert (args.vocab_size, args.rope_theta, args.max_seq_len, args.tie_embeddings) == (300, ROPE_THETA, 64, tied)
+    assert args.norm_eps == pytest.approx(1e-5)
+    ids = torch.randint(300, (2, 24), generator=torch.Generator().manual_seed(0))  # (B, T)
+    theirs, mine = logits_both(hf, ours, ids)
+    assert theirs.std() > 0.5  # far from uniform, so a layout mistake would show
+    torch.testing.assert_close(mine, theirs, atol=2e-4, rtol=2e-4)
+    if tied:
+        assert ours.output.weight is ours.tok_embeddings.weight
+    Tokenizer(path).check_vocab(args.vocab_size)  # one file holds both
+
+
+def test_gguf_without_llama_cpp_permutation_does_not_match(tmp_path):
+    """The comparison above is sensitive to the q/k row layout: the unpermuted (HF) rows give other logits."""
+    hf = gguf_hf_model(300, tied=True)
+    ours = formats.load(write_llama_gguf(tmp_path / "hf-rows.gguf", hf, permute=False),
+                                 dtype=torch.float32).eval()
+    theirs, mine = logits_both(hf, ours, torch.arange(24).view(2, 12))
+    assert (mine - theirs).abs().max() > 0.1
+
+
+def test_real_model_through_gguf_tells_the_same_story(tmp_path):
+    """stories260K (a llama2.c model trained on TinyStories, GQA 8/4 heads) written as llama.cpp would write its
+    HF form: greedy text through the GGUF loader equals transformers' on the same weights, and reads as English."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    src = formats.load(shared_file("stories260K.bin"), dtype=torch.float32)
+    a = src.args
+    cfg = transformers.LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                                   num_key_value_heads=a.n_kv_heads, intermediate_size=a.hidden_dim,
+                                   vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+                                   max_position_embeddings=a.max_seq_len, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg).float().eval()
+    ours_of = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+               "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    state = src.state_dict()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # model.layers.N.<module>.weight, embed_tokens, norm
+            if ".layers." in name:
+                _, _, i, *module, _ = name.split(".")
+                ours = ours_of[".".join(module)]
+                w = state[f"layers.{i}.{ours}.weight"]
+                if ours in ("attention.wq", "attention.wk"):  # Meta's interleaved pairs -> HF's halves, per head
+                    heads = a.n_heads if ours == "attention.wq" else a.n_kv_heads
+                    w = w.view(heads, -1, 2, a.dim).transpose(1, 2).reshape(w.shape)
+            else:
+                w = state["tok_embeddings.weight" if "embed_tokens" in name else "norm.weight"]
+            p.copy_(w)
+    tok = Tokenizer(shared_file("tok512.model"))
+    prompt = tok.encode("Once upon a time")
+    ours = formats.load(write_llama_gguf(tmp_path / "stories260K.gguf", hf, rope_theta=a.rope_theta),
+                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0].tolist()
+        ids = list(prompt)
+        for _ in range(40):  # greedy, recomputing the whole prefix (no KV cache to get wrong)
+            ids.append(int(ours(torch.tensor([ids]))[0, -1].argmax()))
+    assert ids == theirs
+    assert tok.decode(ids).startswith("Once upon a time, there was a little")
+
+
+def test_gguf_int8_and_bf16_load(tmp_path):
+    hf = gguf_hf_model(300, tied=False)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf)
+    ids = torch.arange(16).view(1, 16)
+    theirs, _ = logits_both(hf, formats.load(path, dtype=torch.float32), ids)
+    int8 = formats.load(path, dtype=torch.float32, int8=True)
+    assert int8.layers[0].attention.wq.weight.dtype == torch.int8
+    assert (logits_both(hf, int8, ids)[1] - theirs).abs().max() < 0.2
+    assert formats.load(path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+    assert formats.load(path).tok_embeddings.weight.dtype == torch.float32  # dtype None: as dequantized
+
+
+
+# ----------------------------------------------------------------------------------------------
+# real files in shared/data
+
+
+def test_tiny_random_llama_2_matches_recorded_corpus():
+    folder = shared_file("tiny-random-llama-2")
+    corpus = json.loads((folder / "corpus.json").read_text())
+    tol = corpus["logit_tolerance"]
+    model = formats.load(folder, dtype=torch.float32).eval()
+    assert (model.args.dim, model.args.vocab_size, model.args.n_layers) == (16, 3000, 2)
+    assert len(corpus["model_cases"]) == 3
+    for case in corpus["model_cases"]:
+        last = our_logits(model, torch.tensor([case["input_ids"]]))[0, -1]  # (V,)
+        ids = [int(i) for i in case["sampled_logits"]]
+        expected = torch.tensor([case["sampled_logits"][str(i)] for i in ids])
+        torch.testing.assert_close(last[ids], expected, atol=tol["absolute"], rtol=tol["relative"])
+        assert int(last.argmax()) == case["greedy_token"]
+        assert greedy(model, case["input_ids"], len(case["greedy_continuation"])) == case["greedy_continuation"]
+
+
+STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
+                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352]
+
+
+def test_stories260k_greedy_story():
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32).eval()
+    a = model.args
+    assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (64, 172, 5, 8, 4, 512)
+    assert a.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert llama.count_params(model) == 260032  # MANIFEST: parameters without the two RoPE tables
+    ids = llama.generate(model, [1], 40, temperature=0)  # from BOS, with the KV cache
+    assert ids == STORIES_GREEDY  # MANIFEST.md: llama2.c's run.c -t 0 gives the same story
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_file("tok512.model")))
+    assert sp.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_folder_with_no_known_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="no known checkpoint format") as e:
+        formats.load(tmp_path)
+    assert "params.json" in str(e.value) and "config.json" in str(e.value) and "consolidated" in str(e.value)
+    (tmp_path / "model.pt").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="no known checkpoint format"):
+        formats.load(tmp_path / "model.pt")  # a file is read by its extension: .gguf or .bin
+
+
+def test_llama_load_checkpoint_points_to_formats_load(tmp_path):
+    """llama.py reads only folders with params.json (ours, Meta's); for anything else it names formats.load."""
+    hf_model().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    for path in (tmp_path / "hf", shared_file("stories260K.bin")):
+        with pytest.raises(ValueError, match="formats.load"):
+            llama.load_checkpoint(path)
+
+
+def test_truncated_llama2c_bin(tmp_path):
+    # a valid legacy header: dim 8, hidden 16, 1 layer, 2 heads, 2 kv heads, shared vocab 10, seq_len 4
+    header = struct.pack("7i", 8, 16, 1, 2, 2, 10, 4)
+    n_floats = 10 * 8 + 8 + 3 * 8 * 8 + 8 * 8 + 8 + 3 * 16 * 8 + 8 + 2 * 4 * 2
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(header + struct.pack(f"{n_floats}f", *([0.5] * n_floats)))
+    model = formats.load(path, dtype=torch.float32)  # the intact file loads
+    assert model.args.hidden_dim == 16 and model.args.tie_embeddings
+    path.write_bytes(path.read_bytes()[:-40])
+    full = 28 + 4 * n_floats
+    with pytest.raises(ValueError, match=f"{full - 40} bytes") as e:
+        formats.load(path)
+    assert str(full) in str(e.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope"),
+    ({"model_type": "mistral"}, "mistral"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_unsupported_hf_config(tmp_path, edit, words):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=words):
+        formats.load(tmp_path)
+
+
+def test_hf_folder_with_unexpected_tensor(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="q_proj.bias"):
+        formats.load(tmp_path)
+
+
+def test_gguf_errors(tmp_path):
+    pytest.importorskip("gguf")
+    hf = gguf_hf_model(300, tied=True)
+    with pytest.raises(ValueError, match=r"architecture 'gpt2', expected 'llama'"):
+        formats.load(write_llama_gguf(tmp_path / "gpt2.gguf", hf, arch="gpt2"))
+    scaled = write_llama_gguf(tmp_path / "scaled.gguf", hf, extra={"llama.rope.scaling.type": "linear"})
+    with pytest.raises(ValueError, match=r"RoPE scaling.*'linear'"):
+        formats.load(scaled)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(10))
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        formats.load(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF export, run by a real llama.cpp (llama-cpp-python)
+
+CPP_TOLERANCE = 1e-3  # max |logit difference| allowed for an f32 export (measured: about 3e-5 on logits of ~15)
+CPP_TYPE_TOLERANCE = {"f16": 0.1, "bf16": 0.5, "q8_0": 1.0}  # measured 0.03, 0.16, 0.51 on stories260K
+
+
+def llama_cpp_module():
+    """llama_cpp, or a failure under CI=true (CI must run these tests), else a skip."""
+    import os
+    try:
+        import llama_cpp
+    except ImportError as e:
+        message = f"llama-cpp-python is not installed ({e}): pip install llama-cpp-python"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return llama_cpp
+
+
+class CppModel:
+    """A GGUF file opened in llama.cpp: every position's logits, float32 KV cache, 2 threads."""
+
+    def __init__(self, path):
+        llama_cpp = llama_cpp_module()
+        self.lm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lm.close()
+
+    def logits(self, ids: list) -> torch.Tensor:
+        self.lm.reset()
+        self.lm.eval(ids)
+        return torch.from_numpy(self.lm.scores[: len(ids)].copy())  # (T, V)
+
+    def greedy(self, prompt: list, n: int) -> list:
+        """n greedy tokens after `prompt`, decoded one at a time through llama.cpp's KV cache."""
+        self.lm.reset()
+        self.lm.eval(prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(self.lm.scores[self.lm.n_tokens - 1].argmax()))
+            self.lm.eval(out[-1:])
+        return out
+
+
+def stories(shape: str) -> Transformer:
+    """stories260K (8 query heads over 4 kv heads, MLP 172) as a uniform model or sliced by fixed masks: 'pruned'
+    removes 50% of the parameters by kv groups and channels (layers 0-3 of 5, so layers differ), 'query' drops
+    query heads so that kv heads keep uneven numbers of them ([1, 2, 2], [1, 2, 2, 2], ...)."""
+    import loraprune
+    model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32).eval()
+    if shape == "uniform":
+        return model
+    g = torch.Generator().manual_seed(0)
+    args = model.args
+    layers = loraprune.default_pruned_layers(args.n_layers)
+    counts = loraprune.prune_counts(args, 0.5, layers, head_unit="kv" if shape == "pruned" else "query")
+    dropped_heads = {0: [1, 4, 5], 1: [1], 2: [0, 1, 2], 3: [3, 5, 7]}  # query heads; kv head j owns 2j, 2j + 1
+    masks = []
+    for l, ((h, f), (heads, channels)) in enumerate(zip(counts, loraprune.full_masks(args, head_unit="kv"))):
+        if shape == "query":
+            heads = torch.ones(args.n_heads, dtype=torch.bool)
+            heads[dropped_heads.get(l, [])] = False
+        else:
+            heads[torch.randperm(len(heads), generator=g)[:h]] = False
+        channels[torch.randperm(len(channels), generator=g)[:f]] = False
+        masks.append((heads, channels))
+    return loraprune.slice_model(model, masks).eval()
+
+
+def gguf_arch(path) -> str:
+    import gguf
+    return gguf.GGUFReader(path).get_field("general.architecture").contents()
+
+
+PROMPT_IDS = [1, 403, 407, 261, 378]  # <s> "Once upon a time" in tok512.model
+
+
+@pytest.mark.parametrize("shape", ["pruned", "uniform", "query"])
+def test_gguf_export_runs_in_llama_cpp(tmp_path, shape):
+    """The exported f32 file in llama.cpp: every position's logits equal ours within CPP_TOLERANCE, 20 greedy
+    tokens identical; 'llama' for the uniform model, 'deci' (per-layer sizes) for the pruned ones; tied head."""
+    model = stories(shape)
+    if shape == "pruned":
+        assert len(set(model.args.layer_kv_heads)) > 1 and len(set(model.args.layer_hidden_dims)) > 1
+    if shape == "query":
+        assert model.args.layer_q_per_kv[0] == [1, 2, 2] and model.args.layer_q_per_kv[3] == [2, 1, 1, 1]
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f32",
+                               tokenizer_path=shared_file("tok512.model"))
+    assert gguf_arch(path) == ("llama" if shape == "uniform" else "deci")
+    ids = PROMPT_IDS + tokens(512, T=40, B=1, seed=1)[0].tolist()  # a story start, then random tokens
+    ours = our_logits(model, torch.tensor([ids]))[0]  # (T, V)
+    with CppModel(path) as cpp:
+        theirs = cpp.logits(ids)
+        assert ours.std() > 1.0  # far from uniform
+        torch.testing.assert_close(theirs, ours, atol=CPP_TOLERANCE, rtol=0)
+        assert cpp.greedy(PROMPT_IDS, 20) == greedy(model, PROMPT_IDS, 20)
+    import gguf
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names  # tied: the head is the embedding
+    back = formats.load(path)  # our own reader of llama and deci files
+    torch.testing.assert_close(our_logits(back, torch.tensor([ids]))[0], ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ftype", ["f16", "bf16", "q8_0"])
+def test_gguf_export_types_in_llama_cpp(tmp_path, ftype):
+    model = stories("pruned")
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype=ftype,
+                               tokenizer_path=shared_file("tok512.model"))
+    import gguf
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == ftype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    ids = PROMPT_IDS + tokens(512, T=40, B=1, seed=2)[0].tolist()
+    ours = our_logits(model, torch.tensor([ids]))[0]  # (T, V)
+    with CppModel(path) as cpp:
+        theirs = cpp.logits(ids)
+    assert (theirs - ours).abs().max() < CPP_TYPE_TOLERANCE[ftype]
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_export_tokenizer_in_llama_cpp(tmp_path):
+    """A SentencePiece tokenizer written as tokenizer.ggml.model 'llama': llama.cpp tokenizes like sentencepiece."""
+    path = formats.export_gguf(stories("uniform"), tmp_path / "model.gguf", ftype="f32",
+                               tokenizer_path=shared_file("tok512.model"))
+    tok = Tokenizer(shared_file("tok512.model"))
+    meta = formats.gguf_tokenizer(path)
+    assert (meta["model"], meta["bos_token_id"], meta["eos_token_id"], len(meta["tokens"])) == ("llama", 1, 2, 512)
+    with CppModel(path) as cpp:
+        for text in ["Once upon a time, there was a little girl named Lily.", "The cat sat on the mat. 42!"]:
+            assert cpp.lm.tokenize(text.encode()) == tok.encode(text)
+            assert cpp.lm.detokenize(tok.encode(text)).decode() == text == tok.decode(tok.encode(text))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_export_of_a_gguf_copies_its_tokenizer(tmp_path, tied):
+    """A model read from a GGUF file (byte-level BPE tokenizer, RoPE base 100000, tied or untied head) exported again:
+    the tokenizer metadata is the source's, RoPE theta and the head carry over, llama.cpp gives transformers'
+    logits, and tokenizes as our reader of the source does."""
+    tok = train_bpe("gpt-2")
+    hf = gguf_hf_model(tok.get_vocab_size(), tied)
+    src = write_llama_gguf(tmp_path / "src.gguf", hf, tok)
+    out = formats.export_gguf(formats.load(src), tmp_path / "out.gguf", ftype="f32", tokenizer_path=src)
+    assert formats.gguf_tokenizer(out) == formats.gguf_tokenizer(src)
+    import gguf
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("llama.rope.freq_base").contents() == ROPE_THETA
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (not tied)
+    ids = tokens(300, T=24, B=1)[0].tolist()
+    with CppModel(out) as cpp:
+        torch.testing.assert_close(cpp.logits(ids), hf_logits(hf, torch.tensor([ids]))[0], atol=CPP_TOLERANCE,
+                                   rtol=0)
+        text = "The cat sat on the mat."
+        assert cpp.lm.tokenize(text.encode(), add_bos=False) == Tokenizer(src).encode(text, bos=False)
+
+
+def test_gguf_export_is_atomic_and_follows_the_umask(tmp_path, monkeypatch):
+    import os
+    model = stories("uniform")
+    old = os.umask(0o027)
+    try:
+        path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f16")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    before = path.read_bytes()
+    import gguf
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", broken)
+    with pytest.raises(OSError, match="disk full"):
+        formats.export_gguf(model, path, ftype="f32")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"] and path.read_bytes() == before
+
+
+def test_gguf_export_bad_input(tmp_path):
+    """One-line ValueErrors, nothing written: an unknown type, a model with masks still set, a tokenizer GGUF
+    cannot take, a tokenizer larger than the embedding."""
+    import loraprune
+    model = stories("uniform")
+    out = tmp_path / "model.gguf"
+    with pytest.raises(ValueError, match=r"unknown GGUF type 'q4_k'; expected one of f32, f16, bf16, q8_0") as e:
+        formats.export_gguf(model, out, ftype="q4_k")
+    assert "\n" not in str(e.value)
+    masks = loraprune.full_masks(model.args)
+    masks[2][1][:10] = False
+    loraprune.apply_masks(model, masks)
+    with pytest.raises(ValueError, match=r"layer 2 still has pruning masks set.*slice_model"):
+        formats.export_gguf(model, out)
+    loraprune.apply_masks(model, loraprune.full_masks(model.args))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"SentencePiece \.model or a \.gguf file, found '\.json'"):
+        formats.export_gguf(model, out, tokenizer_path=tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"32000 tokens, but the model's embedding has only 512 rows"):
+        formats.export_gguf(model, out, tokenizer_path=shared_file("tokenizer.model"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "tokenizer.json"]
