@@ -1,6 +1,6 @@
-"""Data parallel run.py under torchrun (two CPU processes, gloo) against one process on the same global batch: the
-same loss every step, the same masks on both ranks and as one process, and only rank 0 writing --out. Plus the
-pieces: the batch must split over the processes, and ranks that disagree fail loudly."""
+"""train.py: the learning-rate schedule, the data order, and data-parallel training under torchrun (two CPU
+processes, gloo) against one process on the same global batch: the same loss every step, the same masks on both ranks
+and as one process, and only rank 0 writing --out. Plus the pieces: digests, and ranks that disagree fail loudly."""
 import json
 import os
 import subprocess
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import run
+import train
 from conftest import shared_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,21 +22,55 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+# ----------------------------------------------------------------------------------------------
+# learning rate and data order
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    lrs = [train.lr_at(s, 100, 1.0) for s in range(101)]
+    warmup = 3  # 3% of 100 steps
+    assert lrs[:warmup] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))  # monotone after the warmup
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12) and lrs[99] > 0
+    assert train.lr_at(0, 1, 1e-4) == 1e-4  # a one-step run still takes a step
+
+
+def test_row_sampler_visits_each_row_once_per_epoch_and_resumes():
+    sampler = train.RowSampler(10, seed=0)
+    first = torch.cat([sampler.next(3) for _ in range(3)] + [sampler.next(1)])
+    assert sorted(first.tolist()) == list(range(10))
+    crossing = sampler.next(4)  # three into epoch 1 already
+    state = sampler.state_dict()
+    expected = [sampler.next(7) for _ in range(3)]
+    again = train.RowSampler(10, seed=123)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next(7) for _ in range(3)]))
+    assert crossing.unique().numel() == 4 and sampler.epoch == 3
+
+
+def test_compile_warmup_is_the_first_step_beyond_the_median():
+    assert train.compile_warmup([30.0, 1.0, 3.0, 2.0]) == pytest.approx(28.0)  # median of the later steps: 2
+    assert train.compile_warmup([30.0, 1.0, 3.0]) == pytest.approx(28.0)  # even count: (1 + 3) / 2
+    assert train.compile_warmup([30.0]) is None
+
+
+
 def flags(out: Path, criterion: str) -> list:
     """Six optimizer steps of 4 sequences (micro-batch 1), pruning at every step, no dropout (its draws would differ
-    between one process and two), and a per-step trace (hidden --trace) from every rank."""
+    between one process and two)."""
     return ["--ckpt", str(shared_file("stories260K.bin")), "--ratio", "0.5", "--steps", "6", "--prune-every", "1",
             "--batch-size", "4", "--micro-batch-size", "1", "--seq-len", "32", "--lr", "1e-3", "--lora-dropout", "0",
             "--criterion", criterion, "--data", str(shared_file("tinystories-train.txt")),
             "--eval", str(shared_file("tinystories-valid.txt")), "--eval-seq-len", "256", "--eval-tokens", "1024",
-            "--out", str(out), "--trace", str(out.parent / (out.name + "-trace"))]
+            "--out", str(out)]
 
 
-def torchrun(argv: list, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N run.py ...` (a free port, one thread per process), as users run it."""
+def torchrun(argv: list, trace: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N run.py ...` (a free port, one thread per process), as users run it,
+    each rank tracing every step to trace.<rank> (LORAPRUNE_TRACE, run.test_hooks)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                               "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"], env["LORAPRUNE_TRACE"] = "1", str(trace)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            str(ROOT / "run.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
@@ -50,14 +85,16 @@ def flat(masks) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# two processes = one process on the combined batch
+# data parallel: two processes = one process on the combined batch
 
 
 @pytest.mark.parametrize("criterion", ["lora", "vanilla"])  # vanilla: DDP all-reduces dL/dW of the pruned layers too
-def test_two_processes_equal_one_on_the_combined_batch(criterion, tmp_path):
+def test_two_processes_equal_one_on_the_combined_batch(criterion, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run.main(flags(one, criterion)) == 0
-    done = torchrun(flags(two, criterion))
+    with monkeypatch.context() as m:
+        m.setenv("LORAPRUNE_TRACE", str(tmp_path / "one-trace"))
+        assert run.main(flags(one, criterion)) == 0
+    done = torchrun(flags(two, criterion), trace=tmp_path / "two-trace")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     # both ranks saw the same all-reduced loss and gradient norm and hold the same masks, bit for bit, every step
@@ -91,37 +128,25 @@ def test_two_processes_equal_one_on_the_combined_batch(criterion, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# the pieces
-
-
-def test_batch_must_split_over_the_processes():
-    def args(*argv):
-        return run.build_parser().parse_args(["--ckpt", "x", *argv])
-    run.check_args(args("--batch-size", "8", "--micro-batch-size", "2"), world=2)  # 4 each, 2 x 2 accumulated
-    run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"))  # fine for one process ...
-    with pytest.raises(ValueError, match="over 2 processes is 3 sequences each, which must be a multiple of "
-                                         "--micro-batch-size, found 2"):
-        run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"), world=2)  # ... not for two
-    with pytest.raises(ValueError, match="split evenly over the 2 processes torchrun started, found 5"):
-        run.check_args(args("--batch-size", "5", "--micro-batch-size", "1"), world=2)
+# the data-parallel pieces
 
 
 def test_digest_tells_values_shapes_and_dtypes_apart():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert run.digest([x]) == run.digest([x.clone()])
-    assert run.digest([x]) != run.digest([x.flip(0)])
-    assert run.digest([x]) != run.digest([x.view(2, 2)])
-    assert run.digest([x]) != run.digest([x.double()])
-    assert run.digest([torch.tensor([True, False])]) != run.digest([torch.tensor([False, True])])
+    assert train.digest([x]) == train.digest([x.clone()])
+    assert train.digest([x]) != train.digest([x.flip(0)])
+    assert train.digest([x]) != train.digest([x.view(2, 2)])
+    assert train.digest([x]) != train.digest([x.double()])
+    assert train.digest([torch.tensor([True, False])]) != train.digest([torch.tensor([False, True])])
 
 
 def _compare_on_ranks(rank: int, world: int, init_file: str, results) -> None:
     """One process of test_ranks_that_disagree_fail_loudly (spawned: module level, so it pickles by name)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        run.same_on_all_ranks([torch.ones(3), torch.tensor([True])], "equal tensors")  # passes on every rank
+        train.same_on_all_ranks([torch.ones(3), torch.tensor([True])], "equal tensors")  # passes on every rank
         try:
-            run.same_on_all_ranks([torch.ones(3) * (1 + rank)], "masks after step 7")
+            train.same_on_all_ranks([torch.ones(3) * (1 + rank)], "masks after step 7")
             results.put((rank, None))
         except RuntimeError as e:
             results.put((rank, str(e)))
