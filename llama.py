@@ -169,6 +169,7 @@ class LoRALinear(nn.Module):
         self.r, self.scaling = 0, 0.0
         self.lora_A = self.lora_B = None
         self.lora_dropout = nn.Identity()
+        self.adapters_on = True  # False: forward is the frozen base alone (the teacher of self-distillation)
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, generator: Optional[torch.Generator] = None):
         """Attach fresh adapters (fp32, on the weight's device): A Kaiming-uniform as in loralib, B zero."""
@@ -191,7 +192,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        if self.r:
+        if self.r and self.adapters_on:
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
             y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling  # (..., in) -> (..., r) -> (..., out)
         return y

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA alpha; scaling = alpha / r (default %(default)s)")
     p.add_argument("--lora-dropout", type=float, default=_default(llama.add_lora, "dropout"),
                    help="dropout on the LoRA branch's input (default %(default)s)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA", help="self-distillation weight: loss = "
+                   "(1 - ALPHA) CE + ALPHA T^2 KL(teacher || student), the teacher being the frozen loaded weights "
+                   "with no masks and LoRA off (one more forward per micro-batch without grad, no second copy of the "
+                   "weights); the loss shown is this sum; 0 = off (default %(default)s)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of "
+                   "--distill (default %(default)s)")
     p.add_argument("--int8", action="store_true", help="store the frozen projections in int8 (quant8.py, the "
                    "paper's 8-bit W0); the saved pruned model is float")
     # evaluation
@@ -153,6 +159,9 @@ def check_args(args, world: int = 1) -> None:
     need(math.isfinite(args.lr) and args.lr >= 0, f"--lr must be finite and >= 0, found {args.lr}")
     need(args.lora_rank >= 1, f"--lora-rank must be >= 1 (the adapters are what is trained), found {args.lora_rank}")
     need(0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1), found {args.lora_dropout}")
+    need(0 <= args.distill <= 1, f"--distill must be in [0, 1], found {args.distill}")
+    need(args.distill_temperature > 0 and math.isfinite(args.distill_temperature),
+         f"--distill-temperature must be finite and > 0, found {args.distill_temperature}")
     need(args.channel_multiple >= 1, f"--channel-multiple must be >= 1, found {args.channel_multiple}")
     need(args.device in (None, "cpu", "cuda") or args.device.startswith("cuda:"),
          f"--device must be cpu or cuda[:N], found {args.device!r}")
@@ -270,6 +279,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, dtype_name: str, 
         "micro_batch_size": args.micro_batch_size, "seq_len": inputs.seq_len, "lr": args.lr,
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
+        "distill": args.distill, "distill_temperature": args.distill_temperature,
         "dtype": dtype_name, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],
         "eval_seq_len": inputs.eval_seq_len, "eval_tokens": args.eval_tokens,
@@ -338,7 +348,8 @@ def train_loop(args, t: Training, net, rows: Tensor, ranks: train.Ranks, device:
             group["lr"] = lr
         batch = rows[t.sampler.next(args.batch_size)]  # (batch, T+1): the same rows on every rank
         shard = batch[ranks.rank * per_rank: (ranks.rank + 1) * per_rank]  # (per_rank, T+1)
-        loss = ranks.mean(train.backward_batch(net, shard, args.micro_batch_size, device))  # the whole batch's
+        loss = ranks.mean(train.backward_batch(net, shard, args.micro_batch_size, device, distill=args.distill,
+                                               temperature=args.distill_temperature))  # the whole batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(t.lora_params, max_norm)
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
             where = (f"{Path(args.out) / 'resume.pt'} holds step {saved_step}, the last good one" if saved_step else
@@ -452,7 +463,9 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
             f"({args.batch_size // ranks.world // args.micro_batch_size} x {args.micro_batch_size} sequences "
             f"accumulated{f' on each of {ranks.world} processes' if ranks.world > 1 else ''}); pruning layers "
             f"{pruner.layers} ({args.head_unit} heads) to ratio {args.ratio}"
-            + (", blocks compiled (the first step compiles)" if compiled(args, cuda) else ""))
+            + (", blocks compiled (the first step compiles)" if compiled(args, cuda) else "")
+            + (f"; self-distillation from the frozen weights, alpha {args.distill}, T {args.distill_temperature}"
+               if args.distill else ""))
         save = lambda: t.save(out, config, ranks, device, time.time() - t_start)  # noqa: E731
         times = train_loop(args, t, net, inputs.rows, ranks, device, log, save, stop_after, trace)
     if t.step < args.steps:

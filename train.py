@@ -1,6 +1,6 @@
 """The pieces of LoRAPrune's training loop that run.py, bench/ and the studies share: the learning-rate schedule and
-data order of Sec. 4.1, forward + backward of a batch in micro-batches, the torchrun / DDP helpers, the log, and the
-output folder's resume checkpoint.
+data order of Sec. 4.1, forward + backward of a batch in micro-batches (with optional self-distillation from the
+frozen weights), the torchrun / DDP helpers, the log, and the output folder's resume checkpoint.
 
 run.py strings these together into a run; nothing here parses flags or reads sys.argv.
 """
@@ -69,14 +69,71 @@ class RowSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# the loss
+# the loss: cross-entropy, optionally with self-distillation from the frozen weights
 
 
-def backward_batch(net, rows: Tensor, micro_batch_size: int, device) -> Tensor:
+@contextlib.contextmanager
+def frozen_teacher(model: llama.Transformer):
+    """Inside the block `model` is the frozen model it was loaded as: every LoRA branch off (adapters_on = False)
+    and every head / channel mask cleared, restored on exit. The teacher of self-distillation costs no second copy
+    of the weights (int8 W0 included): it is the student's own W0, run once more without grad."""
+    linears = [m for m in model.modules() if isinstance(m, llama.LoRALinear)]
+    masked = [(m, name) for m in model.modules() for name in ("head_mask", "channel_mask") if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name in masked]
+    try:
+        for m in linears:
+            m.adapters_on = False
+        for m, name in masked:
+            setattr(m, name, None)
+        yield model
+    finally:
+        for m in linears:
+            m.adapters_on = True
+        for (m, name), mask in zip(masked, saved):
+            setattr(m, name, mask)
+
+
+def _chunk_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float, temperature: float) -> Tensor:
+    """The summed (not averaged) distillation loss of one chunk: student, teacher (B, t, V), targets (B, t)."""
+    s = student.float()  # (B, t, V)
+    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), reduction="sum") if alpha < 1 else s.new_zeros(())
+    if alpha == 0:
+        return ce
+    log_p_s = F.log_softmax(s / temperature, dim=-1)  # (B, t, V)
+    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)  # (B, t, V)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # sum over tokens of KL(teacher || student)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor, alpha: float,
+                 temperature: float = 1.0, chunk: int = 256) -> Tensor:
+    """Mean over tokens of (1 - alpha) * CE(student, targets) + alpha * T^2 * KL(teacher || student), the KL between
+    the softmaxes of logits / T (Hinton et al.; T^2 keeps the gradient's scale as T changes). Logits (B, T, V),
+    targets (B, T). Computed `chunk` positions at a time, each chunk recomputed in backward (a checkpoint), so the
+    float32 copies of the (tokens x vocab) logits exist for one chunk at a time, never whole. alpha = 0 is the
+    plain cross-entropy and needs no teacher."""
+    B, T, V = student_logits.shape
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for i in range(0, T, chunk):
+        piece = (student_logits[:, i: i + chunk], teacher_logits[:, i: i + chunk] if alpha else None,
+                 targets[:, i: i + chunk])
+        if student_logits.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, *piece, alpha, temperature,
+                                                              use_reentrant=False)
+        else:
+            total = total + _chunk_loss(*piece, alpha, temperature)
+    return total / (B * T)
+
+
+def backward_batch(net, rows: Tensor, micro_batch_size: int, device, distill: float = 0.0,
+                   temperature: float = 1.0) -> Tensor:
     """Forward and backward of rows (b, T+1) in micro-batches, each loss divided by their number, so the gradients
     accumulate to those of the mean loss over the rows; returns that mean loss (a scalar). Under DDP only the last
     backward all-reduces (the others run under no_sync) and DDP averages over the ranks: with equal shares per rank
-    that is the gradient of the mean loss over all ranks' rows, what one process gets from the whole batch."""
+    that is the gradient of the mean loss over all ranks' rows, what one process gets from the whole batch.
+    distill > 0 adds self-distillation (distill_loss): one more forward per micro-batch, without grad, of the
+    frozen teacher (frozen_teacher) on the same tokens."""
+    model = net.module if isinstance(net, DistributedDataParallel) else net
     micro_batches = rows.split(micro_batch_size)
     accum = len(micro_batches)
     loss = torch.zeros((), device=device)
@@ -85,8 +142,13 @@ def backward_batch(net, rows: Tensor, micro_batch_size: int, device) -> Tensor:
         with net.no_sync() if skip_sync else contextlib.nullcontext():
             batch = batch.to(device)  # (B, T+1)
             x, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-            logits = net(x)  # (B, T, V)
-            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
+            if distill:
+                with torch.no_grad(), frozen_teacher(model):
+                    teacher_logits = model(x)  # (B, T, V)
+                micro_loss = distill_loss(net(x), teacher_logits, targets, distill, temperature) / accum
+            else:
+                logits = net(x)  # (B, T, V)
+                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
             micro_loss.backward()
         loss += micro_loss.detach()
     return loss
@@ -326,6 +388,8 @@ def load_resume(out: Path, config: dict) -> dict:
     if not isinstance(state, dict) or "config" not in state:
         raise ValueError(f"{out / 'resume.pt'}: expected a run.py resume checkpoint, found no 'config' in it")
     state["config"].setdefault("head_unit", "kv")  # written before --head-unit existed: kv groups
+    state["config"].setdefault("distill", 0.0)  # written before --distill existed: no distillation
+    state["config"].setdefault("distill_temperature", 1.0)
     differ = [f"{k}: {state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
               if state["config"].get(k) != v]
     if differ:

@@ -114,6 +114,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypat
     assert "lr: 0.001 there, 0.01 here" in capsys.readouterr().err
     state = torch.load(b / "resume.pt", weights_only=True)
     del state["config"]["head_unit"], state["pruner"]["head_unit"]  # as written before --head-unit existed
+    del state["config"]["distill"], state["config"]["distill_temperature"]  # ... and before --distill
     torch.save(state, b / "resume.pt")
     assert run.main(cli(b, save_every=2, resume=True)) == 0
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
@@ -236,6 +237,7 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     "resume nothing": (lambda d: {"resume": True}, "resume.pt"),
     "bad layers": (lambda d: {"layers": "1,7"}, "expected ids in [0, 5)"),
     "int8 vanilla": (lambda d: {"int8": True, "criterion": "vanilla"}, "vanilla criterion needs dL/dW"),
+    "distill range": (lambda d: {"distill": 1.5}, "--distill must be in [0, 1], found 1.5"),
     "missing eval set": (lambda d: {"eval": d / "valid.txt"}, "no file"),
 }
 
@@ -252,12 +254,14 @@ def test_bad_input(case, tmp_path, capsys):
 
 def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
     """The other branches a user can pick: int8 base weights, the official code's |.|, a baseline criterion,
-    explicit layers, exact channel counts, no eval sets."""
+    explicit layers, exact channel counts, no eval sets, self-distillation (its teacher the int8 W0)."""
     out = tmp_path / "out"
     argv = cli(out, steps=3, int8=True, abs=True, criterion="magnitude", layers="1,3", ratio=0.2,
-               channel_multiple=1, eval="")
+               channel_multiple=1, eval="", distill=0.5, distill_temperature=2.0)
     assert run.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["args"]["distill"] == 0.5 and report["args"]["distill_temperature"] == 2.0
+    assert "self-distillation from the frozen weights, alpha 0.5, T 2.0" in (out / "log.txt").read_text()
     assert report["pruned_layers"] == [1, 3] and report["ppl_after"] == {}
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     assert report["kv_heads_per_layer"][0] == report["kv_heads_per_layer"][2] == 4

@@ -1,6 +1,7 @@
-"""train.py: the learning-rate schedule, the data order, and data-parallel training under torchrun (two CPU
+"""train.py: the learning-rate schedule, the data order, self-distillation's loss and teacher, and data-parallel training under torchrun (two CPU
 processes, gloo) against one process on the same global batch: the same loss every step, the same masks on both ranks
 and as one process, and only rank 0 writing --out. Plus the pieces: digests, and ranks that disagree fail loudly."""
+import copy
 import json
 import os
 import subprocess
@@ -11,7 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+import llama
+import loraprune
+import quant8
 import run
 import train
 from conftest import shared_file
@@ -161,3 +166,96 @@ def test_ranks_that_disagree_fail_loudly(tmp_path):
     errors = dict(results.get() for _ in range(2))
     for rank in (0, 1):  # every rank raises, so no rank runs on with other masks
         assert errors[rank] and "masks after step 7 differ between processes: rank(s) [1]" in errors[rank]
+
+
+# ----------------------------------------------------------------------------------------------
+# self-distillation from the frozen weights
+
+
+def test_distill_loss_equals_the_full_size_reference():
+    """Chunked (with recomputation) against F.cross_entropy and F.kl_div on the whole (tokens x vocab) logits:
+    the loss and its gradient."""
+    g = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 37, 11, generator=g)).requires_grad_()  # (B, T, V): 37 = 4 chunks of 10, 7 left
+    teacher = 3 * torch.randn(2, 37, 11, generator=g)
+    targets = torch.randint(0, 11, (2, 37), generator=g)
+    for alpha, T in ((0.3, 2.0), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)):
+        s, t = student.flatten(0, 1), teacher.flatten(0, 1)  # (N, V)
+        kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean")
+        reference = (1 - alpha) * F.cross_entropy(s, targets.flatten()) + alpha * T ** 2 * kl
+        (expected,) = torch.autograd.grad(reference, student)
+        loss = train.distill_loss(student, teacher, targets, alpha, T, chunk=10)
+        (got,) = torch.autograd.grad(loss, student)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    # alpha = 0 is the plain cross-entropy and needs no teacher
+    torch.testing.assert_close(train.distill_loss(student.detach(), None, targets, 0.0, chunk=5),
+                               F.cross_entropy(student.detach().flatten(0, 1), targets.flatten()))
+
+
+TINY = llama.ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=32)
+
+
+def frozen_and_student(int8: bool):
+    """(plain, student): a random model with no masks and no LoRA, and a copy of it with LoRA (B != 0, dropout on)
+    and masks that drop a kv group and some channels in every layer, so the two disagree."""
+    torch.manual_seed(0)
+    plain = llama.Transformer(TINY)
+    for p in plain.parameters():
+        p.data.normal_(0, 0.2)
+    if int8:
+        quant8.quantize_model(plain)
+    student = copy.deepcopy(plain)
+    llama.add_lora(student, r=4, alpha=8, dropout=0.1, seed=0)
+    for name, p in student.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    masks = [(torch.tensor([True, False]), torch.arange(48) % 3 > 0) for _ in range(TINY.n_layers)]
+    loraprune.apply_masks(student, masks)
+    return plain, student
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_teacher_is_the_frozen_weights_unmasked_without_lora(int8):
+    plain, student = frozen_and_student(int8)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    student.train()  # LoRA dropout live: the teacher must not see it either
+    with torch.no_grad():
+        expected = plain(x)
+        masked = student.eval()(x)
+        assert not torch.allclose(masked, expected, atol=1e-3)  # LoRA and masks change the logits
+        with train.frozen_teacher(student.train()) as teacher:
+            assert teacher is student  # the same modules and weights: no second copy
+            torch.testing.assert_close(teacher(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(student.eval()(x), masked, rtol=0, atol=0)  # adapters and masks are back
+    heads = [layer.attention.head_mask for layer in student.layers]
+    assert all(h is not None and h.sum() == 2 for h in heads)
+
+
+def test_backward_batch_distills_against_a_reference_and_alpha_zero_is_plain_ce():
+    """backward_batch's gradients of the adapters with --distill 0.4 at T 2 equal those of the full-size reference
+    loss against the plain frozen model's logits; with 0, those of the plain cross-entropy."""
+    plain, student = frozen_and_student(int8=False)
+    for layer in student.modules():
+        if isinstance(layer, llama.LoRALinear):
+            layer.lora_dropout = torch.nn.Identity()  # the reference below draws no dropout
+    rows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(2))  # (b, T+1)
+    lora = [p for p in student.parameters() if p.requires_grad]
+
+    def grads_of(loss_fn) -> list:
+        student.zero_grad(set_to_none=True)
+        loss_fn()
+        return [p.grad.clone() for p in lora]
+
+    def reference(alpha, T):
+        with torch.no_grad():
+            t = plain(rows[:, :-1]).flatten(0, 1)  # (N, V)
+        s = student(rows[:, :-1]).flatten(0, 1)
+        kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean")
+        ((1 - alpha) * F.cross_entropy(s, rows[:, 1:].flatten()) + alpha * T ** 2 * kl).backward()
+
+    for alpha in (0.4, 0.0):
+        got = grads_of(lambda: train.backward_batch(student, rows, 2, "cpu", distill=alpha, temperature=2.0))
+        expected = grads_of(lambda: reference(alpha, 2.0))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
