@@ -177,6 +177,15 @@ def check_args(args, world: int = 1) -> None:
              f"cuda:LOCAL_RANK; pass --device cuda or cpu")
 
 
+def resolve_defaults(args, device: torch.device) -> None:
+    """Fill in the flags whose default depends on the device, so the report shows what ran: --dtype bfloat16 on
+    cuda, float32 on cpu; --compile and --checkpoint-activations on with cuda, off on cpu (CPU stays eager)."""
+    cuda = device.type == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.compile = cuda if args.compile is None else args.compile
+    args.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
+
+
 def parse_layers(text: str, n_layers: int) -> list:
     try:
         layers = sorted({int(s) for s in text.split(",") if s.strip()})
@@ -247,7 +256,7 @@ def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inpu
     return Inputs(model, params, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len)
 
 
-def plan_pruning(args, model: llama.Transformer, cuda: bool) -> tuple[list, loraprune.Pruner]:
+def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner]:
     """LoRA on the seven projections, activation checkpointing and compilation as asked, and the Pruner; returns
     the adapters' parameters and the pruner. They go on before the "before" perplexity: B = 0 and all-kept masks
     leave every logit exactly as loaded, and the Pruner's checks (ratio vs heads, criterion vs int8) run before
@@ -255,8 +264,8 @@ def plan_pruning(args, model: llama.Transformer, cuda: bool) -> tuple[list, lora
     layers = parse_layers(args.layers, model.args.n_layers) if args.layers else None
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                  seed=args.seed)
-    model.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
-    if compiled(args, cuda):
+    model.checkpoint_activations = args.checkpoint_activations
+    if args.compile:
         llama.compile_blocks(model)
     pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
                               lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
@@ -264,12 +273,9 @@ def plan_pruning(args, model: llama.Transformer, cuda: bool) -> tuple[list, lora
     return lora_params, pruner
 
 
-def compiled(args, cuda: bool) -> bool:
-    """--compile / --no-compile; by default compiled on CUDA, eager on CPU."""
-    return cuda if args.compile is None else args.compile
 
 
-def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, dtype_name: str, world: int) -> dict:
+def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> dict:
     """The arguments that define the run, resolved (paths absolute, lengths capped): a resume must match them."""
     return {
         "ckpt": str(Path(args.ckpt).resolve()), "tokenizer": str(inputs.tokenizer_path.resolve()), "ratio": args.ratio,
@@ -280,7 +286,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, dtype_name: str, 
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
         "distill": args.distill, "distill_temperature": args.distill_temperature,
-        "dtype": dtype_name, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
+        "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],
         "eval_seq_len": inputs.eval_seq_len, "eval_tokens": args.eval_tokens,
         **({"world_size": world} if world > 1 else {})}  # each rank's dropout stream is its own: resume with as many
@@ -340,6 +346,14 @@ def train_loop(args, t: Training, net, rows: Tensor, ranks: train.Ranks, device:
     tokens_per_step = args.batch_size * (rows.shape[1] - 1)
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     saved_step, times, t_session = t.step, [], time.time()
+    accum = per_rank // args.micro_batch_size
+    where = f" on each of {ranks.world} processes" if ranks.world > 1 else ""
+    log(f"training {args.steps} steps of {args.batch_size} x {rows.shape[1] - 1} tokens ({accum} x "
+        f"{args.micro_batch_size} sequences accumulated{where}); pruning layers {t.pruner.layers} "
+        f"({args.head_unit} heads) to ratio {args.ratio}"
+        + (", blocks compiled (the first step compiles)" if args.compile else "")
+        + (f"; self-distillation from the frozen weights, alpha {args.distill}, T {args.distill_temperature}"
+           if args.distill else ""))
     t.model.train()
     while t.step < args.steps and (stop_after is None or t.step < stop_after):
         t0 = time.time()
@@ -370,7 +384,7 @@ def train_loop(args, t: Training, net, rows: Tensor, ranks: train.Ranks, device:
         times.append(time.time() - t0)
         eta = (time.time() - t_session) / len(times) * (args.steps - t.step)
         memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        warmup = train.compile_warmup(times) if compiled(args, device.type == "cuda") else None
+        warmup = train.compile_warmup(times) if args.compile else None
         warmup = f" | compile warm-up {warmup:.1f}s" if warmup is not None else ""
         log.progress(f"step {t.step}/{args.steps} | loss {t.loss:.4f} | lr {lr:.2e} | sparsity "
                      f"{t.pruner.sparsity():.1%} | {tokens_per_step / times[-1]:,.0f} tok/s{memory}{warmup} | "
@@ -426,7 +440,7 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     check_args(args, ranks.world)
     device = ranks.device(args.device)
     cuda = device.type == "cuda"
-    dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
+    resolve_defaults(args, device)
     out = Path(args.out)
     train.check_out_dir(out, args.resume)
     ranks.start(device)  # after the checks above: bad flags fail alike on every rank, before any collective
@@ -434,10 +448,10 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
         torch.cuda.reset_peak_memory_stats(device)
 
     # --- everything that can fail on bad input, before --out is touched
-    inputs = load(args, device, getattr(torch, dtype_name), log)
+    inputs = load(args, device, getattr(torch, args.dtype), log)
     model = inputs.model
-    lora_params, pruner = plan_pruning(args, model, cuda)
-    config = run_config(args, inputs, pruner, dtype_name, ranks.world)
+    lora_params, pruner = plan_pruning(args, model)
+    config = run_config(args, inputs, pruner, ranks.world)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = train.RowSampler(inputs.rows.shape[0], args.seed) if args.steps else None  # same order on every rank
     t = Training(model, lora_params, pruner, optimizer, sampler)
@@ -459,13 +473,6 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     ranks.check_same(lora_params + t.masks(), "LoRA adapters and masks")
     times = []
     if args.steps:
-        log(f"training {args.steps} steps of {args.batch_size} x {inputs.seq_len} tokens "
-            f"({args.batch_size // ranks.world // args.micro_batch_size} x {args.micro_batch_size} sequences "
-            f"accumulated{f' on each of {ranks.world} processes' if ranks.world > 1 else ''}); pruning layers "
-            f"{pruner.layers} ({args.head_unit} heads) to ratio {args.ratio}"
-            + (", blocks compiled (the first step compiles)" if compiled(args, cuda) else "")
-            + (f"; self-distillation from the frozen weights, alpha {args.distill}, T {args.distill_temperature}"
-               if args.distill else ""))
         save = lambda: t.save(out, config, ranks, device, time.time() - t_start)  # noqa: E731
         times = train_loop(args, t, net, inputs.rows, ranks, device, log, save, stop_after, trace)
     if t.step < args.steps:
@@ -473,9 +480,9 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
         return 0
 
     report = finish(args, t, inputs, config, ranks, device, log)
-    warmup = train.compile_warmup(times) if compiled(args, cuda) else None
-    report = {"args": {**vars(args), **config}, **report, "compile": compiled(args, cuda),
-              "compile_warmup_s": warmup, "step_time_s": statistics.median(times[1:] or times) if times else None,
+    report = {"args": {**vars(args), **config}, **report, "compile": args.compile,
+              "compile_warmup_s": train.compile_warmup(times) if args.compile else None,
+              "step_time_s": statistics.median(times[1:] or times) if times else None,
               "wall_time_s": t.elapsed_before + time.time() - t_start,
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
               "steps_done": t.step, "final_loss": t.loss}

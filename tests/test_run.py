@@ -196,10 +196,12 @@ def test_help_mentions_every_flag(capsys):
 
 
 def test_compiled_by_default_on_cuda_only():
-    def args(*argv):
-        return run.build_parser().parse_args(["--ckpt", "x", *argv])
-    assert run.compiled(args(), cuda=True) and not run.compiled(args(), cuda=False)  # CPU stays eager
-    assert not run.compiled(args("--no-compile"), cuda=True) and run.compiled(args("--compile"), cuda=False)
+    def resolved(device, *argv):
+        args = run.build_parser().parse_args(["--ckpt", "x", *argv])
+        run.resolve_defaults(args, torch.device(device))
+        return args.compile, args.checkpoint_activations, args.dtype
+    assert resolved("cuda") == (True, True, "bfloat16") and resolved("cpu") == (False, False, "float32")
+    assert resolved("cuda", "--no-compile")[0] is False and resolved("cpu", "--compile")[0] is True
 
 
 def test_batch_must_split_over_the_processes():
