@@ -200,7 +200,7 @@ def parse_layers(text: str, n_layers: int) -> list:
 # the steps of a run
 
 
-def test_hooks() -> tuple[Optional[int], Optional[str]]:
+def hooks_from_env() -> tuple[Optional[int], Optional[str]]:
     """Two hooks for the tests, read from the environment here and nowhere else (neither flags nor in the report):
     LORAPRUNE_STOP_AFTER=K quits after optimizer step K as if killed (resume.pt holds step K), and
     LORAPRUNE_TRACE=PATH makes each rank append one JSON line per step (loss, gradient norm, masks' digest) to
@@ -436,7 +436,7 @@ def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> No
 
 def run(args, log: train.Log, ranks: train.Ranks) -> int:
     t_start = time.time()
-    stop_after, trace = test_hooks()
+    stop_after, trace = hooks_from_env()
     check_args(args, ranks.world)
     device = ranks.device(args.device)
     cuda = device.type == "cuda"

@@ -98,7 +98,8 @@ def test_unreadable_resume_checkpoint_is_refused(tmp_path, capsys):
 
 
 def killed_after(step: int, argv: list, monkeypatch) -> int:
-    """run.main(argv) stopped after optimizer step `step` as if killed there (LORAPRUNE_STOP_AFTER, run.test_hooks)."""
+    """run.main(argv) stopped after optimizer step `step` as if killed there (LORAPRUNE_STOP_AFTER, read by
+    run.hooks_from_env)."""
     with monkeypatch.context() as m:
         m.setenv("LORAPRUNE_STOP_AFTER", str(step))
         return run.main(argv)

@@ -1,6 +1,7 @@
-"""train.py: the learning-rate schedule, the data order, self-distillation's loss and teacher, and data-parallel training under torchrun (two CPU
-processes, gloo) against one process on the same global batch: the same loss every step, the same masks on both ranks
-and as one process, and only rank 0 writing --out. Plus the pieces: digests, and ranks that disagree fail loudly."""
+"""train.py: the learning-rate schedule, the data order, self-distillation's loss and teacher, and data-parallel
+training under torchrun (two CPU processes, gloo) against one process on the same global batch: the same loss every
+step, the same masks on both ranks and as one process, and only rank 0 writing --out. Plus the pieces: digests, and
+ranks that disagree fail loudly."""
 import copy
 import json
 import os
@@ -72,7 +73,7 @@ def flags(out: Path, criterion: str) -> list:
 
 def torchrun(argv: list, trace: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N run.py ...` (a free port, one thread per process), as users run it,
-    each rank tracing every step to trace.<rank> (LORAPRUNE_TRACE, run.test_hooks)."""
+    each rank tracing every step to trace.<rank> (LORAPRUNE_TRACE, run.hooks_from_env)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                               "MASTER_PORT")}
     env["OMP_NUM_THREADS"], env["LORAPRUNE_TRACE"] = "1", str(trace)
