@@ -214,6 +214,7 @@ class Inputs:
     """What load() read, all before --out is touched."""
     model: llama.Transformer
     params: int  # the loaded model's parameter count
+    tokenizer: data.Tokenizer
     tokenizer_path: Path
     data_paths: list  # training files
     rows: Optional[Tensor]  # (N, seq_len + 1) packed training rows; None when --steps is 0
@@ -253,7 +254,7 @@ def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inpu
             raise ValueError(f"eval set {name}: found {tokens.numel()} tokens, need at least --eval-seq-len "
                              f"{eval_seq_len} for one window")
         eval_sets[label] = tokens
-    return Inputs(model, params, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len)
+    return Inputs(model, params, tokenizer, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len)
 
 
 def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner]:
@@ -479,8 +480,8 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
         log(f"stopped after step {t.step} (LORAPRUNE_STOP_AFTER); continue with --resume")
         return 0
 
-    report = finish(args, t, inputs, config, ranks, device, log)
-    report = {"args": {**vars(args), **config}, **report, "compile": args.compile,
+    pruned = finish(args, t, inputs, config, ranks, device, log)  # slice, save, evaluate
+    report = {"args": {**vars(args), **config}, **pruned, "compile": args.compile,
               "compile_warmup_s": train.compile_warmup(times) if args.compile else None,
               "step_time_s": statistics.median(times[1:] or times) if times else None,
               "wall_time_s": t.elapsed_before + time.time() - t_start,
