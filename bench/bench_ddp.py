@@ -7,7 +7,7 @@ pruning updates.
 
 For each W0 (bf16, int8): phase 1, rank 0 alone runs the global batch (no DDP) while the other ranks wait at a
 barrier; phase 2, every rank runs batch / N of it with the model in DDP, exactly as run.py does
-(run.data_parallel, run.backward_batch: micro-batches under no_sync but the last). A step is forward + backward of
+(train.data_parallel, train.backward_batch: micro-batches under no_sync but the last). A step is forward + backward of
 the micro-batches, gradient clipping, Pruner.update (every step, inside the cubic ramp, so the masks change at every
 timed step), AdamW. Time and memory do not depend on the weight values, so every weight is random (normal, 0.02).
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_7b: model_args
 import bench_7b  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
-import run  # noqa: E402
+import train  # noqa: E402
 
 GIB = 2**30
 
@@ -47,7 +47,7 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
     pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=opts.criterion, every=1)
     first_step = int(pruner.warmup * total_steps) + 1
     if world > 1:  # built after the adapters and the Pruner, as in run.py
-        net = run.data_parallel(model, device)
+        net = train.data_parallel(model, device)
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
     torch.manual_seed(dist.get_rank() if world > 1 else 0)  # dropout: one stream per rank, as in run.py
     warm, timed = opts.warm, opts.timed
@@ -59,7 +59,7 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
         sync(device)
         t0 = time.perf_counter()
         batch = rows[i * opts.batch: (i + 1) * opts.batch]  # (batch, T+1), the same on every rank
-        loss = run.backward_batch(net, batch[share], opts.micro, device)
+        loss = train.backward_batch(net, batch[share], opts.micro, device)
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
@@ -68,7 +68,7 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
             changed += 1
             if world > 1:  # recorded, not raised: the table says how many updates agreed
                 digests = [None] * world
-                dist.all_gather_object(digests, run.digest(m for layer in pruner.masks for m in layer))
+                dist.all_gather_object(digests, train.digest(m for layer in pruner.masks for m in layer))
                 agreed += len(set(digests)) == 1
             else:
                 agreed += 1
@@ -78,7 +78,7 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
         losses.append(loss.item())
         if i >= warm:
             times.append(time.perf_counter() - t0)
-    adapters = run.digest(p.detach() for p in lora)
+    adapters = train.digest(p.detach() for p in lora)
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, adapters)
@@ -99,7 +99,7 @@ def measure(opts, w0: str, device, rank: int, world: int) -> list:
     label = "int8" if w0 == "int8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     model = bench_7b.random_model(args, str(device), dtype=dtype, int8=w0 == "int8")  # same seed: same weights
     model.checkpoint_activations = opts.checkpoint_activations
-    run.same_on_all_ranks([model.tok_embeddings.weight, model.layers[-1].feed_forward.w2.weight], "random weights")
+    train.same_on_all_ranks([model.tok_embeddings.weight, model.layers[-1].feed_forward.w2.weight], "random weights")
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(0, args.vocab_size, ((opts.warm + opts.timed) * opts.batch, opts.seq + 1), generator=g)
     tokens = opts.batch * opts.seq  # per optimizer step, every phase
@@ -162,7 +162,7 @@ def main() -> int:
                    help="recompute each block in backward (default: on with cuda, as in run.py)")
     p.add_argument("--out", help="markdown file to append to (default: bench/RESULTS.md; nothing with --small)")
     opts = p.parse_args()
-    rank, local_rank, world = run.torchrun_ranks()
+    rank, local_rank, world = train.torchrun_ranks()
     if world < 2:
         raise SystemExit("run under torchrun with 2 or more processes: torchrun --nproc-per-node 2 "
                          "bench/bench_ddp.py [--small]")

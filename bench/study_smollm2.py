@@ -13,7 +13,7 @@ the Spearman rank agreement of the lora and vanilla group scores per layer (stud
 
 Every fine-tuning run is one run.main job (prune + fine-tune + slice + save) through study_tiny.run_one, on
 WikiText-2 valid + TinyStories train: never the evaluation text. Perplexity is measured here, by run.py's protocol
-(run.evaluate: the full WikiText-2 test and PTB test splits, non-overlapping 512-token windows), of the saved pruned
+(train.evaluate: the full WikiText-2 test and PTB test splits, non-overlapping 512-token windows), of the saved pruned
 model (after fine-tuning) and of the base model with the run's final masks and no LoRA (pruned, before fine-tuning:
 the groups the run chose, its adapters dropped). The first fine-tuning run also lets run.py evaluate, as a check
 that both measure the same. The GGUF is dequantized once into our own format (float32), which every run loads as
@@ -46,7 +46,7 @@ import data  # noqa: E402
 import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
-import run  # noqa: E402
+import train  # noqa: E402
 import study_tiny  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def describe(a: llama.ModelArgs, params: int) -> str:
 
 def perplexities(model, eval_sets: dict, seq_len: int, batch_size: int, device) -> dict:
     """run.py's evaluation (data.perplexity over every eval set), quietly."""
-    return run.evaluate(model, eval_sets, seq_len, batch_size, device, run.Log(quiet=True))
+    return train.evaluate(model, eval_sets, seq_len, batch_size, device, train.Log(quiet=True))
 
 
 def masks_of(pruned: list) -> list:
@@ -436,7 +436,7 @@ def study_meta(argv: list, s: dict, steps: int, seeds: list, train_flags: list, 
             "pruned_layers": loraprune.default_pruned_layers(a.n_layers), "params": s["params"],
             "eval": ", ".join(f"{label} {t.numel():,} tokens" for label, t in ev["sets"].items())
                     + f" (the whole split unless --quick), non-overlapping windows of {ev['seq_len']} tokens, "
-                    f"{ev['batch_size']} a forward (run.evaluate / data.perplexity); sanity: the first "
+                    f"{ev['batch_size']} a forward (train.evaluate / data.perplexity); sanity: the first "
                     f"{s['sanity'][0]:,} characters of WikiText-2 test, unpruned: {s['sanity'][1]:.3f} "
                     f"(issue: about 29 for 60,000)",
             "budget_s": budget_s, "setup_s": 0.0, "wall_s": 0.0, "skipped": [], "notes": []}

@@ -50,6 +50,7 @@ import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
+import train  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # settings: what every run shares
@@ -123,7 +124,7 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
         for lin in llama.projections(model, l).values():
             lin.weight.requires_grad_(True)  # dL/dW for Eq. 3; the optimizer never sees W
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
-    sampler = run.RowSampler(rows.shape[0], seed)  # run.py's data order for this seed
+    sampler = train.RowSampler(rows.shape[0], seed)  # run.py's data order for this seed
     generator = torch.Generator(device).manual_seed(seed)  # the random criterion's, on the device as the Pruner's
     torch.manual_seed(seed)  # LoRA dropout, as run.py seeds it
     names = ("lora", "magnitude", "random")  # each is compared with vanilla
@@ -135,9 +136,9 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
     model.train()
     for step in range(1, k + 1):
         for group in optimizer.param_groups:
-            group["lr"] = run.lr_at(step - 1, args.steps, args.lr)
+            group["lr"] = train.lr_at(step - 1, args.steps, args.lr)
         batch = rows[sampler.next(args.batch_size)]  # (B, T+1)
-        run.backward_batch(model, batch, args.micro_batch_size, device)  # run.py's forward and backward
+        train.backward_batch(model, batch, args.micro_batch_size, device)  # run.py's forward and backward
         torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before the pruner
         with torch.no_grad():
             scores = {c: [unit_scores(model, l, c, args.square, generator) for l in layers]

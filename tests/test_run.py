@@ -2,6 +2,8 @@
 a killed-and-resumed run equals an uninterrupted one bit for bit, and every bad input fails with exit code 2,
 one clear line and nothing half-written in --out."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -38,32 +40,6 @@ def eval_tokens(n: int) -> torch.Tensor:
     tokenizer = data.Tokenizer(shared_file("tok512.model"))
     stories = data.read_documents(shared_file("tinystories-valid.txt"))
     return torch.tensor([t for story in stories for t in tokenizer.encode(story, bos=True)])[:n]
-
-
-# ----------------------------------------------------------------------------------------------
-# the pieces of the training loop
-
-
-def test_lr_warms_up_then_decays_to_zero():
-    lrs = [run.lr_at(s, 100, 1.0) for s in range(101)]
-    warmup = 3  # 3% of 100 steps
-    assert lrs[:warmup] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert all(a >= b for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))  # monotone after the warmup
-    assert lrs[100] == pytest.approx(0.0, abs=1e-12) and lrs[99] > 0
-    assert run.lr_at(0, 1, 1e-4) == 1e-4  # a one-step run still takes a step
-
-
-def test_row_sampler_visits_each_row_once_per_epoch_and_resumes():
-    sampler = run.RowSampler(10, seed=0)
-    first = torch.cat([sampler.next(3) for _ in range(3)] + [sampler.next(1)])
-    assert sorted(first.tolist()) == list(range(10))
-    crossing = sampler.next(4)  # three into epoch 1 already
-    state = sampler.state_dict()
-    expected = [sampler.next(7) for _ in range(3)]
-    again = run.RowSampler(10, seed=123)
-    again.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next(7) for _ in range(3)]))
-    assert crossing.unique().numel() == 4 and sampler.epoch == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,16 +98,25 @@ def test_unreadable_resume_checkpoint_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["resume.pt"]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
+def killed_after(step: int, argv: list, monkeypatch) -> int:
+    """run.main(argv) stopped after optimizer step `step` as if killed there (LORAPRUNE_STOP_AFTER, read by
+    run.hooks_from_env)."""
+    with monkeypatch.context() as m:
+        m.setenv("LORAPRUNE_STOP_AFTER", str(step))
+        return run.main(argv)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run.main(cli(a, save_every=50)) == 0
-    assert run.main(cli(b, save_every=2, stop_after=5)) == 0  # killed after step 5, last save at 5
+    assert killed_after(5, cli(b, save_every=2), monkeypatch) == 0  # killed after step 5, last save at 5
     assert (b / "resume.pt").exists() and not (b / "model").exists() and not (b / "report.json").exists()
     # a resume that would change the run is refused, naming what differs
     assert run.main(cli(b, save_every=2, lr=1e-2, resume=True)) == 2
     assert "lr: 0.001 there, 0.01 here" in capsys.readouterr().err
     state = torch.load(b / "resume.pt", weights_only=True)
     del state["config"]["head_unit"], state["pruner"]["head_unit"]  # as written before --head-unit existed
+    del state["config"]["distill"], state["config"]["distill_temperature"]  # ... and before --distill
     torch.save(state, b / "resume.pt")
     assert run.main(cli(b, save_every=2, resume=True)) == 0
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
@@ -143,10 +128,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys):
+def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run.main(cli(a, head_unit="query", save_every=50)) == 0
-    assert run.main(cli(b, head_unit="query", save_every=2, stop_after=5)) == 0
+    assert killed_after(5, cli(b, head_unit="query", save_every=2), monkeypatch) == 0
     assert run.main(cli(b, save_every=2, resume=True)) == 2  # the default, kv groups, would be another run
     assert "head_unit: 'query' there, 'kv' here" in capsys.readouterr().err
     assert run.main(cli(b, head_unit="query", save_every=2, resume=True)) == 0
@@ -170,11 +155,29 @@ def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsy
 
 def test_ratio_zero_steps_zero_only_evaluates(tmp_path):
     out = tmp_path / "out"
-    assert run.main(cli(out, ratio=0, steps=0)) == 0
+    assert run.main(cli(out, ratio=0, steps=0, eval_seq_len=4096, seq_len=4096)) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["ppl_before"] == report["ppl_after"]
     assert report["params_before"] == report["params_after"] and report["steps_done"] == 0
+    assert report["compile_warmup_s"] is None and report["step_time_s"] is None
     assert not (out / "resume.pt").exists()
+    # evaluated at the model's length, and said so; not training, so nothing said about --seq-len
+    log = (out / "log.txt").read_text()
+    assert "--eval-seq-len 4096 capped at the model's max_seq_len 512" in log and "--seq-len" not in log
+
+
+def test_files_follow_the_umask_and_notices_only_for_what_runs(tmp_path):
+    """report.json and resume.pt (written through a temporary file) get the mode open() gives log.txt, 0o666 less
+    the umask, not mkstemp's 0600; without eval sets the eval-seq-len cap is not mentioned."""
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        assert run.main(cli(out, ratio=0, steps=2, eval="", eval_seq_len=4096)) == 0
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((out / name).stat().st_mode) for name in ("report.json", "resume.pt", "log.txt")}
+    assert modes == dict.fromkeys(modes, 0o640), modes
+    assert "capped" not in (out / "log.txt").read_text()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -191,7 +194,28 @@ def test_help_mentions_every_flag(capsys):
     text = capsys.readouterr().out
     flags = [s for a in run.build_parser()._actions if a.help != "==SUPPRESS==" for s in a.option_strings]
     assert len(flags) > 30 and all(f in text for f in flags), [f for f in flags if f not in text]
-    assert "--stop-after" not in text
+    assert "--stop-after" not in text and "--trace" not in text  # test hooks are environment variables
+
+
+def test_compiled_by_default_on_cuda_only():
+    def resolved(device, *argv):
+        args = run.build_parser().parse_args(["--ckpt", "x", *argv])
+        run.resolve_defaults(args, torch.device(device))
+        return args.compile, args.checkpoint_activations, args.dtype
+    assert resolved("cuda") == (True, True, "bfloat16") and resolved("cpu") == (False, False, "float32")
+    assert resolved("cuda", "--no-compile")[0] is False and resolved("cpu", "--compile")[0] is True
+
+
+def test_batch_must_split_over_the_processes():
+    def args(*argv):
+        return run.build_parser().parse_args(["--ckpt", "x", *argv])
+    run.check_args(args("--batch-size", "8", "--micro-batch-size", "2"), world=2)  # 4 each, 2 x 2 accumulated
+    run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"))  # fine for one process ...
+    with pytest.raises(ValueError, match="over 2 processes is 3 sequences each, which must be a multiple of "
+                                         "--micro-batch-size, found 2"):
+        run.check_args(args("--batch-size", "6", "--micro-batch-size", "2"), world=2)  # ... not for two
+    with pytest.raises(ValueError, match="split evenly over the 2 processes torchrun started, found 5"):
+        run.check_args(args("--batch-size", "5", "--micro-batch-size", "1"), world=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +241,7 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     "resume nothing": (lambda d: {"resume": True}, "resume.pt"),
     "bad layers": (lambda d: {"layers": "1,7"}, "expected ids in [0, 5)"),
     "int8 vanilla": (lambda d: {"int8": True, "criterion": "vanilla"}, "vanilla criterion needs dL/dW"),
+    "distill range": (lambda d: {"distill": 1.5}, "--distill must be in [0, 1], found 1.5"),
     "missing eval set": (lambda d: {"eval": d / "valid.txt"}, "no file"),
 }
 
@@ -233,12 +258,14 @@ def test_bad_input(case, tmp_path, capsys):
 
 def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
     """The other branches a user can pick: int8 base weights, the official code's |.|, a baseline criterion,
-    explicit layers, exact channel counts, no eval sets."""
+    explicit layers, exact channel counts, no eval sets, self-distillation (its teacher the int8 W0)."""
     out = tmp_path / "out"
     argv = cli(out, steps=3, int8=True, abs=True, criterion="magnitude", layers="1,3", ratio=0.2,
-               channel_multiple=1, eval="")
+               channel_multiple=1, eval="", distill=0.5, distill_temperature=2.0)
     assert run.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["args"]["distill"] == 0.5 and report["args"]["distill_temperature"] == 2.0
+    assert "self-distillation from the frozen weights, alpha 0.5, T 2.0" in (out / "log.txt").read_text()
     assert report["pruned_layers"] == [1, 3] and report["ppl_after"] == {}
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     assert report["kv_heads_per_layer"][0] == report["kv_heads_per_layer"][2] == 4

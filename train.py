@@ -1,0 +1,445 @@
+"""The pieces of LoRAPrune's training loop that run.py, bench/ and the studies share: the learning-rate schedule and
+data order of Sec. 4.1, forward + backward of a batch in micro-batches (with optional self-distillation from the
+frozen weights), the torchrun / DDP helpers, the log, and the output folder's resume checkpoint.
+
+run.py strings these together into a run; nothing here parses flags or reads sys.argv.
+"""
+import contextlib
+import hashlib
+import inspect
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import llama
+
+# ----------------------------------------------------------------------------------------------
+# learning rate and data order
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_frac: float = 0.03) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup over the first 3% of the steps (at least one), then
+    cosine decay from lr towards 0 at total_steps (Sec. 4.1: AdamW with cosine decay)."""
+    warmup = max(1, math.ceil(warmup_frac * total_steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * progress))
+
+
+class RowSampler:
+    """Which packed rows each micro-batch reads: a fresh random permutation of all rows every epoch, drawn from a
+    seeded generator. Its state (generator, permutation, position) goes into the resume checkpoint."""
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n_rows, self.generator = n_rows, torch.Generator().manual_seed(seed)
+        self.order, self.pos, self.epoch = torch.randperm(n_rows, generator=self.generator), 0, 0
+
+    def next(self, k: int) -> Tensor:
+        """The next k row indices (k,), crossing into a new epoch (and permutation) when this one runs out."""
+        taken = []
+        while k:
+            if self.pos == self.n_rows:
+                self.order = torch.randperm(self.n_rows, generator=self.generator)
+                self.pos, self.epoch = 0, self.epoch + 1
+            n = min(k, self.n_rows - self.pos)
+            taken.append(self.order[self.pos: self.pos + n])
+            self.pos, k = self.pos + n, k - n
+        return torch.cat(taken)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos, self.epoch = state["order"], state["pos"], state["epoch"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss: cross-entropy, optionally with self-distillation from the frozen weights
+
+
+@contextlib.contextmanager
+def frozen_teacher(model: llama.Transformer):
+    """Inside the block `model` is the frozen model it was loaded as: every LoRA branch off (adapters_on = False)
+    and every head / channel mask cleared, restored on exit. The teacher of self-distillation costs no second copy
+    of the weights (int8 W0 included): it is the student's own W0, run once more without grad."""
+    linears = [m for m in model.modules() if isinstance(m, llama.LoRALinear)]
+    masked = [(m, name) for m in model.modules() for name in ("head_mask", "channel_mask") if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name in masked]
+    try:
+        for m in linears:
+            m.adapters_on = False
+        for m, name in masked:
+            setattr(m, name, None)
+        yield model
+    finally:
+        for m in linears:
+            m.adapters_on = True
+        for (m, name), mask in zip(masked, saved):
+            setattr(m, name, mask)
+
+
+def _chunk_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float, temperature: float) -> Tensor:
+    """The summed (not averaged) distillation loss of one chunk: student, teacher (B, t, V), targets (B, t)."""
+    s = student.float()  # (B, t, V)
+    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), reduction="sum") if alpha < 1 else s.new_zeros(())
+    if alpha == 0:
+        return ce
+    log_p_s = F.log_softmax(s / temperature, dim=-1)  # (B, t, V)
+    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)  # (B, t, V)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # sum over tokens of KL(teacher || student)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor, alpha: float,
+                 temperature: float = 1.0, chunk: int = 256) -> Tensor:
+    """Mean over tokens of (1 - alpha) * CE(student, targets) + alpha * T^2 * KL(teacher || student), the KL between
+    the softmaxes of logits / T (Hinton et al.; T^2 keeps the gradient's scale as T changes). Logits (B, T, V),
+    targets (B, T). Computed `chunk` positions at a time, each chunk recomputed in backward (a checkpoint), so the
+    float32 copies of the (tokens x vocab) logits exist for one chunk at a time, never whole. alpha = 0 is the
+    plain cross-entropy and needs no teacher."""
+    B, T, V = student_logits.shape
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for i in range(0, T, chunk):
+        piece = (student_logits[:, i: i + chunk], teacher_logits[:, i: i + chunk] if alpha else None,
+                 targets[:, i: i + chunk])
+        if student_logits.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, *piece, alpha, temperature,
+                                                              use_reentrant=False)
+        else:
+            total = total + _chunk_loss(*piece, alpha, temperature)
+    return total / (B * T)
+
+
+def backward_batch(net, rows: Tensor, micro_batch_size: int, device, distill: float = 0.0,
+                   temperature: float = 1.0) -> Tensor:
+    """Forward and backward of rows (b, T+1) in micro-batches, each loss divided by their number, so the gradients
+    accumulate to those of the mean loss over the rows; returns that mean loss (a scalar). Under DDP only the last
+    backward all-reduces (the others run under no_sync) and DDP averages over the ranks: with equal shares per rank
+    that is the gradient of the mean loss over all ranks' rows, what one process gets from the whole batch.
+    distill > 0 adds self-distillation (distill_loss): one more forward per micro-batch, without grad, of the
+    frozen teacher (frozen_teacher) on the same tokens."""
+    model = net.module if isinstance(net, DistributedDataParallel) else net
+    micro_batches = rows.split(micro_batch_size)
+    accum = len(micro_batches)
+    loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        skip_sync = isinstance(net, DistributedDataParallel) and i < accum - 1
+        with net.no_sync() if skip_sync else contextlib.nullcontext():
+            batch = batch.to(device)  # (B, T+1)
+            x, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+            if distill:
+                with torch.no_grad(), frozen_teacher(model):
+                    teacher_logits = model(x)  # (B, T, V)
+                micro_loss = distill_loss(net(x), teacher_logits, targets, distill, temperature) / accum
+            else:
+                logits = net(x)  # (B, T, V)
+                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    return loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the step was not applied."""
+
+
+def evaluate(model, eval_sets: dict, seq_len: int, batch_size: int, device, log: "Log") -> dict:
+    """Perplexity on every eval set by data.perplexity's protocol (non-overlapping windows of seq_len tokens)."""
+    results = {}
+    for label, tokens in eval_sets.items():
+        t0 = time.time()
+        results[label] = data.perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, device=device)
+        log(f"  {label}: perplexity {results[label]:.3f} ({tokens.numel() // seq_len} windows of {seq_len} tokens, "
+            f"{time.time() - t0:.1f}s)")
+    return results
+
+
+def compile_warmup(step_times: list) -> Optional[float]:
+    """The extra seconds of the first step (where torch.compile traces and builds the kernels): its time minus the
+    median of the later steps' (s). None with fewer than two steps."""
+    if len(step_times) < 2:
+        return None
+    later = sorted(step_times[1:])
+    median = later[len(later) // 2] if len(later) % 2 else (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2
+    return step_times[0] - median
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel: torchrun's environment, one device per process, and a check that the processes agree
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the variables torchrun sets; (0, 0, 1) for `python run.py`, for an
+    in-process run.main(...) and for torchrun with one process, none of which touches torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
+
+
+def rank_device(requested: Optional[str], local_rank: int, world: int) -> torch.device:
+    """--device (default: cuda if available, else cpu); under torchrun a CUDA process takes GPU LOCAL_RANK."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world == 1 or device.type != "cuda":
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"torchrun LOCAL_RANK {local_rank}: expected one GPU per process, found "
+                         f"{torch.cuda.device_count()} on this host; lower --nproc-per-node")
+    return torch.device("cuda", local_rank)
+
+
+def data_parallel(model: llama.Transformer, device: torch.device) -> DistributedDataParallel:
+    """The model in PyTorch's DDP, which averages over the ranks the gradients of whatever requires grad when it is
+    built: the LoRA adapters, and with the vanilla criterion the W of the pruned layers too (the Pruner switches
+    theirs on), so Eq. 10 and Eq. 3 both score all-reduced gradients. No initial broadcast (init_sync=False): every
+    rank read the same files and seeds (run.py checks the adapters and masks). Masks and int8 scales are buffers
+    each rank holds itself, so no broadcast before each forward either (that flag was renamed in torch 2.13)."""
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   init_sync=False, **no_buffer_sync)
+
+
+def digest(tensors) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes: equal digests mean equal tensors."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def same_on_all_ranks(tensors, what: str) -> None:
+    """Raise on every rank if `tensors` are not bit-identical on all ranks (an all_gather of their digests)."""
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest(tensors))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"{what} differ between processes: rank(s) {differ} do not match rank 0 (digests "
+                           f"{[d[:12] for d in digests]}); data-parallel training must keep them identical")
+
+
+@dataclass
+class Ranks:
+    """This process's place in a torchrun job, and every collective a run needs; with one process (world 1) each
+    method is the identity, so a run's code has no rank branches of its own."""
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(*torchrun_ranks())
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that prints and writes --out."""
+        return self.rank == 0
+
+    def device(self, requested: Optional[str]) -> torch.device:
+        return rank_device(requested, self.local_rank, self.world)
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (nccl on GPUs, gloo on CPUs); nothing with one process."""
+        if self.world > 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
+
+    def stop(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def wrap(self, model: llama.Transformer, device: torch.device):
+        """What the loop calls: the model, or under torchrun its DDP wrapper (data_parallel)."""
+        return data_parallel(model, device) if self.world > 1 else model
+
+    def mean(self, x: Tensor) -> Tensor:
+        """x averaged over the ranks (in place, all_reduce)."""
+        if self.world > 1:
+            dist.all_reduce(x)
+            x /= self.world
+        return x
+
+    def check_same(self, tensors, what: str) -> None:
+        if self.world > 1:
+            same_on_all_ranks(list(tensors), what)
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (all_gather_object)."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: log, resume checkpoint, saved model
+
+
+class Log:
+    """print() that also appends to out/log.txt; lines from before --out exists are kept and written on attach.
+    progress() rewrites one line in place on a terminal; elsewhere, and in the file, only `plain` lines appear.
+    A quiet Log (torchrun ranks other than 0) prints and writes nothing."""
+
+    def __init__(self, quiet: bool = False):
+        self.file, self.pending, self.tty, self.open_line = None, [], sys.stdout.isatty(), False
+        self.quiet = quiet
+
+    def attach(self, path: Path) -> None:
+        if self.quiet:
+            return
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write("".join(line + "\n" for line in self.pending))
+        self.file.flush()
+
+    def __call__(self, msg: str = "") -> None:
+        if self.quiet:
+            return
+        if self.open_line:
+            print()
+            self.open_line = False
+        print(msg, flush=True)
+        self.to_file(msg)
+
+    def progress(self, msg: str, plain: bool) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            print("\r" + msg + "\033[K", end="", flush=True)
+            self.open_line = True
+        elif plain:
+            print(msg, flush=True)
+        if plain:
+            self.to_file(msg)
+
+    def to_file(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+        else:
+            self.pending.append(msg)
+
+    def close(self) -> None:
+        if self.open_line:
+            print()
+        if self.file:
+            self.file.close()
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Without --resume an --out holding a run is refused; with it, there must be an unfinished run to continue."""
+    held = [name for name in ("resume.pt", "report.json") if (out / name).exists()]
+    if not resume and held:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); use --resume or another --out")
+    if resume and not (out / "resume.pt").exists():
+        raise FileNotFoundError(f"--resume: expected {out / 'resume.pt'}, found no such file")
+    if resume and (out / "report.json").exists():
+        raise ValueError(f"--resume: the run in {out} has finished ({out / 'report.json'} exists); use another --out")
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) into a temporary file beside `path`, then os.replace: a reader sees the old or the new file.
+    The file gets the mode a plain open() would give (mkstemp makes it 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_resume(out: Path, config: dict) -> dict:
+    """out/resume.pt, after checking that it was written by a run with the same defining arguments."""
+    try:
+        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which one
+        raise ValueError(f"{out / 'resume.pt'}: not a readable resume checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"{out / 'resume.pt'}: expected a run.py resume checkpoint, found no 'config' in it")
+    state["config"].setdefault("head_unit", "kv")  # written before --head-unit existed: kv groups
+    state["config"].setdefault("distill", 0.0)  # written before --distill existed: no distillation
+    state["config"].setdefault("distill_temperature", 1.0)
+    differ = [f"{k}: {state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
+              if state["config"].get(k) != v]
+    if differ:
+        raise ValueError(f"--resume: {out / 'resume.pt'} was written by a different run ({'; '.join(differ)})")
+    return state
+
+
+def rng_state(device: torch.device) -> tuple:
+    """(CPU generator state, CUDA generator state or None): what LoRA dropout draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda" and state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def lora_state(model: llama.Transformer) -> dict:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+@torch.no_grad()
+def load_lora_state(model: llama.Transformer, state: dict) -> None:
+    """Copy saved adapters into the fresh ones, insisting on the same names and shapes."""
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    if set(params) != set(state):
+        raise ValueError(f"resume.pt holds adapters {sorted(set(state) - set(params))[:4]}..., the model has "
+                         f"{sorted(set(params) - set(state))[:4]}...")
+    for name, p in params.items():
+        p.copy_(state[name])
+
+
+def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder: Path) -> None:
+    """The pruned checkpoint plus its tokenizer, under a temporary name first, so `folder` appears complete or not
+    at all. The tokenizer keeps a name data.find_tokenizer looks for, and its suffix, which says how to read it (a
+    GGUF tokenizer is the whole source .gguf: its vocabulary lives in the metadata)."""
+    name = tokenizer_path.name
+    if not (name in ("tokenizer.model", "tokenizer.json", "tokenizer.gguf")
+            or (name.startswith("tok") and name.endswith(".model"))):
+        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(tokenizer_path.suffix, "tokenizer.model")
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    try:
+        llama.save_checkpoint(sliced, tmp, kind="pruned")
+        shutil.copyfile(tokenizer_path, tmp / name)
+        if name == "tokenizer.json" and (tokenizer_path.parent / "tokenizer_config.json").is_file():  # BOS/EOS
+            shutil.copyfile(tokenizer_path.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        if folder.exists():  # only on --resume after a crash between saving and the report
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
