@@ -1,6 +1,6 @@
-"""Zero-shot accuracy the way the paper's Table 2 reports it: our Transformer + data.Tokenizer as an
+"""Zero-shot accuracy the way the paper's Tables 2 and 5 report it: our Transformer + data.Tokenizer as an
 lm-evaluation-harness model, so `lm_eval.simple_evaluate` scores BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c
-and OBQA on any checkpoint, before and after pruning.
+and OBQA (and 5-shot MMLU) on any checkpoint, before and after pruning.
 
 An edge module: lm-eval (the optional `eval` extra, `pip install -e '.[eval]'`) is imported at the top, so import
 this module only when --tasks is used. Requests are scored exactly as lm-eval's own `hf` model (HFLM) scores them:
@@ -9,14 +9,15 @@ float32; tests/test_harness.py checks the log-likelihoods and accuracies against
 
 Shapes: B batch, T time, V vocab.
 """
+import random
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lm_eval import simple_evaluate, utils
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
-from torch import Tensor
 
 from data import Tokenizer
 from llama import Transformer
@@ -37,7 +38,7 @@ class HarnessLM(LM):
             raise ValueError(f"batch_size must be at least 1, found {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.max_length = min(max_length or model.args.max_seq_len, model.args.max_seq_len)  # tokens per forward
-        self.add_bos = tokenizer.add_bos if add_bos_token is None else add_bos_token
+        self.add_bos = tokenizer.add_bos and tokenizer.bos_id >= 0 if add_bos_token is None else add_bos_token
         # the token an empty context (and every rolling text) is conditioned on: BOS, or EOS if there is no BOS
         self.prefix_token_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
         self._device = next(model.parameters()).device
@@ -128,7 +129,7 @@ class HarnessLM(LM):
 # ----------------------------------------------------------------------------------------------
 # the API run.py calls
 
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")  # Table 2
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")  # Table 5
 
 
 def check_tasks(tasks: list[str], task_manager: Optional[TaskManager] = None) -> None:
@@ -138,19 +139,25 @@ def check_tasks(tasks: list[str], task_manager: Optional[TaskManager] = None) ->
     unknown = [t for t in tasks if t not in known]
     if not tasks or unknown:
         raise ValueError(f"--tasks: unknown lm-eval task(s) {unknown or tasks}; expected names such as "
-                         f"{','.join(PAPER_TASKS)} (lm-eval --tasks list shows them all)")
+                         f"{','.join(PAPER_TASKS)} (`lm-eval ls tasks` lists them all)")
 
 
 def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], batch_size: int = 8,
-                   limit: Optional[int] = None, task_manager: Optional[TaskManager] = None,
+                   num_fewshot: int = 0, limit: Optional[int] = None, task_manager: Optional[TaskManager] = None,
                    max_length: Optional[int] = None) -> dict:
-    """Zero-shot accuracy of the model on lm-eval tasks: {task: {"acc": a, "acc_norm": b}} (each metric the task
-    reports; acc_norm is the length-normalized choice), fractions in [0, 1]. limit: the first N documents of each
-    task only (quick runs)."""
+    """Accuracy of the model on lm-eval tasks, zero-shot unless num_fewshot (the paper: 0, MMLU 5):
+    {task or group: {"acc": a, "acc_norm": b}} with each metric the task reports (acc_norm: the choice with the
+    highest log-likelihood per character), fractions in [0, 1]. limit: the first N documents of each task only.
+    lm-eval seeds Python's, numpy's and torch's global generators; their states are restored afterwards, so a run
+    with --tasks trains on the same random draws as one without."""
     lm = HarnessLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager,
-                          log_samples=False)
-    scores = {}
-    for task, metrics in out["results"].items():
-        scores[task] = {name: metrics[f"{name},none"] for name in ("acc", "acc_norm") if f"{name},none" in metrics}
-    return scores
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+            out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=task_manager, log_samples=False)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {task: {name: metrics[f"{name},none"] for name in ("acc", "acc_norm") if f"{name},none" in metrics}
+            for task, metrics in out["results"].items()}

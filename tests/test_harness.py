@@ -154,7 +154,9 @@ def test_local_task_accuracy_matches_hflm(models, tmp_path):
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['tiny_nope'\]"):
         harness.check_tasks(["tiny_mc", "tiny_nope"], task_manager=manager)
 
+    rng = torch.get_rng_state()
     scores = harness.evaluate_tasks(ours.model, ours.tokenizer, ["tiny_mc"], batch_size=4, task_manager=manager)
+    assert torch.equal(torch.get_rng_state(), rng)  # lm-eval's seeding does not leak into the run
     runs = {name: simple_evaluate(model=lm, tasks=["tiny_mc"], num_fewshot=0, task_manager=manager,
                                   log_samples=True, bootstrap_iters=0) for name, lm in (("ours", ours), ("hf", hf))}
     hf_results = runs["hf"]["results"]["tiny_mc"]
