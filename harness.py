@@ -6,10 +6,12 @@ An edge module: lm-eval (the optional `eval` extra, `pip install -e '.[eval]'`) 
 this module only when --tasks is used. Requests are scored exactly as lm-eval's own `hf` model (HFLM) scores them:
 the same split of context and continuation into tokens, the same rolling windows, right padding, log-softmax in
 float32; tests/test_harness.py checks the log-likelihoods and accuracies against HFLM on a tiny HF checkpoint.
+Generative tasks get greedy decoding without a KV cache (correct, slow at 7B; the paper's tasks never generate).
 
 Shapes: B batch, T time, V vocab.
 """
 import random
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -24,6 +26,18 @@ from llama import Transformer
 
 # ----------------------------------------------------------------------------------------------
 # the model class lm-eval calls
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode (no dropout) and without autograd inside the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 class HarnessLM(LM):
@@ -64,16 +78,13 @@ class HarnessLM(LM):
 
     # --- scoring
 
-    @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding gives the continuation) of each (context ids,
         continuation ids) pair. Longest first in batches of batch_size, right-padded (causal attention: padding
         after a row cannot change its logits); a row longer than max_length + 1 loses tokens on the left."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         results: list = [None] * len(pairs)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 rows, conts = [], []
@@ -92,8 +103,6 @@ class HarnessLM(LM):
                     logp = F.log_softmax(logits[b, n - len(cont) : n].float(), dim=-1)  # (c, V) positions -> cont
                     greedy = bool((logp.argmax(dim=-1) == cont).all())
                     results[i] = (logp.gather(1, cont[:, None]).sum().item(), greedy)
-        finally:
-            self.model.train(was_training)
         return results
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -116,9 +125,35 @@ class HarnessLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
-        raise NotImplementedError("generate_until is not implemented: HarnessLM scores log-likelihood tasks "
-                                  "(multiple_choice, loglikelihood, loglikelihood_rolling), which is every task "
-                                  "of the paper's Table 2; generative tasks (gsm8k, ...) are not supported")
+        """lm-eval's (context, generation kwargs) requests -> greedy continuations as HFLM makes them: at most
+        max_gen_toks tokens (default 256) after the context's last max_length - max_gen_toks tokens, stopped at EOS
+        or once a stop string ('until') appears, and cut before the first stop string. Greedy only, and without a
+        KV cache (each token runs the whole sequence again): fine for short answers, slow for long generations."""
+        results = []
+        with evaluating(self.model):
+            for req in requests:
+                context, kwargs = req.args
+                if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+                    raise ValueError(f"generate_until decodes greedily; the task asks to sample ({kwargs})")
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = kwargs.get("max_gen_toks", 256)
+                if max_new >= self.max_length:
+                    raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in {self.max_length}")
+                ids, new = self.tok_encode(context)[-(self.max_length - max_new):], []
+                while len(new) < max_new:
+                    logits = self.model(torch.tensor([ids + new], device=self.device))  # (1, T, V)
+                    token = int(logits[0, -1].argmax())
+                    if token == self.tokenizer.eos_id:
+                        break
+                    new.append(token)
+                    if any(stop in self.tokenizer.decode(new) for stop in until):
+                        break
+                text = self.tokenizer.decode(new)
+                for stop in until:
+                    text = text.split(stop)[0]
+                results.append(text)
+        return results
 
     # lm-eval reads these when it logs the run configuration
     @property
