@@ -235,7 +235,7 @@ def round_channels(exact: float, width: int, channel_multiple: int = 1, least: i
 
 
 def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: int = 1,
-                 head_unit: str = "kv") -> list:
+                 head_unit: str = "kv", uniform: bool = False) -> list:
     """How many kv groups (or query heads) and MLP channels each layer loses so that `ratio` of the model's
     parameters go.
 
@@ -248,11 +248,20 @@ def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: 
     With head_unit 'query', heads round to whole query heads (2*D*C each) and the channels are counted as if no kv
     head were emptied; which kv heads empty depends on which query heads go, so the Pruner gives their rows back to
     the MLP at mask time (channels_after_kv).
+    With uniform=True no rounding is carried: every pruned layer (all of the same shape) loses the same counts, so a
+    model pruned in all its layers keeps one shape per layer, which Hugging Face LlamaForCausalLM and vLLM can hold;
+    the total then lands within one channel (one multiple) per layer of the target. kv heads only: query-head
+    pruning empties kv heads layer by layer as the scores fall.
     Returns [(kv groups or query heads removed, channels removed)] for every layer (zeros for layers not pruned)."""
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if head_unit not in HEAD_UNITS:
         raise ValueError(f"head_unit {head_unit!r}; expected one of {HEAD_UNITS}")
+    if uniform:
+        shapes = {(args.layer_kv_heads[l], args.layer_n_heads[l], args.layer_hidden_dims[l]) for l in layers}
+        if len(shapes) > 1 or head_unit != "kv":
+            raise ValueError(f"uniform counts need head_unit 'kv' (found {head_unit!r}) and pruned layers of one "
+                             f"shape (kv heads, query heads, channels); found {sorted(shapes)}")
     (per_query, per_kv), (per_group, per_channel) = head_params(args), group_params(args)
     target = ratio * count_base_params(args, args.layer_kv_heads, args.layer_hidden_dims, args.layer_n_heads)
     prunable = sum(args.layer_kv_heads[l] * per_kv + args.layer_n_heads[l] * per_query
@@ -271,7 +280,7 @@ def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: 
                              f"every {head_unit} head of layer {l} ({units}); lower the ratio or prune more layers")
         want = f * (K * per_kv + H * per_query + Fw * per_channel) + carry  # parameters this layer should lose
         channels = round_channels((want - heads * per_unit) / per_channel, Fw, channel_multiple)
-        carry = want - heads * per_unit - channels * per_channel
+        carry = 0.0 if uniform else want - heads * per_unit - channels * per_channel
         counts[l] = (heads, channels)
     return counts
 

@@ -324,3 +324,36 @@ def test_lora_criterion_beats_random_on_stories260k():
     random_ppl, random_n = short_prune_run("random")
     assert lora_n == random_n  # the same parameter budget
     assert math.isfinite(lora_ppl) and lora_ppl < random_ppl, (lora_ppl, random_ppl)
+
+
+@pytest.mark.parametrize("channel_multiple", [1, 16])
+def test_prune_counts_uniform_gives_one_shape(channel_multiple):
+    """uniform=True: every layer loses the same counts (no carried rounding), so pruning all layers leaves one
+    shape per layer (what transformers' LlamaForCausalLM holds); the total is within a multiple per layer of the
+    target. Without it the carried rounding gives the same layers different counts."""
+    args = llama.ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=96, max_seq_len=32)
+    layers = list(range(args.n_layers))
+    ratio = 0.35
+    carried = lp.prune_counts(args, ratio, layers, channel_multiple=channel_multiple)
+    counts = lp.prune_counts(args, ratio, layers, channel_multiple=channel_multiple, uniform=True)
+    assert len(set(counts)) == 1 and counts[0][0] >= 1 and counts[0][1] >= 1
+    assert channel_multiple == 16 or len(set(carried)) > 1  # the flag is what makes them equal
+    assert (args.hidden_dim - counts[0][1]) % channel_multiple == 0
+    before = lp.count_base_params(args, args.layer_kv_heads, args.layer_hidden_dims)
+    after = lp.count_base_params(args, [2 - h for h, _ in counts], [96 - c for _, c in counts])
+    assert abs((before - after) - ratio * before) <= args.n_layers * channel_multiple * 3 * args.dim / 2
+    # the masks the Pruner makes from these counts slice to a model of one layer shape
+    model = random_model(args)
+    pruner = lp.Pruner(model, ratio=ratio, total_steps=1, criterion="random", layers=layers, seed=0)
+    pruner.update(0)  # random scores
+    sliced = lp.slice_model(model, pruner.next_masks(counts))
+    assert sliced.args.layer_kv_heads == [2 - counts[0][0]] * 4
+    assert sliced.args.layer_hidden_dims == [96 - counts[0][1]] * 4
+    assert llama.count_params(sliced) == after  # LoRA merged away, nothing else left
+    with pytest.raises(ValueError, match="uniform counts need head_unit 'kv'"):
+        lp.prune_counts(args, ratio, layers, head_unit="query", uniform=True)
+    uneven = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=96,
+                             layer_hidden_dims=[96, 80])
+    with pytest.raises(ValueError, match="pruned layers of one shape"):
+        lp.prune_counts(uneven, 0.2, [0, 1], uniform=True)
+    assert len(set(lp.prune_counts(uneven, 0.2, [1], uniform=True))) == 2  # one layer, and one left whole
