@@ -105,41 +105,37 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
     return row_sums, col_sums
 
 
-def layer_group_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Eq. 4 for one layer: (K,) kv-group scores and (F,) channel scores.
-    A kv group g owns rows of wq (its n_rep query heads), rows of wk and wv (head g) and the matching columns of
-    wo; MLP channel c owns row c of w1 and w3 and column c of w2. The projections' sums are added as Eq. 4 says;
-    the official code L2-normalises each projection's score vector first, which weighs o/down like q/k/v/gate/up
-    whatever their scale (not done here: the paper does not, and the groups of one layer share the same sums)."""
-    p = projections(model, layer_id)
-    D, n_rep = model.args.head_dim, model.args.n_rep
-    assert p["wq"].out_features == n_rep * p["wk"].out_features, \
-        f"layer {layer_id} has kv groups of {model.args.q_per_kv(layer_id)} query heads: use layer_query_scores"
-    sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
-    heads = (row_group_sums(sums["wq"][0], n_rep * D) + row_group_sums(sums["wk"][0], D)
-             + row_group_sums(sums["wv"][0], D) + row_group_sums(sums["wo"][1], n_rep * D))  # (K,)
-    channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
-    return heads, channels
-
-
-def layer_query_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. 4 for one layer with query heads as the unit: (H,) query-head scores (query head h owns rows
-    h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores as in layer_group_scores, and (K,) scores of
-    the kv rows (rows g*D:(g+1)*D of wk and wv), which the query heads of kv head g share (see query_head_scores)."""
-    p = projections(model, layer_id)
-    D = model.args.head_dim
-    sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
+def unit_scores(sums: dict, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4 for one layer from its projections' (row sums, column sums) {name: ((out,), (in,))}: (H,) query-head
+    scores (query head h owns rows h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores (channel c
+    owns row c of w1 and w3 and column c of w2) and (K,) kv-row scores (rows g*D:(g+1)*D of wk and wv)."""
+    D = head_dim
     heads = row_group_sums(sums["wq"][0], D) + row_group_sums(sums["wo"][1], D)  # (H,)
     kv = row_group_sums(sums["wk"][0], D) + row_group_sums(sums["wv"][0], D)  # (K,)
     channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
     return heads, channels, kv
 
 
+def layer_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
+                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4 for one layer, computed once for both head units: (H,) query-head, (F,) channel and (K,) kv-row
+    scores (unit_scores). A kv group's score is kv_group_scores of them; a query head's is query_head_scores.
+    The projections' sums are added as Eq. 4 says; the official code L2-normalises each projection's score vector
+    first, which weighs o/down like q/k/v/gate/up whatever their scale (not done here: the paper does not)."""
+    sums = {name: projection_sums(lin, criterion, square, generator=generator)
+            for name, lin in projections(model, layer_id).items()}
+    return unit_scores(sums, model.args.head_dim)
+
+
 def kv_of_heads(q_per_kv: list, device=None) -> Tensor:
     """The kv head each query head reads: q_per_kv = [2, 1, 3] -> [0, 0, 1, 2, 2, 2], (H,) int64."""
     return torch.repeat_interleave(torch.arange(len(q_per_kv), device=device), torch.tensor(q_per_kv, device=device))
+
+
+def kv_group_scores(heads: Tensor, kv: Tensor, q_per_kv: list) -> Tensor:
+    """Eq. 4 for head_unit 'kv': a kv group (one kv head and the query heads that read it) scores the sum of its
+    query heads' scores plus its kv rows' score. heads (H,), kv (K,) -> (K,)."""
+    return kv.clone().index_add_(0, kv_of_heads(q_per_kv, heads.device), heads)
 
 
 def query_heads_left(q_keep: Tensor, q_per_kv: list) -> Tensor:
@@ -452,10 +448,11 @@ class Pruner:
     def update(self, step: int) -> bool:
         """Score (Eq. 10 or a baseline, Eq. 4), smooth (Eq. 11) and, at scheduled steps, raise the sparsity and
         switch off the lowest groups (Eq. 12-13). Returns True if the masks changed."""
-        score = layer_group_scores if self.head_unit == "kv" else layer_query_scores
         with torch.no_grad():
             for l in self.layers:
-                new = score(self.model, l, self.criterion, self.square, self.generator)
+                heads, channels, kv = layer_scores(self.model, l, self.criterion, self.square, self.generator)
+                new = ((kv_group_scores(heads, kv, self.model.args.q_per_kv(l)), channels) if self.head_unit == "kv"
+                       else (heads, channels, kv))
                 if all(torch.isfinite(t).all() for t in new):  # the official code skips NaN
                     self.scores[l] = tuple(ema(prev, t, self.lam) for prev, t in zip(self.scores[l], new))
         if self.criterion == "vanilla":
