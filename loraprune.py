@@ -20,7 +20,8 @@ from torch import Tensor
 
 from llama import ModelArgs, Transformer, projections
 
-CRITERIA = ("lora", "vanilla", "magnitude", "random")
+CRITERIA = ("lora", "lora-directional", "vanilla", "magnitude", "random")
+LORA_CRITERIA = ("lora", "lora-directional")  # the ones that read only the LoRA matrices and their gradients
 HEAD_UNITS = ("kv", "query")  # what one attention group is: a kv group, or one query head
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +50,21 @@ def lora_guided_importance(W: Tensor, A: Tensor, B: Tensor, gA: Tensor, gB: Tens
     return score.square_() if square else score.abs_()
 
 
+def directional_importance(W: Tensor, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scaling: float,
+                           square: bool = True) -> tuple[Tensor, Tensor]:
+    """The bracket of Eq. 10 split by what each term knows of dL/dW = G (not in the paper): with gB = s G A^T and
+    gA = s B^T G, s * gB @ A = s^2 G A^T A keeps every row of G (projected onto A's row space) but mixes its
+    columns, and s * B @ gA = s^2 B B^T G keeps every column but mixes the rows. So rows are scored with the first
+    and columns with the second: returns ((s gB@A ⊙ M)^2, (s B@gA ⊙ M)^2), M = W + s * B @ A, both (out, in) float32;
+    the caller takes row sums of the first and column sums of the second. The second-order term gB @ gA of Eq. 7-9
+    mixes both and is left out. While B = 0 (before the first optimizer step) the column map is zero."""
+    A, B, gA, gB, merged = A.float(), B.float(), gA.float(), gB.float(), W.float()
+    merged = merged.addmm(B, A, alpha=scaling)  # W + s * B @ A, (out, in)
+    rows = (gB @ A).mul_(scaling).mul_(merged)  # (out, r) @ (r, in)
+    cols = (B @ gA).mul_(scaling).mul_(merged)
+    return (rows.square_(), cols.square_()) if square else (rows.abs_(), cols.abs_())
+
+
 def vanilla_importance(W: Tensor, gW: Tensor, square: bool = True) -> Tensor:
     """Eq. 3: (dL/dW ⊙ W)^2, LLM-Pruner's criterion; needs the full gradient of W. (out, in) -> (out, in)."""
     score = gW.float() * W.float()
@@ -74,6 +90,7 @@ def row_group_sums(row_sums: Tensor, group_size: int) -> Tensor:
     return row_sums.view(-1, group_size).sum(dim=1)
 
 
+@torch.no_grad()
 def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Optional[int] = None,
                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """The importance of every weight of one projection, reduced at once to its row sums (out,) and column sums
@@ -88,6 +105,12 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
     for i in range(0, out_features, chunk_rows):
         rows = slice(i, i + chunk_rows)
         W = linear.dense_weight(rows)  # (rows, in)
+        if criterion == "lora-directional":
+            A, B = linear.lora_A, linear.lora_B
+            I_rows, I_cols = directional_importance(W, A, B[rows], A.grad, B.grad[rows], s, square)
+            row_sums[rows] = I_rows.sum(dim=1)
+            col_sums += I_cols.sum(dim=0)
+            continue
         if criterion == "lora":
             A, B = linear.lora_A, linear.lora_B
             I = lora_guided_importance(W, A, B[rows], A.grad, B.grad[rows], s, square)
@@ -105,26 +128,39 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
     return row_sums, col_sums
 
 
-def unit_scores(sums: dict, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def l2_normalized(v: Tensor) -> Tensor:
+    """v / ||v||, and an all-zero v as it is (the official code adds 1e-8 to the norm instead, which would wipe out
+    a vector of squared scores whose norm is below it)."""
+    norm = v.norm()
+    return v / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 4 for one layer from its projections' (row sums, column sums) {name: ((out,), (in,))}: (H,) query-head
     scores (query head h owns rows h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores (channel c
-    owns row c of w1 and w3 and column c of w2) and (K,) kv-row scores (rows g*D:(g+1)*D of wk and wv)."""
+    owns row c of w1 and w3 and column c of w2) and (K,) kv-row scores (rows g*D:(g+1)*D of wk and wv).
+    normalize: L2-normalise each projection's vector of per-unit sums before adding them, as the official code
+    does (wq, wo over query heads; wk, wv over kv heads; w1, w3, w2 over channels); an all-zero vector (the
+    directional column part while B = 0) then adds nothing."""
     D = head_dim
-    heads = row_group_sums(sums["wq"][0], D) + row_group_sums(sums["wo"][1], D)  # (H,)
-    kv = row_group_sums(sums["wk"][0], D) + row_group_sums(sums["wv"][0], D)  # (K,)
-    channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
-    return heads, channels, kv
+    parts = {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
+             "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
+             "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+    if normalize:
+        parts = {name: l2_normalized(v) for name, v in parts.items()}
+    return parts["wq"] + parts["wo"], parts["w1"] + parts["w3"] + parts["w2"], parts["wk"] + parts["wv"]
 
 
 def layer_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
-                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 generator: Optional[torch.Generator] = None, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 4 for one layer, computed once for both head units: (H,) query-head, (F,) channel and (K,) kv-row
     scores (unit_scores). A kv group's score is kv_group_scores of them; a query head's is query_head_scores.
-    The projections' sums are added as Eq. 4 says; the official code L2-normalises each projection's score vector
-    first, which weighs o/down like q/k/v/gate/up whatever their scale (not done here: the paper does not)."""
+    By default the projections' sums are added as Eq. 4 says; normalize=True L2-normalises each projection's
+    vector first, as the official code does, so that each projection's own scale (for the LoRA estimates, the
+    persistent random gain of its fixed A) does not decide which projection dominates a group's score."""
     sums = {name: projection_sums(lin, criterion, square, generator=generator)
             for name, lin in projections(model, layer_id).items()}
-    return unit_scores(sums, model.args.head_dim)
+    return unit_scores(sums, model.args.head_dim, normalize)
 
 
 def kv_of_heads(q_per_kv: list, device=None) -> Tensor:
@@ -419,10 +455,11 @@ class Pruner:
     def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
                  channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
-                 head_unit: str = "kv"):
+                 head_unit: str = "kv", normalize: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
+        self.normalize = normalize  # L2-normalise each projection's vector before the sums of Eq. 4 (unit_scores)
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup, cooldown
         self.head_unit, self.channel_multiple = head_unit, channel_multiple
         args = model.args
@@ -437,8 +474,8 @@ class Pruner:
         self.generator = torch.Generator(device).manual_seed(seed)
         for l in self.layers:
             for name, lin in projections(model, l).items():
-                if criterion == "lora" and not lin.r:
-                    raise ValueError(f"criterion 'lora' needs LoRA on every projection of the pruned layers; "
+                if criterion in LORA_CRITERIA and not lin.r:
+                    raise ValueError(f"criterion {criterion!r} needs LoRA on every projection of the pruned layers; "
                                      f"layer {l} {name} has none")
                 if criterion == "vanilla":  # Eq. 3 needs dL/dW: the memory the LoRA criterion saves
                     if lin.weight.dtype == torch.int8:
@@ -450,7 +487,8 @@ class Pruner:
         switch off the lowest groups (Eq. 12-13). Returns True if the masks changed."""
         with torch.no_grad():
             for l in self.layers:
-                heads, channels, kv = layer_scores(self.model, l, self.criterion, self.square, self.generator)
+                heads, channels, kv = layer_scores(self.model, l, self.criterion, self.square, self.generator,
+                                                   self.normalize)
                 new = ((kv_group_scores(heads, kv, self.model.args.q_per_kv(l)), channels) if self.head_unit == "kv"
                        else (heads, channels, kv))
                 if all(torch.isfinite(t).all() for t in new):  # the official code skips NaN

@@ -90,6 +90,93 @@ def test_importance_is_float32_for_bf16_weights():
 
 
 # ----------------------------------------------------------------------------------------------
+# the direction-aware LoRA estimate (criterion 'lora-directional') against exact autograd gradients
+
+
+def one_projection_with_lora(target, r_of, seed=3):
+    """A tiny model whose only LoRA sits on `target`, with rank r_of(lin) and s = 1, W.grad switched on."""
+    args = llama.ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=24, max_seq_len=32)
+    model = random_model(args, r=0, seed=seed)
+    lin = llama.projections(model, 1)[target]
+    r = r_of(lin)
+    llama.add_lora(model, r=r, alpha=r, dropout=0.0, targets=(target,))  # s = alpha / r = 1
+    lin.weight.requires_grad_(True)
+    return model, lin
+
+
+@pytest.mark.parametrize("target", ["wq", "w2"])
+def test_directional_rows_are_exact_with_square_orthogonal_A_and_B_zero(target):
+    model, lin = one_projection_with_lora(target, lambda lin: lin.in_features)
+    n = lin.in_features
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(4)))
+    lin.lora_A.data.copy_(Q)  # A.T @ A = I, and B = 0: s * gB @ A = G exactly
+    loss_and_grads(model)
+    rows, cols = lp.directional_importance(lin.weight, lin.lora_A, lin.lora_B, lin.lora_A.grad, lin.lora_B.grad, 1.0)
+    exact = lp.vanilla_importance(lin.weight, lin.weight.grad)
+    assert exact.sum() > 0
+    torch.testing.assert_close(rows, exact, rtol=1e-4, atol=1e-12)
+    assert cols.abs().max() == 0  # B = 0: nothing is known of the columns yet
+    row_sums, _ = lp.projection_sums(lin, "lora-directional", chunk_rows=5)
+    torch.testing.assert_close(row_sums, exact.sum(1), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["wo", "w2"])
+def test_directional_columns_are_exact_with_square_orthogonal_B(target):
+    model, lin = one_projection_with_lora(target, lambda lin: lin.out_features)
+    n = lin.out_features
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        lin.lora_B.copy_(Q)  # B @ B.T = I: s * B @ gA = B B^T G = G exactly, whatever A is
+        lin.lora_A.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+    loss_and_grads(model)
+    rows, cols = lp.directional_importance(lin.weight, lin.lora_A, lin.lora_B, lin.lora_A.grad, lin.lora_B.grad, 1.0)
+    exact = lp.vanilla_importance(lin.merged_weight(), lin.weight.grad)  # (G ⊙ (W + s B A))^2
+    torch.testing.assert_close(cols, exact, rtol=1e-4, atol=1e-12)
+    _, col_sums = lp.projection_sums(lin, "lora-directional", chunk_rows=3)
+    torch.testing.assert_close(col_sums, exact.sum(0), rtol=1e-4, atol=1e-12)
+    # Eq. 10 as written mixes the rows into every column here (its gB @ A term): not exact
+    eq10 = lp.lora_guided_importance(lin.weight, lin.lora_A, lin.lora_B, lin.lora_A.grad, lin.lora_B.grad, 1.0)
+    assert not torch.allclose(eq10.sum(0), exact.sum(0), rtol=1e-2)
+
+
+def test_l2_normalised_unit_scores_by_hand():
+    g = torch.Generator().manual_seed(7)
+    D, H, K, Fw, C = 2, 4, 2, 5, 8
+    shapes = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (Fw, C), "w3": (Fw, C),
+              "w2": (C, Fw)}
+    sums = {name: (torch.rand(o, generator=g), torch.rand(i, generator=g)) for name, (o, i) in shapes.items()}
+    sums["w2"] = (sums["w2"][0], torch.zeros(Fw))  # an all-zero part (B = 0) must add nothing, not NaN
+
+    def unit(v):  # a list divided by its Euclidean length
+        norm = math.sqrt(sum(float(x) ** 2 for x in v))
+        return [float(x) / norm for x in v]
+    q = unit([float(sums["wq"][0][h * D:(h + 1) * D].sum()) for h in range(H)])
+    o = unit([float(sums["wo"][1][h * D:(h + 1) * D].sum()) for h in range(H)])
+    k = unit([float(sums["wk"][0][j * D:(j + 1) * D].sum()) for j in range(K)])
+    v = unit([float(sums["wv"][0][j * D:(j + 1) * D].sum()) for j in range(K)])
+    w1, w3 = unit(sums["w1"][0].tolist()), unit(sums["w3"][0].tolist())
+    heads, channels, kv = lp.unit_scores(sums, D, normalize=True)
+    torch.testing.assert_close(heads.double(), torch.tensor(q, dtype=torch.float64) + torch.tensor(o))
+    torch.testing.assert_close(kv.double(), torch.tensor(k, dtype=torch.float64) + torch.tensor(v))
+    torch.testing.assert_close(channels.double(), torch.tensor(w1, dtype=torch.float64) + torch.tensor(w3))
+    raw = lp.unit_scores(sums, D)  # and without normalize, the plain sums of Eq. 4
+    torch.testing.assert_close(raw[1], sums["w1"][0] + sums["w3"][0])
+
+
+@pytest.mark.parametrize("criterion", ["lora", "lora-directional"])
+def test_pruner_scores_with_normalize_are_layer_scores(criterion):
+    model = random_model(GQA)
+    pruner = lp.Pruner(model, ratio=0.2, total_steps=10, criterion=criterion, layers=[1, 3], lam=0.0,
+                       normalize=True)
+    loss_and_grads(model)
+    query, channels, kv = lp.layer_scores(model, 3, criterion, normalize=True)
+    pruner.update(1)
+    torch.testing.assert_close(pruner.scores[3][0], lp.kv_group_scores(query, kv, GQA.q_per_kv(3)))
+    torch.testing.assert_close(pruner.scores[3][1], channels)
+    assert 1 - 1e-5 <= channels.norm() <= 3 + 1e-5  # a sum of three unit vectors of non-negative entries
+
+
+# ----------------------------------------------------------------------------------------------
 # Eq. 4: group sums against a brute-force loop over groups
 
 
