@@ -446,9 +446,14 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
 
 class Pruner:
     """Runs Algorithm 1 beside any training loop. Call `update(step)` once per optimizer step, after backward has
-    accumulated the gradients of the whole batch and before `optimizer.zero_grad()`, with step = optimizer steps
+    accumulated the gradients of the whole batch and before `optimizer.step()`, with step = optimizer steps
     done so far (1-based). As in the official code, the criterion sees the accumulated (batch) gradients once per
-    optimizer step, not one per micro-batch. Every criterion takes the same path; only the importance differs.
+    optimizer step, not one per micro-batch, after clipping, before the step, and the moving average starts from
+    zero. Every criterion takes the same path; only the importance differs.
+    Clipping (run.py clips the LoRA gradients only, so that training is the same whatever the criterion) scales a
+    step's LoRA gradients by one number: it leaves that step's ranking as it is and only weighs the step in the
+    moving average, and 'vanilla' (dL/dW, not clipped here; the official code clips it together with the adapters)
+    and 'exact' (the backward's own gradients) do not see it.
     head_unit 'kv' prunes kv groups (scores and masks (K,) per layer); 'query' prunes query heads (masks (H,),
     scores (H,) plus (K,) for the shared kv rows, each with its own moving average)."""
 
