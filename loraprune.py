@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from llama import ModelArgs, Transformer, projections
 
-CRITERIA = ("lora", "lora-directional", "vanilla", "magnitude", "random")
+CRITERIA = ("lora", "lora-directional", "exact", "vanilla", "magnitude", "random")
 LORA_CRITERIA = ("lora", "lora-directional")  # the ones that read only the LoRA matrices and their gradients
 HEAD_UNITS = ("kv", "query")  # what one attention group is: a kv group, or one query head
 
@@ -90,6 +91,13 @@ def row_group_sums(row_sums: Tensor, group_size: int) -> Tensor:
     return row_sums.view(-1, group_size).sum(dim=1)
 
 
+def merged_rows(linear, rows: slice, W: Optional[Tensor] = None) -> Tensor:
+    """(W + s * B @ A)[rows] in float32, W dequantized if it is int8 (pass W = linear.dense_weight(rows) if it is
+    at hand already)."""
+    W = (linear.dense_weight(rows) if W is None else W).float()
+    return W if not linear.r else W.addmm(linear.lora_B[rows].float(), linear.lora_A.float(), alpha=linear.scaling)
+
+
 @torch.no_grad()
 def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Optional[int] = None,
                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -115,8 +123,7 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
             A, B = linear.lora_A, linear.lora_B
             I = lora_guided_importance(W, A, B[rows], A.grad, B.grad[rows], s, square)
         else:
-            merged = W.float() if not linear.r else W.float().addmm(linear.lora_B[rows].float(),
-                                                                     linear.lora_A.float(), alpha=s)
+            merged = merged_rows(linear, rows, W)
             if criterion == "vanilla":
                 I = vanilla_importance(merged, linear.weight.grad[rows], square)
             elif criterion == "magnitude":
@@ -151,16 +158,22 @@ def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Ten
     return parts["wq"] + parts["wo"], parts["w1"] + parts["w3"] + parts["w2"], parts["wk"] + parts["wv"]
 
 
+def layer_sums(model: Transformer, layer_id: int, criterion: str, square: bool = True,
+               generator: Optional[torch.Generator] = None) -> dict:
+    """{projection name: (row sums (out,), column sums (in,))} of one layer (projection_sums of each)."""
+    return {name: projection_sums(lin, criterion, square, generator=generator)
+            for name, lin in projections(model, layer_id).items()}
+
+
 def layer_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
                  generator: Optional[torch.Generator] = None, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 4 for one layer, computed once for both head units: (H,) query-head, (F,) channel and (K,) kv-row
     scores (unit_scores). A kv group's score is kv_group_scores of them; a query head's is query_head_scores.
     By default the projections' sums are added as Eq. 4 says; normalize=True L2-normalises each projection's
     vector first, as the official code does, so that each projection's own scale (for the LoRA estimates, the
-    persistent random gain of its fixed A) does not decide which projection dominates a group's score."""
-    sums = {name: projection_sums(lin, criterion, square, generator=generator)
-            for name, lin in projections(model, layer_id).items()}
-    return unit_scores(sums, model.args.head_dim, normalize)
+    persistent random gain of its fixed A) does not decide which projection dominates a group's score.
+    (Criterion 'exact' has no such function: its sums come from the backward pass, GradientTap.)"""
+    return unit_scores(layer_sums(model, layer_id, criterion, square, generator), model.args.head_dim, normalize)
 
 
 def kv_of_heads(q_per_kv: list, device=None) -> Tensor:
@@ -192,6 +205,101 @@ def query_head_scores(heads: Tensor, kv: Tensor, q_keep: Tensor, q_per_kv: list)
     kv_index = kv_of_heads(q_per_kv, heads.device)  # (H,)
     live = query_heads_left(q_keep, q_per_kv).clamp(min=1).to(kv.dtype)  # (K,)
     return heads + (kv / live)[kv_index]  # (H,)
+
+
+# ----------------------------------------------------------------------------------------------
+# criterion 'exact': Eq. 3's group sums from the backward pass, at LoRA's memory (not in the paper)
+
+
+@torch.no_grad()
+def gradient_sums(x: Tensor, dy: Tensor, merged, square: bool = True,
+                  chunk_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Row sums (out,) and column sums (in,) of (G ⊙ M)^2 (Eq. 3) where G = dy^T x is dL/dW of y = x @ W.T,
+    formed `chunk_rows` rows at a time (default 2^24 elements) and reduced at once, so dL/dW never exists whole.
+    x (..., in) the projection's input, dy (..., out) dL/dy, merged(rows: slice) -> M[rows] (rows, in) float32."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (N, in), N tokens
+    dy = dy.reshape(-1, dy.shape[-1]).float()  # (N, out)
+    out_features, in_features = dy.shape[1], x.shape[1]
+    chunk_rows = chunk_rows or max(1, 2**24 // in_features)
+    row_sums = torch.empty(out_features, dtype=torch.float32, device=x.device)
+    col_sums = torch.zeros(in_features, dtype=torch.float32, device=x.device)
+    for i in range(0, out_features, chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        I = (dy[:, rows].T @ x).mul_(merged(rows))  # (rows, N) @ (N, in) -> G[rows] ⊙ M[rows]
+        I = I.square_() if square else I.abs_()
+        row_sums[rows] = I.sum(dim=1)
+        col_sums += I.sum(dim=0)
+    return row_sums, col_sums
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a projection's output y whose backward hands (x, dL/dy) to `sink`. x is saved through autograd,
+    so under activation checkpointing it is recomputed with its block rather than kept; the recomputed forward's
+    graph is never backpropagated (non-reentrant checkpoint) and a reentrant one runs its first forward without
+    grad, where no tap is set: either way a sink runs once per projection per backward."""
+
+    @staticmethod
+    def forward(ctx, y, x, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ctx.sink(x, dy)
+        return dy, None, None
+
+
+class GradientTap:
+    """Criterion 'exact': for every projection of `layers`, a forward hook puts a _Tap on its output, whose
+    backward reduces (dL/dW ⊙ (W + s B A))^2 to row and column sums (gradient_sums) and adds them to this tap's
+    float32 buffers; take(l) hands a layer's sums over and zeroes them. No dL/dW is kept (no W.requires_grad), so
+    it works with int8 W; the transient is one 64 MiB block plus a float32 copy of x and dL/dy.
+    With one micro-batch per optimizer step this is Eq. 3 of the batch exactly (the vanilla criterion's numbers).
+    With several, it is the sum over micro-batches of each one's Eq. 3 (the square of a sum is not the sum of the
+    squares): the empirical-Fisher form of the Taylor criterion, which adds the micro-batch variance of each
+    weight's G ⊙ M to the batch's square and so favours weights whose gradient is noisy. Under torchrun the sums
+    of all processes are added (one all-reduce per layer), the same sum over more micro-batches."""
+
+    def __init__(self, model: Transformer, layers: list, square: bool = True):
+        self.sums, self.handles, self.square = {}, [], square
+        for l in layers:
+            for name, lin in projections(model, l).items():
+                device = lin.weight.device
+                self.sums[l, name] = (torch.zeros(lin.out_features, device=device),
+                                      torch.zeros(lin.in_features, device=device))
+                self.handles.append(lin.register_forward_hook(self._hook(self.sums[l, name], lin)))
+
+    def _hook(self, acc: tuple, lin):
+        def sink(x, dy):
+            rows, cols = gradient_sums(x, dy, lambda r: merged_rows(lin, r), self.square)
+            acc[0].add_(rows)
+            acc[1].add_(cols)
+
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and output.requires_grad:  # not in eval or a no-grad teacher forward
+                return _Tap.apply(output, inputs[0], sink)
+        return hook
+
+    @torch.no_grad()
+    def take(self, layer_id: int) -> dict:
+        """{projection name: (row sums (out,), column sums (in,))} accumulated since the last take; zeroes them."""
+        out = {}
+        for (l, name), (rows, cols) in self.sums.items():
+            if l == layer_id:
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(rows)
+                    dist.all_reduce(cols)
+                out[name] = (rows.clone(), cols.clone())
+                rows.zero_()
+                cols.zero_()
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +585,7 @@ class Pruner:
             self.scores = [(h, c, torch.zeros(k, device=device)) for (h, c), k in zip(self.scores, args.layer_kv_heads)]
         apply_masks(model, self.masks, clear_kept=False)  # all ones: the model's output is unchanged
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.tap = GradientTap(model, self.layers, square) if criterion == "exact" else None
         for l in self.layers:
             for name, lin in projections(model, l).items():
                 if criterion in LORA_CRITERIA and not lin.r:
@@ -492,8 +601,9 @@ class Pruner:
         switch off the lowest groups (Eq. 12-13). Returns True if the masks changed."""
         with torch.no_grad():
             for l in self.layers:
-                heads, channels, kv = layer_scores(self.model, l, self.criterion, self.square, self.generator,
-                                                   self.normalize)
+                sums = (self.tap.take(l) if self.tap else
+                        layer_sums(self.model, l, self.criterion, self.square, self.generator))
+                heads, channels, kv = unit_scores(sums, self.model.args.head_dim, self.normalize)
                 new = ((kv_group_scores(heads, kv, self.model.args.q_per_kv(l)), channels) if self.head_unit == "kv"
                        else (heads, channels, kv))
                 if all(torch.isfinite(t).all() for t in new):  # the official code skips NaN

@@ -177,6 +177,85 @@ def test_pruner_scores_with_normalize_are_layer_scores(criterion):
 
 
 # ----------------------------------------------------------------------------------------------
+# criterion 'exact': Eq. 3's sums from the backward pass, against W.grad
+
+
+def vanilla_sums(model, layers):
+    """{(l, name): (row sums, column sums)} of Eq. 3 from W.grad (the reference for 'exact')."""
+    return {(l, name): lp.projection_sums(lin, "vanilla") for l in layers
+            for name, lin in llama.projections(model, l).items()}
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "activation-checkpointing"])
+def test_exact_scores_equal_vanilla_with_one_micro_batch(checkpoint):
+    model = random_model(GQA).double()
+    model.checkpoint_activations = checkpoint  # the taps' forward hooks fire again on recompute: counted once?
+    layers = [1, 3]
+    pruner = lp.Pruner(model, ratio=0.2, total_steps=10, criterion="exact", layers=layers, lam=0.0)
+    for l in layers:
+        for lin in llama.projections(model, l).values():
+            lin.weight.requires_grad_(True)  # the reference needs W.grad; the tap does not
+    loss_and_grads(model)
+    expected = vanilla_sums(model, layers)
+    for l in layers:
+        got = pruner.tap.take(l)
+        for name, (rows, cols) in got.items():
+            torch.testing.assert_close(rows, expected[l, name][0], rtol=1e-5, atol=0)  # float32 sums, both
+            torch.testing.assert_close(cols, expected[l, name][1], rtol=1e-5, atol=0)
+        assert all(r.abs().sum() == 0 for r, _ in pruner.tap.take(l).values())  # take() zeroed them
+    model.zero_grad(set_to_none=True)
+    loss_and_grads(model, seed=2)  # and the Pruner's own path: Eq. 4 of the same sums
+    query, channels, kv = lp.layer_scores(model, 3, "vanilla")
+    pruner.update(1)
+    torch.testing.assert_close(pruner.scores[3][0], lp.kv_group_scores(query, kv, GQA.q_per_kv(3)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(pruner.scores[3][1], channels, rtol=1e-5, atol=0)
+    with torch.no_grad():  # an eval forward sets no tap and adds nothing
+        model(torch.randint(0, GQA.vocab_size, (1, 8)))
+    assert all(r.abs().sum() == 0 for r, _ in pruner.tap.take(1).values())
+
+
+def test_exact_scores_with_accumulation_sum_each_micro_batch():
+    """With two micro-batches the tap adds each one's Eq. 3 (its stated estimate), which differs from Eq. 3 of
+    the accumulated gradient."""
+    model = random_model(MHA).double()
+    layers = [1]
+    tap = lp.GradientTap(model, layers)
+    for lin in llama.projections(model, 1).values():
+        lin.weight.requires_grad_(True)
+    per_micro = []
+    for seed in (1, 2):
+        model.zero_grad(set_to_none=True)
+        loss_and_grads(model, seed=seed)
+        per_micro.append(vanilla_sums(model, layers))
+    got = tap.take(1)
+    model.zero_grad(set_to_none=True)
+    loss_and_grads(model, seed=1)
+    loss_and_grads(model, seed=2)  # accumulated
+    whole = vanilla_sums(model, layers)
+    for name, (rows, cols) in got.items():
+        torch.testing.assert_close(rows, per_micro[0][1, name][0] + per_micro[1][1, name][0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(cols, per_micro[0][1, name][1] + per_micro[1][1, name][1], rtol=1e-5, atol=0)
+        assert not torch.allclose(rows, whole[1, name][0])
+    tap.take(1)  # (the two backwards of `whole` went through the taps too)
+    tap.remove()
+    loss_and_grads(model, seed=3)
+    assert all(r.abs().sum() == 0 for r, _ in tap.take(1).values())  # removed hooks add nothing
+
+
+def test_exact_criterion_runs_on_int8_weights():
+    model = random_model(GQA, r=0)
+    quant8.quantize_model(model)
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=0)
+    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion="exact", every=1, layers=[1, 3], lam=0.0)
+    for step in range(1, 5):
+        loss_and_grads(model, seed=step)
+        pruner.update(step)
+        model.zero_grad(set_to_none=True)
+    assert pruner.pruned_counts() == pruner.final_counts
+    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for l in (1, 3) for s in pruner.scores[l])
+
+
+# ----------------------------------------------------------------------------------------------
 # Eq. 4: group sums against a brute-force loop over groups
 
 
