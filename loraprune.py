@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from llama import ModelArgs, Transformer, projections
 
-CRITERIA = ("lora", "vanilla", "magnitude", "random")
+CRITERIA = ("lora", "lora-directional", "exact", "vanilla", "magnitude", "random")
+LORA_CRITERIA = ("lora", "lora-directional")  # the ones that read only the LoRA matrices and their gradients
 HEAD_UNITS = ("kv", "query")  # what one attention group is: a kv group, or one query head
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +51,21 @@ def lora_guided_importance(W: Tensor, A: Tensor, B: Tensor, gA: Tensor, gB: Tens
     return score.square_() if square else score.abs_()
 
 
+def directional_importance(W: Tensor, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scaling: float,
+                           square: bool = True) -> tuple[Tensor, Tensor]:
+    """The bracket of Eq. 10 split by what each term knows of dL/dW = G (not in the paper): with gB = s G A^T and
+    gA = s B^T G, s * gB @ A = s^2 G A^T A keeps every row of G (projected onto A's row space) but mixes its
+    columns, and s * B @ gA = s^2 B B^T G keeps every column but mixes the rows. So rows are scored with the first
+    and columns with the second: returns ((s gB@A ⊙ M)^2, (s B@gA ⊙ M)^2), M = W + s * B @ A, both (out, in) float32;
+    the caller takes row sums of the first and column sums of the second. The second-order term gB @ gA of Eq. 7-9
+    mixes both and is left out. While B = 0 (before the first optimizer step) the column map is zero."""
+    A, B, gA, gB, merged = A.float(), B.float(), gA.float(), gB.float(), W.float()
+    merged = merged.addmm(B, A, alpha=scaling)  # W + s * B @ A, (out, in)
+    rows = (gB @ A).mul_(scaling).mul_(merged)  # (out, r) @ (r, in)
+    cols = (B @ gA).mul_(scaling).mul_(merged)
+    return (rows.square_(), cols.square_()) if square else (rows.abs_(), cols.abs_())
+
+
 def vanilla_importance(W: Tensor, gW: Tensor, square: bool = True) -> Tensor:
     """Eq. 3: (dL/dW ⊙ W)^2, LLM-Pruner's criterion; needs the full gradient of W. (out, in) -> (out, in)."""
     score = gW.float() * W.float()
@@ -74,6 +91,14 @@ def row_group_sums(row_sums: Tensor, group_size: int) -> Tensor:
     return row_sums.view(-1, group_size).sum(dim=1)
 
 
+def merged_rows(linear, rows: slice, W: Optional[Tensor] = None) -> Tensor:
+    """(W + s * B @ A)[rows] in float32, W dequantized if it is int8 (pass W = linear.dense_weight(rows) if it is
+    at hand already)."""
+    W = (linear.dense_weight(rows) if W is None else W).float()
+    return W if not linear.r else W.addmm(linear.lora_B[rows].float(), linear.lora_A.float(), alpha=linear.scaling)
+
+
+@torch.no_grad()
 def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Optional[int] = None,
                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """The importance of every weight of one projection, reduced at once to its row sums (out,) and column sums
@@ -88,12 +113,17 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
     for i in range(0, out_features, chunk_rows):
         rows = slice(i, i + chunk_rows)
         W = linear.dense_weight(rows)  # (rows, in)
+        if criterion == "lora-directional":
+            A, B = linear.lora_A, linear.lora_B
+            I_rows, I_cols = directional_importance(W, A, B[rows], A.grad, B.grad[rows], s, square)
+            row_sums[rows] = I_rows.sum(dim=1)
+            col_sums += I_cols.sum(dim=0)
+            continue
         if criterion == "lora":
             A, B = linear.lora_A, linear.lora_B
             I = lora_guided_importance(W, A, B[rows], A.grad, B.grad[rows], s, square)
         else:
-            merged = W.float() if not linear.r else W.float().addmm(linear.lora_B[rows].float(),
-                                                                     linear.lora_A.float(), alpha=s)
+            merged = merged_rows(linear, rows, W)
             if criterion == "vanilla":
                 I = vanilla_importance(merged, linear.weight.grad[rows], square)
             elif criterion == "magnitude":
@@ -105,41 +135,56 @@ def projection_sums(linear, criterion: str, square: bool = True, chunk_rows: Opt
     return row_sums, col_sums
 
 
-def layer_group_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Eq. 4 for one layer: (K,) kv-group scores and (F,) channel scores.
-    A kv group g owns rows of wq (its n_rep query heads), rows of wk and wv (head g) and the matching columns of
-    wo; MLP channel c owns row c of w1 and w3 and column c of w2. The projections' sums are added as Eq. 4 says;
-    the official code L2-normalises each projection's score vector first, which weighs o/down like q/k/v/gate/up
-    whatever their scale (not done here: the paper does not, and the groups of one layer share the same sums)."""
-    p = projections(model, layer_id)
-    D, n_rep = model.args.head_dim, model.args.n_rep
-    assert p["wq"].out_features == n_rep * p["wk"].out_features, \
-        f"layer {layer_id} has kv groups of {model.args.q_per_kv(layer_id)} query heads: use layer_query_scores"
-    sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
-    heads = (row_group_sums(sums["wq"][0], n_rep * D) + row_group_sums(sums["wk"][0], D)
-             + row_group_sums(sums["wv"][0], D) + row_group_sums(sums["wo"][1], n_rep * D))  # (K,)
-    channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
-    return heads, channels
+def l2_normalized(v: Tensor) -> Tensor:
+    """v / ||v||, and an all-zero v as it is (the official code adds 1e-8 to the norm instead, which would wipe out
+    a vector of squared scores whose norm is below it)."""
+    norm = v.norm()
+    return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def layer_query_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. 4 for one layer with query heads as the unit: (H,) query-head scores (query head h owns rows
-    h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores as in layer_group_scores, and (K,) scores of
-    the kv rows (rows g*D:(g+1)*D of wk and wv), which the query heads of kv head g share (see query_head_scores)."""
-    p = projections(model, layer_id)
-    D = model.args.head_dim
-    sums = {name: projection_sums(lin, criterion, square, generator=generator) for name, lin in p.items()}
-    heads = row_group_sums(sums["wq"][0], D) + row_group_sums(sums["wo"][1], D)  # (H,)
-    kv = row_group_sums(sums["wk"][0], D) + row_group_sums(sums["wv"][0], D)  # (K,)
-    channels = sums["w1"][0] + sums["w3"][0] + sums["w2"][1]  # (F,)
-    return heads, channels, kv
+def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4 for one layer from its projections' (row sums, column sums) {name: ((out,), (in,))}: (H,) query-head
+    scores (query head h owns rows h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores (channel c
+    owns row c of w1 and w3 and column c of w2) and (K,) kv-row scores (rows g*D:(g+1)*D of wk and wv).
+    normalize: L2-normalise each projection's vector of per-unit sums before adding them, as the official code
+    does (wq, wo over query heads; wk, wv over kv heads; w1, w3, w2 over channels); an all-zero vector (the
+    directional column part while B = 0) then adds nothing."""
+    D = head_dim
+    parts = {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
+             "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
+             "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+    if normalize:
+        parts = {name: l2_normalized(v) for name, v in parts.items()}
+    return parts["wq"] + parts["wo"], parts["w1"] + parts["w3"] + parts["w2"], parts["wk"] + parts["wv"]
+
+
+def layer_sums(model: Transformer, layer_id: int, criterion: str, square: bool = True,
+               generator: Optional[torch.Generator] = None) -> dict:
+    """{projection name: (row sums (out,), column sums (in,))} of one layer (projection_sums of each)."""
+    return {name: projection_sums(lin, criterion, square, generator=generator)
+            for name, lin in projections(model, layer_id).items()}
+
+
+def layer_scores(model: Transformer, layer_id: int, criterion: str, square: bool = True,
+                 generator: Optional[torch.Generator] = None, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4 for one layer, computed once for both head units: (H,) query-head, (F,) channel and (K,) kv-row
+    scores (unit_scores). A kv group's score is kv_group_scores of them; a query head's is query_head_scores.
+    By default the projections' sums are added as Eq. 4 says; normalize=True L2-normalises each projection's
+    vector first, as the official code does, so that each projection's own scale (for the LoRA estimates, the
+    persistent random gain of its fixed A) does not decide which projection dominates a group's score.
+    (Criterion 'exact' has no such function: its sums come from the backward pass, GradientTap.)"""
+    return unit_scores(layer_sums(model, layer_id, criterion, square, generator), model.args.head_dim, normalize)
 
 
 def kv_of_heads(q_per_kv: list, device=None) -> Tensor:
     """The kv head each query head reads: q_per_kv = [2, 1, 3] -> [0, 0, 1, 2, 2, 2], (H,) int64."""
     return torch.repeat_interleave(torch.arange(len(q_per_kv), device=device), torch.tensor(q_per_kv, device=device))
+
+
+def kv_group_scores(heads: Tensor, kv: Tensor, q_per_kv: list) -> Tensor:
+    """Eq. 4 for head_unit 'kv': a kv group (one kv head and the query heads that read it) scores the sum of its
+    query heads' scores plus its kv rows' score. heads (H,), kv (K,) -> (K,)."""
+    return kv.clone().index_add_(0, kv_of_heads(q_per_kv, heads.device), heads)
 
 
 def query_heads_left(q_keep: Tensor, q_per_kv: list) -> Tensor:
@@ -160,6 +205,101 @@ def query_head_scores(heads: Tensor, kv: Tensor, q_keep: Tensor, q_per_kv: list)
     kv_index = kv_of_heads(q_per_kv, heads.device)  # (H,)
     live = query_heads_left(q_keep, q_per_kv).clamp(min=1).to(kv.dtype)  # (K,)
     return heads + (kv / live)[kv_index]  # (H,)
+
+
+# ----------------------------------------------------------------------------------------------
+# criterion 'exact': Eq. 3's group sums from the backward pass, at LoRA's memory (not in the paper)
+
+
+@torch.no_grad()
+def gradient_sums(x: Tensor, dy: Tensor, merged, square: bool = True,
+                  chunk_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Row sums (out,) and column sums (in,) of (G ⊙ M)^2 (Eq. 3) where G = dy^T x is dL/dW of y = x @ W.T,
+    formed `chunk_rows` rows at a time (default 2^24 elements) and reduced at once, so dL/dW never exists whole.
+    x (..., in) the projection's input, dy (..., out) dL/dy, merged(rows: slice) -> M[rows] (rows, in) float32."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (N, in), N tokens
+    dy = dy.reshape(-1, dy.shape[-1]).float()  # (N, out)
+    out_features, in_features = dy.shape[1], x.shape[1]
+    chunk_rows = chunk_rows or max(1, 2**24 // in_features)
+    row_sums = torch.empty(out_features, dtype=torch.float32, device=x.device)
+    col_sums = torch.zeros(in_features, dtype=torch.float32, device=x.device)
+    for i in range(0, out_features, chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        I = (dy[:, rows].T @ x).mul_(merged(rows))  # (rows, N) @ (N, in) -> G[rows] ⊙ M[rows]
+        I = I.square_() if square else I.abs_()
+        row_sums[rows] = I.sum(dim=1)
+        col_sums += I.sum(dim=0)
+    return row_sums, col_sums
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a projection's output y whose backward hands (x, dL/dy) to `sink`. x is saved through autograd,
+    so under activation checkpointing it is recomputed with its block rather than kept; the recomputed forward's
+    graph is never backpropagated (non-reentrant checkpoint) and a reentrant one runs its first forward without
+    grad, where no tap is set: either way a sink runs once per projection per backward."""
+
+    @staticmethod
+    def forward(ctx, y, x, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ctx.sink(x, dy)
+        return dy, None, None
+
+
+class GradientTap:
+    """Criterion 'exact': for every projection of `layers`, a forward hook puts a _Tap on its output, whose
+    backward reduces (dL/dW ⊙ (W + s B A))^2 to row and column sums (gradient_sums) and adds them to this tap's
+    float32 buffers; take(l) hands a layer's sums over and zeroes them. No dL/dW is kept (no W.requires_grad), so
+    it works with int8 W; the transient is one 64 MiB block plus a float32 copy of x and dL/dy.
+    With one micro-batch per optimizer step this is Eq. 3 of the batch exactly (the vanilla criterion's numbers).
+    With several, it is the sum over micro-batches of each one's Eq. 3 (the square of a sum is not the sum of the
+    squares): the empirical-Fisher form of the Taylor criterion, which adds the micro-batch variance of each
+    weight's G ⊙ M to the batch's square and so favours weights whose gradient is noisy. Under torchrun the sums
+    of all processes are added (one all-reduce per layer), the same sum over more micro-batches."""
+
+    def __init__(self, model: Transformer, layers: list, square: bool = True):
+        self.sums, self.handles, self.square = {}, [], square
+        for l in layers:
+            for name, lin in projections(model, l).items():
+                device = lin.weight.device
+                self.sums[l, name] = (torch.zeros(lin.out_features, device=device),
+                                      torch.zeros(lin.in_features, device=device))
+                self.handles.append(lin.register_forward_hook(self._hook(self.sums[l, name], lin)))
+
+    def _hook(self, acc: tuple, lin):
+        def sink(x, dy):
+            rows, cols = gradient_sums(x, dy, lambda r: merged_rows(lin, r), self.square)
+            acc[0].add_(rows)
+            acc[1].add_(cols)
+
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and output.requires_grad:  # not in eval or a no-grad teacher forward
+                return _Tap.apply(output, inputs[0], sink)
+        return hook
+
+    @torch.no_grad()
+    def take(self, layer_id: int) -> dict:
+        """{projection name: (row sums (out,), column sums (in,))} accumulated since the last take; zeroes them."""
+        out = {}
+        for (l, name), (rows, cols) in self.sums.items():
+            if l == layer_id:
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(rows)
+                    dist.all_reduce(cols)
+                out[name] = (rows.clone(), cols.clone())
+                rows.zero_()
+                cols.zero_()
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,19 +571,25 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
 
 class Pruner:
     """Runs Algorithm 1 beside any training loop. Call `update(step)` once per optimizer step, after backward has
-    accumulated the gradients of the whole batch and before `optimizer.zero_grad()`, with step = optimizer steps
+    accumulated the gradients of the whole batch and before `optimizer.step()`, with step = optimizer steps
     done so far (1-based). As in the official code, the criterion sees the accumulated (batch) gradients once per
-    optimizer step, not one per micro-batch. Every criterion takes the same path; only the importance differs.
+    optimizer step, not one per micro-batch, after clipping, before the step, and the moving average starts from
+    zero. Every criterion takes the same path; only the importance differs.
+    Clipping (run.py clips the LoRA gradients only, so that training is the same whatever the criterion) scales a
+    step's LoRA gradients by one number: it leaves that step's ranking as it is and only weighs the step in the
+    moving average, and 'vanilla' (dL/dW, not clipped here; the official code clips it together with the adapters)
+    and 'exact' (the backward's own gradients) do not see it.
     head_unit 'kv' prunes kv groups (scores and masks (K,) per layer); 'query' prunes query heads (masks (H,),
     scores (H,) plus (K,) for the shared kv rows, each with its own moving average)."""
 
     def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
                  channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
-                 head_unit: str = "kv"):
+                 head_unit: str = "kv", normalize: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
+        self.normalize = normalize  # L2-normalise each projection's vector before the sums of Eq. 4 (unit_scores)
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup, cooldown
         self.head_unit, self.channel_multiple = head_unit, channel_multiple
         args = model.args
@@ -456,10 +602,11 @@ class Pruner:
             self.scores = [(h, c, torch.zeros(k, device=device)) for (h, c), k in zip(self.scores, args.layer_kv_heads)]
         apply_masks(model, self.masks, clear_kept=False)  # all ones: the model's output is unchanged
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.tap = GradientTap(model, self.layers, square) if criterion == "exact" else None
         for l in self.layers:
             for name, lin in projections(model, l).items():
-                if criterion == "lora" and not lin.r:
-                    raise ValueError(f"criterion 'lora' needs LoRA on every projection of the pruned layers; "
+                if criterion in LORA_CRITERIA and not lin.r:
+                    raise ValueError(f"criterion {criterion!r} needs LoRA on every projection of the pruned layers; "
                                      f"layer {l} {name} has none")
                 if criterion == "vanilla":  # Eq. 3 needs dL/dW: the memory the LoRA criterion saves
                     if lin.weight.dtype == torch.int8:
@@ -469,10 +616,13 @@ class Pruner:
     def update(self, step: int) -> bool:
         """Score (Eq. 10 or a baseline, Eq. 4), smooth (Eq. 11) and, at scheduled steps, raise the sparsity and
         switch off the lowest groups (Eq. 12-13). Returns True if the masks changed."""
-        score = layer_group_scores if self.head_unit == "kv" else layer_query_scores
         with torch.no_grad():
             for l in self.layers:
-                new = score(self.model, l, self.criterion, self.square, self.generator)
+                sums = (self.tap.take(l) if self.tap else
+                        layer_sums(self.model, l, self.criterion, self.square, self.generator))
+                heads, channels, kv = unit_scores(sums, self.model.args.head_dim, self.normalize)
+                new = ((kv_group_scores(heads, kv, self.model.args.q_per_kv(l)), channels) if self.head_unit == "kv"
+                       else (heads, channels, kv))
                 if all(torch.isfinite(t).all() for t in new):  # the official code skips NaN
                     self.scores[l] = tuple(ema(prev, t, self.lam) for prev, t in zip(self.scores[l], new))
         if self.criterion == "vanilla":

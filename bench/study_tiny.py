@@ -98,12 +98,11 @@ def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers:
 
 def unit_scores(model, layer_id: int, criterion: str, square: bool, generator) -> tuple:
     """(K,) kv-group, (F,) channel and (H,) query-head scores of one unpruned layer from one set of projection sums
-    (one draw for the random criterion): a kv group's score is the sum of its query heads' shares (an identity
-    tests/test_query_heads.py checks against layer_group_scores)."""
-    heads, channels, kv = loraprune.layer_query_scores(model, layer_id, criterion, square, generator)
+    (one draw for the random criterion), as the Pruner computes them for either head unit."""
+    heads, channels, kv = loraprune.layer_scores(model, layer_id, criterion, square, generator)
     q_per_kv = model.args.q_per_kv(layer_id)
     query = loraprune.query_head_scores(heads, kv, torch.ones_like(heads, dtype=torch.bool), q_per_kv)  # (H,)
-    return query.view(len(q_per_kv), -1).sum(1), channels, query
+    return loraprune.kv_group_scores(heads, kv, q_per_kv), channels, query
 
 
 def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None,

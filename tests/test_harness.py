@@ -22,6 +22,7 @@ else:
 
 import data  # noqa: E402
 import harness  # noqa: E402
+import formats  # noqa: E402
 import llama  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -90,7 +91,7 @@ def models(hf_folder):
     """(our HarnessLM, lm-eval's HFLM) on the same checkpoint and tokenizer, both float32 on the CPU."""
     from lm_eval.models.huggingface import HFLM
 
-    ours = llama.load_checkpoint(hf_folder, dtype=torch.float32)
+    ours = formats.load(hf_folder, dtype=torch.float32)
     tokenizer = data.Tokenizer(hf_folder / "tokenizer.json")
     assert tokenizer.bos_id == 1 and tokenizer.vocab_size <= ours.args.vocab_size
     hf = HFLM(pretrained=str(hf_folder), device="cpu", dtype="float32", batch_size=3)
@@ -177,7 +178,7 @@ def test_local_task_accuracy_matches_hflm(models, tmp_path):
 def test_generate_until_is_greedy_and_stops(shared):
     """On stories260K, greedy generation reproduces the published greedy sample (MANIFEST.md), cut before the
     stop string; max_gen_toks caps it; sampling is refused."""
-    model = llama.load_checkpoint(shared("stories260K.bin"), dtype=torch.float32)
+    model = formats.load(shared("stories260K.bin"), dtype=torch.float32)
     lm = harness.HarnessLM(model, data.Tokenizer(shared("tok512.model")))
     got = lm.generate_until(requests("generate_until", [
         ("Once upon a time", {"until": ["."], "max_gen_toks": 40}),
