@@ -14,7 +14,6 @@ import data
 import formats
 import llama
 import loraprune as lp
-import quant8
 from conftest import (brute_force_group_scores, full_importance, loss_and_grads, query_masks,
                       random_model, shared_file)
 
@@ -479,12 +478,12 @@ def test_old_params_json_without_the_field_loads(tmp_path):
 # attention with uneven groups against an explicit per-head softmax
 
 
-def reference_attention(att, x, freqs_cis, q_per_kv):
+def reference_attention(att, x, cos, sin, q_per_kv):
     """Each query head on its own: softmax(q_h k_g^T / sqrt(D) + causal) v_g with g its kv head, then wo."""
     B, T, _ = x.shape
     D = att.head_dim
-    q = llama.apply_rope(att.wq(x).view(B, T, -1, D), freqs_cis)  # (B, T, H, D)
-    k = llama.apply_rope(att.wk(x).view(B, T, -1, D), freqs_cis)  # (B, T, K, D)
+    q = llama.apply_rope(att.wq(x).view(B, T, -1, D), cos, sin)  # (B, T, H, D)
+    k = llama.apply_rope(att.wk(x).view(B, T, -1, D), cos, sin)  # (B, T, K, D)
     v = att.wv(x).view(B, T, -1, D)
     owner = []
     for g, n in enumerate(q_per_kv):
@@ -505,9 +504,9 @@ def test_uneven_attention_equals_per_head_reference(q_per_kv):
     att = model.layers[0].attention
     assert att.n_heads == sum(q_per_kv) and att.uneven == (len(set(q_per_kv)) > 1)
     x = torch.randn(2, 11, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    freqs = llama.rope_frequencies(11, args.head_dim, args.rope_theta)
+    cos, sin = llama.rope_cos_sin(torch.arange(11), args.head_dim, args.rope_theta)  # (T, D/2) each
     with torch.no_grad():
-        torch.testing.assert_close(att(x, freqs), reference_attention(att, x, freqs, q_per_kv), rtol=1e-10,
+        torch.testing.assert_close(att(x, cos, sin), reference_attention(att, x, cos, sin, q_per_kv), rtol=1e-10,
                                    atol=1e-10)
 
 
