@@ -14,7 +14,7 @@ Prints one JSON line per measurement and a markdown table at the end, which is a
 Memory and time do not depend on the weight values, so every weight is random (normal, std 0.02).
 
   python bench/bench_7b.py --small                      # CPU smoke test at a tiny shape: every code path
-  python bench/bench_7b.py --anchor anchor.log          # on the GPU, after bench/hf_peft_anchor.py > anchor.log
+  python bench/bench_7b.py --anchor anchor.log          # on the GPU, after .carry/hf_peft_anchor.py > anchor.log
 """
 import argparse
 import datetime
@@ -668,7 +668,7 @@ def main():
     p.add_argument("--only", default="train,forward,load", help="comma-separated parts: train, forward, load")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                    help="markdown file the results are appended to")
-    p.add_argument("--anchor", default=None, help="log of bench/hf_peft_anchor.py from the same device call")
+    p.add_argument("--anchor", default=None, help="log of the HF+PEFT anchor (../shared/bench/hf_peft_anchor.py) from the same device call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="soft budget: measurements not started by then are skipped (the tables are still written)")
