@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import quant8  # noqa: E402
-from bench_7b import Device, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_7b import Device, int8_store, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 GIB = 2**30
 PAPER_ACCUM = 128  # the paper's batch 128 of micro-batch 1: the criterion runs once per 128 micro-steps
@@ -251,6 +251,10 @@ def run_7b(run: Run, dev: Device, args: llama.ModelArgs, T: int, rate_tflops, sm
 # part: 13B / 65B / 70B, built on the GPU layer by layer
 
 
+def is_int8(module: nn.Module) -> bool:
+    return isinstance(module, llama.LoRALinear) and module.weight.dtype == torch.int8
+
+
 INT8_SCALE = 0.02 / (127 / 3**0.5)  # uniform int8 in [-127, 127] has std 127/sqrt(3): W then has std 0.02
 
 
@@ -263,10 +267,10 @@ def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) 
     with torch.device("meta"):
         model = llama.Transformer(args)
     if int8:
-        quant8.convert_to_int8(model)
+        int8_store(model)
     g = torch.Generator(device).manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, quant8.Int8LoRALinear):
+        if is_int8(module):
             q = torch.randint(-127, 128, (module.out_features, module.in_features), device=device, dtype=torch.int8,
                               generator=g)
             module.weight = nn.Parameter(q, requires_grad=False)
@@ -304,7 +308,7 @@ def slice_in_place(model: llama.Transformer, masks: list, int8: bool) -> llama.T
         with torch.device("meta"):
             block = llama.TransformerBlock(new_args, l)
         if int8:
-            quant8.convert_to_int8(block)
+            int8_store(block)
         state = {}
         for name, (rows, cols) in cut.items():
             W = p[name.split(".")[1]].merged_weight(torch.bfloat16)
@@ -341,7 +345,7 @@ def check_slice(run: Run, args: llama.ModelArgs):
                  for (h, c), K, Fw in zip(counts, args.layer_kv_heads, args.layer_hidden_dims)]
         reference = loraprune.slice_model(model, masks, dtype=torch.bfloat16)
         if int8:
-            quant8.quantize_model(reference)
+            (llama.quantize_model if hasattr(llama, "quantize_model") else quant8.quantize_model)(reference)
         sliced = slice_in_place(model, masks, int8)
         want, got = reference.state_dict(), sliced.state_dict()
         bad = sorted(k for k in want if k not in got or want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k]))
