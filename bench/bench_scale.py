@@ -26,7 +26,7 @@ summary.md (the tables); prints the short table last.
 
   python bench/bench_scale.py --small                                  # CPU: every code path at tiny shapes
   # one H100, carrying .carry (bench/README.md); the second command prints the tables even if the first was killed
-  PYTHONUNBUFFERED=1 timeout 545 python3 bench/bench_scale.py --out-dir $OUT --budget-s 510; \
+  PYTHONUNBUFFERED=1 timeout 545 python3 bench/bench_scale.py --out-dir $OUT --budget-s 510; \\
       python3 bench/bench_scale.py --out-dir $OUT --summarize
 """
 import argparse
