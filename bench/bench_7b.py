@@ -14,7 +14,7 @@ Prints one JSON line per measurement and a markdown table at the end, which is a
 Memory and time do not depend on the weight values, so every weight is random (normal, std 0.02).
 
   python bench/bench_7b.py --small                      # CPU smoke test at a tiny shape: every code path
-  python bench/bench_7b.py --anchor anchor.log          # on the GPU, after bench/hf_peft_anchor.py > anchor.log
+  python bench/bench_7b.py --anchor anchor.log          # on the GPU, after .carry/hf_peft_anchor.py > anchor.log
 """
 import argparse
 import datetime
@@ -120,6 +120,17 @@ def median(xs):
 # random models, built on the meta device and materialized straight on the target device
 
 
+def int8_store(module: nn.Module) -> nn.Module:
+    """Give every LoRALinear of `module` (on the meta device) an empty int8 store: quant8.convert_to_int8 before
+    the quant8 decoupling of issue 17, LoRALinear.quantize_ after it."""
+    if hasattr(quant8, "convert_to_int8"):
+        return quant8.convert_to_int8(module)
+    for lin in module.modules():
+        if isinstance(lin, llama.LoRALinear):
+            lin.quantize_()
+    return module
+
+
 @torch.no_grad()
 def random_model(args: llama.ModelArgs, device: str, dtype=torch.bfloat16, int8: bool = False,
                  seed: int = 0, std: float = 0.02) -> llama.Transformer:
@@ -128,10 +139,10 @@ def random_model(args: llama.ModelArgs, device: str, dtype=torch.bfloat16, int8:
     with torch.device("meta"):
         model = llama.Transformer(args)
     if int8:
-        quant8.convert_to_int8(model)
+        int8_store(model)
     g = torch.Generator(device).manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, quant8.Int8LoRALinear):
+        if isinstance(module, llama.LoRALinear) and module.weight.dtype == torch.int8:
             W = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype).normal_(0, std, generator=g)
             q, scale = quant8.quantize(W)  # (out, in) int8, (out,) float32
             module.weight = nn.Parameter(q, requires_grad=False)
@@ -668,7 +679,7 @@ def main():
     p.add_argument("--only", default="train,forward,load", help="comma-separated parts: train, forward, load")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                    help="markdown file the results are appended to")
-    p.add_argument("--anchor", default=None, help="log of bench/hf_peft_anchor.py from the same device call")
+    p.add_argument("--anchor", default=None, help="log of the HF+PEFT anchor (../shared/bench/hf_peft_anchor.py) from the same device call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="soft budget: measurements not started by then are skipped (the tables are still written)")

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The single command for one H100 device call: the HF+PEFT anchor, then bench_7b.py, in that order, in one call,
 # so both run on the same GPU. Logs and the markdown come back under $OUT:
-#   $OUT/anchor.log       the anchor's JSON lines (bench/hf_peft_anchor.py, a copy of shared/bench/hf_peft_anchor.py)
+#   $OUT/anchor.log       the anchor's JSON lines (.carry/hf_peft_anchor.py: see bench/README.md)
 #   $OUT/bench_7b.log     our JSON lines and the final tables
 #   $OUT/RESULTS.md       this run's section, to append to bench/RESULTS.md here
 # Budget: BUDGET_S seconds in all (default 540, inside the device's 600 s per command); the anchor gets at most
 # ANCHOR_S (default 270) and bench_7b.py a soft deadline of whatever is left minus a margin.
 # Extra arguments go to bench_7b.py (e.g. --only train,forward).
-# peft is not in the device image's package list: carry wheels in .whl (see the device README) and they are
-# installed here first.
+# The anchor travels in the carried .carry/ folder (bench/README.md). Wheels in a carried .whl/ (peft, if the
+# device image lacks it) are installed first.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
@@ -25,7 +25,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 df -h /tmp | tail -1 | tee -a "$OUT/gpu.txt"
 
-timeout "$ANCHOR_S" python3 bench/hf_peft_anchor.py 2>&1 | tee "$OUT/anchor.log"
+[ -f .carry/hf_peft_anchor.py ] || { echo "no .carry/hf_peft_anchor.py: see bench/README.md" >&2; exit 2; }
+timeout "$ANCHOR_S" python3 .carry/hf_peft_anchor.py 2>&1 | tee "$OUT/anchor.log"
 echo "anchor exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/anchor.log"
 
 left=$(( BUDGET_S - ($(date +%s) - start) ))
