@@ -376,17 +376,19 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
 
-def compile_blocks(model: Transformer) -> Transformer:
-    """torch.compile every block in place (optional: run.py --compile). Inductor fuses the norms, RoPE, SwiGLU,
-    LoRA dropout and residual adds around the matmuls; on an H100 that halves a LoRA step at 7B shape (bench/).
-    Blocks of one shape share one compiled graph. Sliced blocks differ in size and each size compiles once (no
-    dynamic-shape kernels: they were slower than eager in our measurements), hence the raised recompile limit."""
+def compile_blocks(model: Transformer, backend: str = "inductor") -> int:
+    """torch.compile every block in place (run.py --compile). Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
+    and residual adds around the matmuls (bench/RESULTS.md). Returns the number of distinct block shapes: blocks of
+    one shape share one graph, each shape compiles once per mode (train or eval, grad or not, masks or none; with
+    grad, block 0 once more, as its input needs no grad), and
+    mask values (kept as tensors, loraprune.apply_masks(clear_kept=False)) change without recompiling. Static
+    shapes: dynamic-shape kernels were slower than eager in our measurements, hence the raised recompile limit."""
+    shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 4 * model.args.n_layers))  # x train/eval, masks on/off
+    config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
     for layer in model.layers:
-        layer.compile(dynamic=False)
-    return model
+        layer.compile(dynamic=False, backend=backend)
+    return len(shapes)
 
 
 # names of the seven projections LoRA may sit on (the paper's q, k, v, o, gate, down, up)
