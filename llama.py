@@ -461,7 +461,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
              generator: Optional[torch.Generator] = None) -> list:
     """Up to max_new_tokens token ids sampled after `prompt` (new tokens only; the last one is eos_id if that was
     drawn). One forward over the prompt fills the per-layer KV caches, then one token per forward. temperature 0 is
-    greedy; `generator` (on the model's device) seeds the sampling. Call model.eval() first (LoRA dropout)."""
+    greedy; `generator` (on the model's device) seeds the sampling. Call model.eval() first (LoRA dropout).
+    Compiled blocks (compile_blocks) compile the prefill and the one-token step once per prompt and total length."""
     if not prompt:
         raise ValueError("generate needs a prompt of at least one token (e.g. BOS)")
     S = len(prompt) + max_new_tokens

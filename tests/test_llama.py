@@ -832,6 +832,18 @@ def test_compile_blocks_compiles_each_block_shape_once_and_not_again_when_masks_
     torch._dynamo.reset()
 
 
+def test_generate_on_compiled_blocks_compiles_prefill_and_decode_once_per_shape():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model(seed=42, layer_q_per_kv=[[2, 1], [2, 2]])
+    expected = llama.generate(model, [1, 2, 3], 12, temperature=0)
+    assert llama.compile_blocks(model, backend="eager") == 2
+    counters.clear()
+    assert llama.generate(model, [1, 2, 3], 12, temperature=0) == expected
+    assert counters["stats"]["unique_graphs"] == 2 * 2, dict(counters["stats"])  # 2 shapes x (prefill, decode)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 
