@@ -1,5 +1,5 @@
-"""LLaMA with built-in LoRA linears, per-layer sizes (so a pruned model is an ordinary model),
-and loaders for Meta's original shards, Hugging Face folders, llama2.c exports, GGUF files and our own format.
+"""LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes (so a pruned model is an ordinary
+model), text generation with a KV cache, and loading of Meta's original shards and our own format.
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
 Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
@@ -9,8 +9,7 @@ import math
 import os
 import shutil
 import struct
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -292,7 +291,7 @@ class Attention(nn.Module):
             k, v = cache.update(positions, k, v)  # (B, K, S, D)
             mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)  # (T, S)
         if self.uneven:  # kv head g serves the next q_per_kv[g] query heads: copy it to each, then plain attention
-            k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T, D)
+            k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T or S, D)
         # grouped-query attention: query head h reads kv head h // (H / K) (SDPA broadcasts the kv heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_heads != k.shape[1])  # (B, H, T, D)
@@ -377,12 +376,11 @@ class Transformer(nn.Module):
 
 
 def compile_blocks(model: Transformer, backend: str = "inductor") -> int:
-    """torch.compile every block in place (run.py --compile). Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
-    and residual adds around the matmuls (bench/RESULTS.md). Returns the number of distinct block shapes: blocks of
-    one shape share one graph, each shape compiles once per mode (train or eval, grad or not, masks or none; with
-    grad, block 0 once more, as its input needs no grad), and
-    mask values (kept as tensors, loraprune.apply_masks(clear_kept=False)) change without recompiling. Static
-    shapes: dynamic-shape kernels were slower than eager in our measurements, hence the raised recompile limit."""
+    """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
+    and residual adds around the matmuls. Returns the number of distinct block shapes. Blocks of one shape share a
+    graph, compiled once per mode (train or eval, grad or not, masks or none; with grad block 0 once more, as its
+    input needs no grad); new mask values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static
+    shapes, as dynamic-shape kernels were slower than eager in our measurements: hence the raised recompile limit."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
