@@ -1,5 +1,5 @@
-"""LLaMA with built-in LoRA linears, per-layer sizes (so a pruned model is an ordinary model),
-and loaders for Meta's original shards and our own format (other formats: formats.py).
+"""LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes (so a pruned model is an ordinary
+model), text generation with a KV cache, and loading of Meta's original shards and our own format (Hugging Face, GGUF and llama2.c: formats.py).
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
 Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
@@ -291,7 +291,7 @@ class Attention(nn.Module):
             k, v = cache.update(positions, k, v)  # (B, K, S, D)
             mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)  # (T, S)
         if self.uneven:  # kv head g serves the next q_per_kv[g] query heads: copy it to each, then plain attention
-            k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T, D)
+            k, v = repeat_kv(k, self.q_per_kv), repeat_kv(v, self.q_per_kv)  # (B, H, T or S, D)
         # grouped-query attention: query head h reads kv head h // (H / K) (SDPA broadcasts the kv heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_heads != k.shape[1])  # (B, H, T, D)
@@ -375,17 +375,18 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
 
-def compile_blocks(model: Transformer) -> Transformer:
-    """torch.compile every block in place (optional: run.py --compile). Inductor fuses the norms, RoPE, SwiGLU,
-    LoRA dropout and residual adds around the matmuls; on an H100 that halves a LoRA step at 7B shape (bench/).
-    Blocks of one shape share one compiled graph. Sliced blocks differ in size and each size compiles once (no
-    dynamic-shape kernels: they were slower than eager in our measurements), hence the raised recompile limit."""
+def compile_blocks(model: Transformer, backend: str = "inductor") -> int:
+    """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
+    and residual adds around the matmuls. Returns the number of distinct block shapes. Blocks of one shape share a
+    graph, compiled once per mode (train or eval, grad or not, masks or none; with grad block 0 once more, as its
+    input needs no grad); new mask values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static
+    shapes, as dynamic-shape kernels were slower than eager in our measurements: hence the raised recompile limit."""
+    shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 4 * model.args.n_layers))  # x train/eval, masks on/off
+    config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
     for layer in model.layers:
-        layer.compile(dynamic=False)
-    return model
+        layer.compile(dynamic=False, backend=backend)
+    return len(shapes)
 
 
 # names of the seven projections LoRA may sit on (the paper's q, k, v, o, gate, down, up)
@@ -458,7 +459,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
              generator: Optional[torch.Generator] = None) -> list:
     """Up to max_new_tokens token ids sampled after `prompt` (new tokens only; the last one is eos_id if that was
     drawn). One forward over the prompt fills the per-layer KV caches, then one token per forward. temperature 0 is
-    greedy; `generator` (on the model's device) seeds the sampling. Call model.eval() first (LoRA dropout)."""
+    greedy; `generator` (on the model's device) seeds the sampling. Call model.eval() first (LoRA dropout).
+    Compiled blocks (compile_blocks) compile the prefill and the one-token step once per prompt and total length."""
     if not prompt:
         raise ValueError("generate needs a prompt of at least one token (e.g. BOS)")
     S = len(prompt) + max_new_tokens

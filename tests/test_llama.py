@@ -669,6 +669,56 @@ def test_compiled_blocks_match_eager_and_checkpointing_drops_activations():
     torch._dynamo.reset()
 
 
+def test_compile_blocks_compiles_each_block_shape_once_and_not_again_when_masks_change():
+    """Dynamo's own counters: a sliced model with three layers of two shapes compiles two graphs, and a model whose
+    masks change value (kept as tensors) compiles nothing more. The 'eager' backend: guards and recompiles are
+    Dynamo's, the same with Inductor, without its code generation."""
+    import loraprune
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model(seed=40, n_layers=3, layer_q_per_kv=[[2, 1], [1, 2], [2, 1]], layer_hidden_dims=[40, 96, 40])
+    assert llama.compile_blocks(model, backend="eager") == 2
+    ids = tokens(128)
+    counters.clear()
+    with torch.no_grad():
+        out = model(ids)
+        model(ids)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch.testing.assert_close(out, our_logits(tiny_model(seed=40, n_layers=3, layer_q_per_kv=[[2, 1], [1, 2], [2, 1]],
+                                                          layer_hidden_dims=[40, 96, 40]), ids))
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=41)
+    llama.add_lora(model, r=2, alpha=4.0, dropout=0.0)
+    model.train()
+    masks = loraprune.full_masks(model.args)
+    loraprune.apply_masks(model, masks, clear_kept=False)
+    llama.compile_blocks(model, backend="eager")
+    counters.clear()
+    model(ids).sum().backward()
+    first = counters["stats"]["unique_graphs"]
+    assert first == 2, dict(counters["stats"])  # one shape, but block 0's input (the embedding) needs no grad
+    for step in range(3):  # the pruner switching heads and channels off, one by one
+        masks[step % 2][0][0] = False
+        masks[1][1][step * 7] = False
+        loraprune.apply_masks(model, masks, clear_kept=False)
+        model(ids).sum().backward()
+    assert counters["stats"]["unique_graphs"] == first, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_generate_on_compiled_blocks_compiles_prefill_and_decode_once_per_shape():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model(seed=42, layer_q_per_kv=[[2, 1], [2, 2]])
+    expected = llama.generate(model, [1, 2, 3], 12, temperature=0)
+    assert llama.compile_blocks(model, backend="eager") == 2
+    counters.clear()
+    assert llama.generate(model, [1, 2, 3], 12, temperature=0) == expected
+    assert counters["stats"]["unique_graphs"] == 2 * 2, dict(counters["stats"])  # 2 shapes x (prefill, decode)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 

@@ -247,8 +247,10 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
     tokens = torch.randint(0, model.args.vocab_size, (2, 48), generator=g)
     with torch.no_grad():
         masked = model(tokens)
-        sliced_model = loraprune.slice_model(model, masks, dtype=torch.float32)
+        sliced_model = loraprune.slice_model(model, masks, dtype=torch.float32, in_place=True)  # int8, tied head
         sliced = sliced_model(tokens)
+    assert all(t.is_meta for t in model.state_dict().values())  # the int8 model was consumed
+    assert sliced_model.output.weight is sliced_model.tok_embeddings.weight
     assert sliced_model.args.layer_kv_heads == [int(h.sum()) for h, _ in masks]
     assert all(lin.weight.dtype == torch.float32 for l in range(5) for lin in llama.projections(sliced_model, l).values())
     torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-4)
