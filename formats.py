@@ -376,9 +376,9 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         import numpy as np
     except ImportError as e:
         raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
-    Q, T = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    qtype, file_type = {"f32": (Q.F32, T.ALL_F32), "f16": (Q.F16, T.MOSTLY_F16), "bf16": (Q.BF16, T.MOSTLY_BF16),
-                        "q8_0": (Q.Q8_0, T.MOSTLY_Q8_0)}[ftype]
+    Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    qtype, file_type = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
+                        "bf16": (Q.BF16, FT.MOSTLY_BF16), "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}[ftype]
     a = model.args
     shapes = layer_shapes(model)
     arch = "llama" if len(set(shapes)) == 1 else "deci"
@@ -387,7 +387,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
     tensors = [("token_embd.weight", tuple(model.tok_embeddings.weight.shape),
                 lambda: _float32(model.tok_embeddings.weight))]
     for l, (H, K, F) in enumerate(shapes):
-        weights = {n: (lambda read=read: _float32(read())) for n, read in _layer_weights(model, l).items()}
+        weights = _layer_weights(model, l)
         C, D = a.dim, a.head_dim
         out_in = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (F, C),
                   "w2": (C, F), "w3": (F, C)}
@@ -395,12 +395,14 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.weight", out_in[n], weights[n]) for n in PROJECTION_GGUF]
         tensors.append((f"blk.{l}.ffn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].ffn_norm.weight)))
     tensors.append(("output_norm.weight", (a.dim,), lambda: _float32(model.norm.weight)))
-    if not a.tie_embeddings:  # no output.weight: llama.cpp uses token_embd for the head
+    if not a.tie_embeddings:  # tied: no output.weight, and llama.cpp uses token_embd for the head
         tensors.append(("output.weight", tuple(model.output.weight.shape), lambda: _float32(model.output.weight)))
 
     def type_of(shape: tuple):
-        if len(shape) == 1 or (qtype == Q.Q8_0 and shape[-1] % 32):
-            return Q.F32 if len(shape) == 1 else Q.F16
+        if len(shape) == 1:  # norms
+            return Q.F32
+        if qtype == Q.Q8_0 and shape[-1] % 32:  # rows that do not split into Q8_0's blocks of 32 values
+            return Q.F16
         return qtype
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +417,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         writer.add_embedding_length(a.dim)
         writer.add_block_count(a.n_layers)
         heads, kv_heads, widths = ([s[i] for s in shapes] for i in range(3))
-        uniform = arch == "llama"
+        uniform = arch == "llama"  # 'deci' reads these three as arrays of one value per layer (get_key_or_arr)
         writer.add_head_count(heads[0] if uniform else heads)
         writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
         writer.add_feed_forward_length(widths[0] if uniform else widths)
