@@ -405,6 +405,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
             return Q.F16
         return qtype
 
+    tokenizer_fields = gguf_tokenizer_fields(tokenizer_path, a.vocab_size)  # refused before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
     os.close(fd)
@@ -427,7 +428,8 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         writer.add_rope_freq_base(a.rope_theta)
         writer.add_layer_norm_rms_eps(a.norm_eps)
         writer.add_vocab_size(a.vocab_size)
-        _add_gguf_tokenizer(writer, gguf, tokenizer_path, a.vocab_size)
+        for key, value, kind, item in tokenizer_fields:
+            writer.add_key_value(key, value, kind, sub_type=item)
         for name, shape, _ in tensors:
             t = type_of(shape)
             if t in (Q.F32, Q.F16):
@@ -452,29 +454,35 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
     return out_path
 
 
-def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
-    """tokenizer.ggml.* metadata: copied from a GGUF file as it was, or built from a SentencePiece .model the way
-    llama.cpp's converter does (pieces, scores, token types, BOS/EOS/UNK ids; unused [PAD<i>] pieces up to a larger
-    model vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary)."""
+def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
+    """The tokenizer.* metadata export_gguf writes, as [(key, value, GGUF value type, array item type or None)]:
+    copied from a GGUF file as it was (strings byte for byte), or built from a SentencePiece .model the way llama.cpp's
+    converter does (pieces, scores, token types, BOS/EOS/UNK/PAD ids; unused [PAD<i>] pieces up to a larger model
+    vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary). Cheap: run.py can call it
+    to refuse a tokenizer before any training."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    V = gguf.GGUFValueType
     if tokenizer_path is None:
-        writer.add_tokenizer_model("none")
-        return
+        return [("tokenizer.ggml.model", "none", V.STRING, None)]
     path = Path(tokenizer_path)
     if path.suffix == ".gguf":
         _, reader = _open_gguf(path)
-        V = gguf.GGUFValueType
+        fields = []
         for key, field in reader.fields.items():
             if not key.startswith("tokenizer."):
                 continue
-            if field.types[0] == V.ARRAY and field.types[-1] == V.STRING:  # the bytes exactly as stored
-                writer.add_key_value(key, [bytes(field.parts[i]) for i in field.data], V.ARRAY, sub_type=V.STRING)
-            elif field.types[0] == V.ARRAY:
-                writer.add_key_value(key, field.contents(), V.ARRAY, sub_type=field.types[-1])
-            elif field.types[0] == V.STRING:
-                writer.add_key_value(key, bytes(field.parts[field.data[0]]), V.STRING)
+            kind, item = field.types[0], (field.types[-1] if field.types[0] == V.ARRAY else None)
+            if item == V.STRING:
+                value = [bytes(field.parts[i]) for i in field.data]
+            elif kind == V.STRING:
+                value = bytes(field.parts[field.data[0]])
             else:
-                writer.add_key_value(key, field.contents(), field.types[0])
-        return
+                value = field.contents()
+            fields.append((key, value, kind, item))
+        return fields
     if path.suffix != ".model":
         raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model or a .gguf file, "
                          f"found {path.suffix!r}")
@@ -500,17 +508,15 @@ def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(TT.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for add, token_id in ((writer.add_bos_token_id, sp.bos_id()), (writer.add_eos_token_id, sp.eos_id()),
-                          (writer.add_unk_token_id, sp.unk_id()), (writer.add_pad_token_id, sp.pad_id())):
-        if token_id >= 0:
-            add(token_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    K = gguf.Keys.Tokenizer
+    fields = [(K.MODEL, "llama", V.STRING, None), (K.PRE, "default", V.STRING, None),
+              (K.LIST, tokens, V.ARRAY, V.STRING), (K.SCORES, scores, V.ARRAY, V.FLOAT32),
+              (K.TOKEN_TYPE, [int(t) for t in types], V.ARRAY, V.INT32)]
+    for key, token_id in ((K.BOS_ID, sp.bos_id()), (K.EOS_ID, sp.eos_id()), (K.UNK_ID, sp.unk_id()),
+                          (K.PAD_ID, sp.pad_id())):
+        if token_id >= 0:  # sentencepiece says -1 for none
+            fields.append((key, token_id, V.UINT32, None))
+    return fields + [(K.ADD_BOS, True, V.BOOL, None), (K.ADD_EOS, False, V.BOOL, None)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +551,7 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
     if model.args.dim % shapes[0][0]:
         raise ValueError(f"{out_dir}: {shapes[0][0]} query heads do not divide the model width {model.args.dim}, "
                          "which transformers' LlamaConfig (5.x) requires; export GGUF instead (--gguf)")
-    tokenizer_files, special = _hf_tokenizer_files(tokenizer_path)
+    tokenizer_files, special = hf_tokenizer_files(tokenizer_path)
     from safetensors.torch import save_file
     a = model.args
     H, K, F = shapes[0]
@@ -592,9 +598,10 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
     return out_dir
 
 
-def _hf_tokenizer_files(tokenizer_path) -> tuple:
+def hf_tokenizer_files(tokenizer_path) -> tuple:
     """({file name in the export: its bytes}, {bos_token_id, eos_token_id} where known) for a SentencePiece .model
-    (with a tokenizer_config.json written for it) or a tokenizer.json (with the tokenizer_config.json beside it)."""
+    (with a tokenizer_config.json written for it) or a tokenizer.json (with the tokenizer_config.json beside it).
+    Cheap: run.py can call it to refuse a tokenizer before any training."""
     if tokenizer_path is None:
         return {}, {}
     path = Path(tokenizer_path)
