@@ -534,6 +534,20 @@ HF_PROJECTIONS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "sel
                   "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
 
 
+def check_hf_shapes(shapes: list, dim: int, target: str) -> None:
+    """One-line ValueError unless LlamaForCausalLM holds these per-layer (query heads, kv heads, MLP width): one shape
+    for every layer, and a head count that divides the model width (transformers 5's LlamaConfig checks it). run.py
+    can call it with the shapes pruning will leave, before training."""
+    for l, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(f"{target}: layer {l} has {shape[0]} query heads, {shape[1]} kv heads and {shape[2]} MLP "
+                             f"channels where layer 0 has {shapes[0][0]}, {shapes[0][1]} and {shapes[0][2]}; Hugging "
+                             "Face's LlamaForCausalLM holds one shape for every layer: export GGUF instead (--gguf)")
+    if dim % shapes[0][0]:
+        raise ValueError(f"{target}: {shapes[0][0]} query heads do not divide the model width {dim}, which "
+                         "transformers' LlamaConfig (5.x) requires; export GGUF instead (--gguf)")
+
+
 def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
     """Write the model as a Hugging Face LlamaForCausalLM folder (atomically: a temporary folder, then a rename):
     config.json, model.safetensors (q/k rows permuted to HF's rotate-half layout, LoRA merged, the model's float
@@ -543,14 +557,7 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
     out_dir = Path(out_dir)
     _check_exportable(model, str(out_dir))
     shapes = layer_shapes(model)
-    for l, shape in enumerate(shapes):
-        if shape != shapes[0]:
-            raise ValueError(f"{out_dir}: layer {l} has {shape[0]} query heads, {shape[1]} kv heads and {shape[2]} MLP "
-                             f"channels where layer 0 has {shapes[0][0]}, {shapes[0][1]} and {shapes[0][2]}; Hugging "
-                             "Face's LlamaForCausalLM holds one shape for every layer: export GGUF instead (--gguf)")
-    if model.args.dim % shapes[0][0]:
-        raise ValueError(f"{out_dir}: {shapes[0][0]} query heads do not divide the model width {model.args.dim}, "
-                         "which transformers' LlamaConfig (5.x) requires; export GGUF instead (--gguf)")
+    check_hf_shapes(shapes, model.args.dim, str(out_dir))
     tokenizer_files, special = hf_tokenizer_files(tokenizer_path)
     from safetensors.torch import save_file
     a = model.args
