@@ -6,8 +6,10 @@ Every reader returns (ModelArgs, {our tensor name: zero-argument reader}) for ll
 are read one at a time straight to the target dtype and device. Optional packages (safetensors, gguf, numpy) are
 imported inside the functions that need them.
 """
+import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -330,18 +332,22 @@ def kv_repeat(q_per_kv: list) -> list:
     return [j for j, c in enumerate(q_per_kv) for _ in range(c // g)]
 
 
-def _layer_weights(model: llama.Transformer, l: int) -> dict:
-    """{our projection name: zero-argument reader of its float32 (out, in) weight} for layer l, LoRA merged
-    (W + s B@A), int8 stores dequantized, and wk / wv rows repeated per kv_repeat (the layer's own q/k rows stay in
-    Meta's interleaved RoPE layout)."""
+def layer_shapes(model: llama.Transformer) -> list:
+    """(query heads, kv heads after kv_repeat, MLP width) of every layer, as an exported file states them."""
+    a = model.args
+    return [(a.layer_n_heads[l], len(kv_repeat(a.q_per_kv(l))), a.layer_hidden_dims[l]) for l in range(a.n_layers)]
+
+
+def _layer_weights(model: llama.Transformer, l: int, dtype: torch.dtype = torch.float32) -> dict:
+    """{our projection name: zero-argument reader of its (out, in) weight in `dtype`, on the CPU} for layer l, LoRA
+    merged (W + s B@A, in float32), int8 stores dequantized, and wk / wv rows repeated per kv_repeat (q/k rows stay
+    in Meta's interleaved RoPE layout)."""
     D = model.args.head_dim
     rows = torch.tensor([j * D + d for j in kv_repeat(model.args.q_per_kv(l)) for d in range(D)])  # (K' * D,)
     readers = {}
     for name, lin in llama.projections(model, l).items():
-        if name in ("wk", "wv"):
-            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))[rows]
-        else:
-            readers[name] = lambda lin=lin: _float32(lin.merged_weight(torch.float32))
+        pick = rows if name in ("wk", "wv") else slice(None)
+        readers[name] = lambda lin=lin, pick=pick: lin.merged_weight(dtype).detach().cpu()[pick].contiguous()
     return readers
 
 
@@ -351,12 +357,6 @@ def _layer_weights(model: llama.Transformer, l: int) -> dict:
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what export_gguf writes the matrices as; norms are always F32
 PROJECTION_GGUF = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
                    "w2": "ffn_down", "w3": "ffn_up"}
-
-
-def gguf_layer_shapes(model: llama.Transformer) -> list:
-    """(query heads, kv heads after kv_repeat, MLP width) of every layer, as the GGUF file states them."""
-    a = model.args
-    return [(a.layer_n_heads[l], len(kv_repeat(a.q_per_kv(l))), a.layer_hidden_dims[l]) for l in range(a.n_layers)]
 
 
 def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenizer_path=None) -> Path:
@@ -376,11 +376,11 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         import numpy as np
     except ImportError as e:
         raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
-    Q, T = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    qtype, file_type = {"f32": (Q.F32, T.ALL_F32), "f16": (Q.F16, T.MOSTLY_F16), "bf16": (Q.BF16, T.MOSTLY_BF16),
-                        "q8_0": (Q.Q8_0, T.MOSTLY_Q8_0)}[ftype]
+    Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    qtype, file_type = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
+                        "bf16": (Q.BF16, FT.MOSTLY_BF16), "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}[ftype]
     a = model.args
-    shapes = gguf_layer_shapes(model)
+    shapes = layer_shapes(model)
     arch = "llama" if len(set(shapes)) == 1 else "deci"
 
     # tensors: (GGUF name, torch shape, zero-argument reader of a float32 tensor), in llama.cpp's order
@@ -395,14 +395,17 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.weight", out_in[n], weights[n]) for n in PROJECTION_GGUF]
         tensors.append((f"blk.{l}.ffn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].ffn_norm.weight)))
     tensors.append(("output_norm.weight", (a.dim,), lambda: _float32(model.norm.weight)))
-    if not a.tie_embeddings:  # no output.weight: llama.cpp uses token_embd for the head
+    if not a.tie_embeddings:  # tied: no output.weight, and llama.cpp uses token_embd for the head
         tensors.append(("output.weight", tuple(model.output.weight.shape), lambda: _float32(model.output.weight)))
 
     def type_of(shape: tuple):
-        if len(shape) == 1 or (qtype == Q.Q8_0 and shape[-1] % 32):
-            return Q.F32 if len(shape) == 1 else Q.F16
+        if len(shape) == 1:  # norms
+            return Q.F32
+        if qtype == Q.Q8_0 and shape[-1] % 32:  # rows that do not split into Q8_0's blocks of 32 values
+            return Q.F16
         return qtype
 
+    tokenizer_fields = gguf_tokenizer_fields(tokenizer_path, a.vocab_size)  # refused before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
     os.close(fd)
@@ -415,7 +418,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         writer.add_embedding_length(a.dim)
         writer.add_block_count(a.n_layers)
         heads, kv_heads, widths = ([s[i] for s in shapes] for i in range(3))
-        uniform = arch == "llama"
+        uniform = arch == "llama"  # 'deci' reads these three as arrays of one value per layer (get_key_or_arr)
         writer.add_head_count(heads[0] if uniform else heads)
         writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
         writer.add_feed_forward_length(widths[0] if uniform else widths)
@@ -425,7 +428,8 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         writer.add_rope_freq_base(a.rope_theta)
         writer.add_layer_norm_rms_eps(a.norm_eps)
         writer.add_vocab_size(a.vocab_size)
-        _add_gguf_tokenizer(writer, gguf, tokenizer_path, a.vocab_size)
+        for key, value, kind, item in tokenizer_fields:
+            writer.add_key_value(key, value, kind, sub_type=item)
         for name, shape, _ in tensors:
             t = type_of(shape)
             if t in (Q.F32, Q.F16):
@@ -450,29 +454,35 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
     return out_path
 
 
-def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
-    """tokenizer.ggml.* metadata: copied from a GGUF file as it was, or built from a SentencePiece .model the way
-    llama.cpp's converter does (pieces, scores, token types, BOS/EOS/UNK ids; unused [PAD<i>] pieces up to a larger
-    model vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary)."""
+def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
+    """The tokenizer.* metadata export_gguf writes, as [(key, value, GGUF value type, array item type or None)]:
+    copied from a GGUF file as it was (strings byte for byte), or built from a SentencePiece .model the way llama.cpp's
+    converter does (pieces, scores, token types, BOS/EOS/UNK/PAD ids; unused [PAD<i>] pieces up to a larger model
+    vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary). Cheap: run.py can call it
+    to refuse a tokenizer before any training."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    V = gguf.GGUFValueType
     if tokenizer_path is None:
-        writer.add_tokenizer_model("none")
-        return
+        return [("tokenizer.ggml.model", "none", V.STRING, None)]
     path = Path(tokenizer_path)
     if path.suffix == ".gguf":
         _, reader = _open_gguf(path)
-        V = gguf.GGUFValueType
+        fields = []
         for key, field in reader.fields.items():
             if not key.startswith("tokenizer."):
                 continue
-            if field.types[0] == V.ARRAY and field.types[-1] == V.STRING:  # the bytes exactly as stored
-                writer.add_key_value(key, [bytes(field.parts[i]) for i in field.data], V.ARRAY, sub_type=V.STRING)
-            elif field.types[0] == V.ARRAY:
-                writer.add_key_value(key, field.contents(), V.ARRAY, sub_type=field.types[-1])
-            elif field.types[0] == V.STRING:
-                writer.add_key_value(key, bytes(field.parts[field.data[0]]), V.STRING)
+            kind, item = field.types[0], (field.types[-1] if field.types[0] == V.ARRAY else None)
+            if item == V.STRING:
+                value = [bytes(field.parts[i]) for i in field.data]
+            elif kind == V.STRING:
+                value = bytes(field.parts[field.data[0]])
             else:
-                writer.add_key_value(key, field.contents(), field.types[0])
-        return
+                value = field.contents()
+            fields.append((key, value, kind, item))
+        return fields
     if path.suffix != ".model":
         raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model or a .gguf file, "
                          f"found {path.suffix!r}")
@@ -498,14 +508,129 @@ def _add_gguf_tokenizer(writer, gguf, tokenizer_path, vocab_size: int) -> None:
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(TT.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for add, token_id in ((writer.add_bos_token_id, sp.bos_id()), (writer.add_eos_token_id, sp.eos_id()),
-                          (writer.add_unk_token_id, sp.unk_id()), (writer.add_pad_token_id, sp.pad_id())):
+    K = gguf.Keys.Tokenizer
+    fields = [(K.MODEL, "llama", V.STRING, None), (K.PRE, "default", V.STRING, None),
+              (K.LIST, tokens, V.ARRAY, V.STRING), (K.SCORES, scores, V.ARRAY, V.FLOAT32),
+              (K.TOKEN_TYPE, [int(t) for t in types], V.ARRAY, V.INT32)]
+    for key, token_id in ((K.BOS_ID, sp.bos_id()), (K.EOS_ID, sp.eos_id()), (K.UNK_ID, sp.unk_id()),
+                          (K.PAD_ID, sp.pad_id())):
+        if token_id >= 0:  # sentencepiece says -1 for none
+            fields.append((key, token_id, V.UINT32, None))
+    return fields + [(K.ADD_BOS, True, V.BOOL, None), (K.ADD_EOS, False, V.BOOL, None)]
+
+
+# ----------------------------------------------------------------------------------------------
+# export: Hugging Face (transformers' LlamaForCausalLM)
+
+
+def meta_to_hf_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Meta's interleaved q/k rows -> HF's rotate-half rows per head (transformers' convert_llama_weights_to_hf
+    permute; the inverse of hf_to_meta_rows). (out, in) -> (out, in)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+HF_PROJECTIONS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                  "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def check_hf_shapes(shapes: list, dim: int, target: str) -> None:
+    """One-line ValueError unless LlamaForCausalLM holds these per-layer (query heads, kv heads, MLP width): one shape
+    for every layer, and a head count that divides the model width (transformers 5's LlamaConfig checks it). run.py
+    can call it with the shapes pruning will leave, before training."""
+    for l, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(f"{target}: layer {l} has {shape[0]} query heads, {shape[1]} kv heads and {shape[2]} MLP "
+                             f"channels where layer 0 has {shapes[0][0]}, {shapes[0][1]} and {shapes[0][2]}; Hugging "
+                             "Face's LlamaForCausalLM holds one shape for every layer: export GGUF instead (--gguf)")
+    if dim % shapes[0][0]:
+        raise ValueError(f"{target}: {shapes[0][0]} query heads do not divide the model width {dim}, which "
+                         "transformers' LlamaConfig (5.x) requires; export GGUF instead (--gguf)")
+
+
+def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
+    """Write the model as a Hugging Face LlamaForCausalLM folder (atomically: a temporary folder, then a rename):
+    config.json, model.safetensors (q/k rows permuted to HF's rotate-half layout, LoRA merged, the model's float
+    dtype), generation_config.json, and the tokenizer we have (tokenizer.model, or tokenizer.json with the
+    tokenizer_config.json beside it). LlamaForCausalLM holds one shape for every layer, with a head count that
+    divides the model width; other models are refused (GGUF holds them: export_gguf)."""
+    out_dir = Path(out_dir)
+    _check_exportable(model, str(out_dir))
+    shapes = layer_shapes(model)
+    check_hf_shapes(shapes, model.args.dim, str(out_dir))
+    tokenizer_files, special = hf_tokenizer_files(tokenizer_path)
+    from safetensors.torch import save_file
+    a = model.args
+    H, K, F = shapes[0]
+    dtype = model.tok_embeddings.weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    if not a.tie_embeddings:
+        state["lm_head.weight"] = model.output.weight
+    for l in range(a.n_layers):
+        weights = {n: read() for n, read in _layer_weights(model, l, dtype).items()}
+        weights["wq"], weights["wk"] = meta_to_hf_rows(weights["wq"], H), meta_to_hf_rows(weights["wk"], K)
+        state.update({f"model.layers.{l}.{HF_PROJECTIONS[n]}.weight": w for n, w in weights.items()})
+        state[f"model.layers.{l}.input_layernorm.weight"] = model.layers[l].attention_norm.weight
+        state[f"model.layers.{l}.post_attention_layernorm.weight"] = model.layers[l].ffn_norm.weight
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": F, "num_hidden_layers": a.n_layers, "num_attention_heads": H,
+              "num_key_value_heads": K, "head_dim": a.head_dim, "hidden_act": "silu", "rms_norm_eps": a.norm_eps,
+              "rope_theta": a.rope_theta, "rope_scaling": None, "max_position_embeddings": a.max_seq_len,
+              "vocab_size": a.vocab_size, "tie_word_embeddings": a.tie_embeddings, "attention_bias": False,
+              "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."), **special}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
+        for name, content in tokenizer_files.items():
+            (tmp / name).write_bytes(content)
+        mask = _umask()
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a saved folder follows the umask
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def hf_tokenizer_files(tokenizer_path) -> tuple:
+    """({file name in the export: its bytes}, {bos_token_id, eos_token_id} where known) for a SentencePiece .model
+    (with a tokenizer_config.json written for it) or a tokenizer.json (with the tokenizer_config.json beside it).
+    Cheap: run.py can call it to refuse a tokenizer before any training."""
+    if tokenizer_path is None:
+        return {}, {}
+    path = Path(tokenizer_path)
+    if path.suffix == ".json":
+        files = {"tokenizer.json": path.read_bytes()}
+        if (path.parent / "tokenizer_config.json").is_file():
+            files["tokenizer_config.json"] = (path.parent / "tokenizer_config.json").read_bytes()
+        return files, {}
+    if path.suffix != ".model":
+        raise ValueError(f"{path}: Hugging Face export copies a SentencePiece .model or a tokenizer.json, found "
+                         f"{path.suffix!r}")
+    import sentencepiece
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: Hugging Face export needs a SentencePiece model here ({e})") from None
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+    special = {}
+    for key, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
         if token_id >= 0:
-            add(token_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+            config[f"{key}_token"] = sp.id_to_piece(token_id)
+            if key != "unk":
+                special[f"{key}_token_id"] = token_id
+    files = {"tokenizer.model": path.read_bytes(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    return files, special
