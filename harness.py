@@ -30,11 +30,13 @@ from llama import Transformer
 
 @contextmanager
 def evaluating(model: torch.nn.Module):
-    """The model in eval mode (no dropout) and without autograd inside the block, its own mode restored after."""
+    """The model in eval mode (no dropout), without autograd and run eagerly inside the block, its own mode
+    restored after. Eagerly: blocks compiled by run.py --compile (dynamic=False) would recompile for every new
+    batch shape, and lm-eval's requests come in hundreds of lengths."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             yield model
     finally:
         model.train(was_training)
