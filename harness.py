@@ -30,11 +30,13 @@ from llama import Transformer
 
 @contextmanager
 def evaluating(model: torch.nn.Module):
-    """The model in eval mode (no dropout) and without autograd inside the block, its own mode restored after."""
+    """The model in eval mode (no dropout), without autograd and run eagerly inside the block, its own mode
+    restored after. Eagerly: blocks compiled by run.py --compile (dynamic=False) would recompile for every new
+    batch shape, and lm-eval's requests come in hundreds of lengths."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             yield model
     finally:
         model.train(was_training)
@@ -180,9 +182,11 @@ def check_tasks(tasks: list[str], task_manager: Optional[TaskManager] = None) ->
 def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], batch_size: int = 8,
                    num_fewshot: int = 0, limit: Optional[int] = None, task_manager: Optional[TaskManager] = None,
                    max_length: Optional[int] = None) -> dict:
-    """Accuracy of the model on lm-eval tasks, zero-shot unless num_fewshot (the paper: 0, MMLU 5):
-    {task or group: {"acc": a, "acc_norm": b}} with each metric the task reports (acc_norm: the choice with the
-    highest log-likelihood per character), fractions in [0, 1]. limit: the first N documents of each task only.
+    """Scores of the model on lm-eval tasks, zero-shot unless num_fewshot (the paper: 0, MMLU 5): {task or group:
+    {metric: value}} with every metric lm-eval reports but the standard errors; a multiple-choice task gives
+    {"acc": a, "acc_norm": b} (acc_norm: the choice with the highest log-likelihood per character), fractions in
+    [0, 1]; a metric of a filter other than "none" keeps its name ("exact_match,strict-match").
+    limit: the first N documents of each task only.
     lm-eval seeds Python's, numpy's and torch's global generators; their states are restored afterwards, so a run
     with --tasks trains on the same random draws as one without."""
     lm = HarnessLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
@@ -194,5 +198,6 @@ def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], b
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return {task: {name: metrics[f"{name},none"] for name in ("acc", "acc_norm") if f"{name},none" in metrics}
+    return {task: {key.removesuffix(",none"): value for key, value in metrics.items()
+                   if "," in key and "_stderr," not in key and isinstance(value, (int, float))}
             for task, metrics in out["results"].items()}

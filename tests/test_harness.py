@@ -188,3 +188,23 @@ def test_generate_until_is_greedy_and_stops(shared):
                    "She loved to play outside in the "]  # decoded alone: SentencePiece drops the first space
     with pytest.raises(ValueError, match="generate_until decodes greedily"):
         lm.generate_until(requests("generate_until", [("Once", {"until": ["."], "temperature": 0.7})]))
+
+
+def test_compiled_blocks_are_scored_eagerly():
+    """run.py --compile compiles every block for fixed shapes; scoring requests of many lengths must not compile
+    (one graph per length would cost minutes at 7B), and gives the uncompiled model's numbers."""
+    torch.manual_seed(0)
+    args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=64)
+    model = llama.Transformer(args)
+    for p in model.parameters():  # the constructor leaves weights for a checkpoint to fill
+        p.data.normal_(0, 0.2)
+    tokenizer = type("Ids", (), {"add_bos": True, "bos_id": 1, "eos_id": 2})()  # score() needs no text
+    pairs = [([1] + list(range(3, 3 + n)), [5, 6]) for n in range(1, 9)]  # eight lengths
+    expected = harness.HarnessLM(model, tokenizer, batch_size=3).score(pairs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    llama.compile_blocks(model)
+    got = harness.HarnessLM(model, tokenizer, batch_size=3).score(pairs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    assert got == expected
+    assert model.training  # the model's own mode is back
