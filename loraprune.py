@@ -142,6 +142,15 @@ def l2_normalized(v: Tensor) -> Tensor:
     return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def unit_parts(sums: dict, head_dim: int) -> dict:
+    """Each projection's share of Eq. 4 per unit, from its (row sums, column sums): wq and wo (columns) per query
+    head (H,), wk and wv per kv head (K,), w1, w3 and w2 (columns) per channel (F,)."""
+    D = head_dim
+    return {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
+            "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
+            "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+
+
 def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 4 for one layer from its projections' (row sums, column sums) {name: ((out,), (in,))}: (H,) query-head
     scores (query head h owns rows h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores (channel c
@@ -149,10 +158,7 @@ def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Ten
     normalize: L2-normalise each projection's vector of per-unit sums before adding them, as the official code
     does (wq, wo over query heads; wk, wv over kv heads; w1, w3, w2 over channels); an all-zero vector (the
     directional column part while B = 0) then adds nothing."""
-    D = head_dim
-    parts = {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
-             "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
-             "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+    parts = unit_parts(sums, head_dim)
     if normalize:
         parts = {name: l2_normalized(v) for name, v in parts.items()}
     return parts["wq"] + parts["wo"], parts["w1"] + parts["w3"] + parts["w2"], parts["wk"] + parts["wv"]
