@@ -53,7 +53,7 @@ def group_scores(sums: dict, model_args, layer_id: int, normalize: bool) -> tupl
 
 
 def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: list, tokenizer_flags: list,
-              device="cpu", dtype=torch.float32) -> dict:
+              device="cpu", dtype=torch.float32, sample: int = 0) -> dict:
     """Train as run.py would with `flags` for max(shown) steps; at each step in `shown` record the Spearman
     correlation with vanilla of every estimate per projection part and per unit (raw), and at the last one of the
     moving averages too. Returns {"parts": {(estimate, step): {part: mean over layers}}, "units": {(name, step,
@@ -68,10 +68,12 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
         for lin in llama.projections(model, l).values():
             lin.weight.requires_grad_(True)  # dL/dW for the vanilla reference; the optimizer never sees W
     tap = loraprune.GradientTap(model, layers, args.square)  # 'exact', from the same backward
+    sampled = loraprune.GradientTap(model, layers, args.square, sample, seed) if sample else None  # exact_sample
+    estimates = ESTIMATES + (("exact-sampled",) if sample else ())
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = run.RowSampler(rows.shape[0], seed)
     torch.manual_seed(seed)
-    names = [(e, norm) for e in ESTIMATES for norm in (False, True)] + [("vanilla", False)]
+    names = [(e, norm) for e in estimates for norm in (False, True)] + [("vanilla", False)]
     ema = {n: [None] * len(layers) for n in names}
     out = {"parts": {}, "units": {}, "grad_norm": []}
     model.train()
@@ -86,7 +88,7 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
                 sums = {"vanilla": loraprune.layer_sums(model, l, "vanilla", args.square),
                         "lora": loraprune.layer_sums(model, l, "lora", args.square),
                         "lora-directional": loraprune.layer_sums(model, l, "lora-directional", args.square),
-                        "exact": tap.take(l)}
+                        "exact": tap.take(l), **({"exact-sampled": sampled.take(l)} if sample else {})}
                 ref_parts = loraprune.unit_parts(sums["vanilla"], margs.head_dim)
                 groups = {n: group_scores(sums[n[0]], margs, l, n[1]) for n in names}
                 for n in names:  # Eq. 11 from zero, as the Pruner starts
@@ -94,7 +96,7 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
                     ema[n][i] = tuple(loraprune.ema(p, g, args.lam) for p, g in zip(prev, groups[n]))
                 if step not in shown:
                     continue
-                for e in ESTIMATES:
+                for e in estimates:
                     parts = loraprune.unit_parts(sums[e], margs.head_dim)
                     cell = out["parts"].setdefault((e, step), {p: 0.0 for p in PARTS})
                     for p in PARTS:
@@ -108,12 +110,15 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
         optimizer.step()
         model.zero_grad(set_to_none=True)
     tap.remove()
+    if sampled:
+        sampled.remove()
     return out
 
 
 def label(name) -> str:
     estimate, norm = name
-    return {"lora": "Eq. 10 as written", "lora-directional": "direction-aware", "exact": "exact (hook)"}[estimate] \
+    return {"lora": "Eq. 10 as written", "lora-directional": "direction-aware", "exact": "exact (hook)",
+            "exact-sampled": "exact, sampled columns"}[estimate] \
         + (" + L2" if norm else "")
 
 
@@ -125,7 +130,7 @@ def tables(results: list, shown: list) -> str:
     lines = [f"Spearman correlation with vanilla's scores, mean over pruned layers, {len(results)} seed(s). "
              "Per projection: each projection's share of Eq. 4 (normalisation does not change it).", "",
              "| estimate | step | " + " | ".join(PARTS) + " |", "| --- | --- | " + " | ".join("---" for _ in PARTS) + " |"]
-    for e in ESTIMATES:
+    for e in [e for e in ESTIMATES + ("exact-sampled",) if (e, shown[0]) in results[0]["parts"]]:
         for step in shown:
             lines.append(f"| {label((e, False))} | {step} | "
                          + " | ".join(cell([r["parts"][(e, step)][p] for r in results]) for p in PARTS) + " |")
@@ -151,6 +156,8 @@ def main(argv=None) -> int:
                    "%(default)s, study_tiny's)")
     p.add_argument("--shown", help="comma list of steps to report (default: 1, 2, 5 and the first pruning step)")
     p.add_argument("--micro-batch-size", type=int, help="override study_tiny's (= the batch: no accumulation)")
+    p.add_argument("--exact-sample", type=int, default=0, metavar="K", help="also the hook criterion with K sampled "
+                   "columns per projection (Pruner exact_sample), e.g. with --micro-batch-size 4")
     p.add_argument("--extra", default="", help="more run.py flags, e.g. '--abs' or '--batch-size 8 --seq-len 512'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
                            loraprune.default_pruned_layers(model_args.n_layers))
     shown = sorted({int(s) for s in args.shown.split(",")} if args.shown else {1, 2, 5, k})
     results = [agreement(int(s), flags, rows, Path(args.ckpt), shown, tokenizer_flags, args.device,
-                         getattr(torch, args.dtype)) for s in args.seeds.split(",")]
+                         getattr(torch, args.dtype), args.exact_sample) for s in args.seeds.split(",")]
     print(f"{args.ckpt}: flags `{' '.join(flags)}`; step {k} is the first the 0.5 schedule prunes at; "
           f"{time.time() - t0:.0f}s\n")
     print(tables(results, shown))
