@@ -142,6 +142,15 @@ def l2_normalized(v: Tensor) -> Tensor:
     return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def unit_parts(sums: dict, head_dim: int) -> dict:
+    """Each projection's share of Eq. 4 per unit, from its (row sums, column sums): wq and wo (columns) per query
+    head (H,), wk and wv per kv head (K,), w1, w3 and w2 (columns) per channel (F,)."""
+    D = head_dim
+    return {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
+            "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
+            "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+
+
 def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 4 for one layer from its projections' (row sums, column sums) {name: ((out,), (in,))}: (H,) query-head
     scores (query head h owns rows h*D:(h+1)*D of wq and the same columns of wo), (F,) channel scores (channel c
@@ -149,10 +158,7 @@ def unit_scores(sums: dict, head_dim: int, normalize: bool = False) -> tuple[Ten
     normalize: L2-normalise each projection's vector of per-unit sums before adding them, as the official code
     does (wq, wo over query heads; wk, wv over kv heads; w1, w3, w2 over channels); an all-zero vector (the
     directional column part while B = 0) then adds nothing."""
-    D = head_dim
-    parts = {"wq": row_group_sums(sums["wq"][0], D), "wo": row_group_sums(sums["wo"][1], D),  # (H,) each
-             "wk": row_group_sums(sums["wk"][0], D), "wv": row_group_sums(sums["wv"][0], D),  # (K,) each
-             "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}  # (F,) each
+    parts = unit_parts(sums, head_dim)
     if normalize:
         parts = {name: l2_normalized(v) for name, v in parts.items()}
     return parts["wq"] + parts["wo"], parts["w1"] + parts["w3"] + parts["w2"], parts["wk"] + parts["wv"]
@@ -251,6 +257,72 @@ class _Tap(torch.autograd.Function):
         return dy, None, None
 
 
+class SampledSums:
+    """One projection's Eq. 4 sums under gradient accumulation, unbiased: the square of the batch gradient needs
+    the whole batch's G, so only k columns J of G (k rows I for wo and w2, whose groups are columns) are kept,
+    accumulated exactly over the micro-batches as G[:, J] = sum of dy^T x[:, J] (out, k), and each sampled column
+    is importance-weighted: row sum_i ≈ sum_t I[i, j_t] / (k p_j_t), whose expectation is the exact row sum for
+    any p. J is drawn with replacement at the first micro-batch of a step, with p_j ∝ ||x_j||^2 ||M_:j||^2 (the
+    size of column j of G ⊙ M, with the last step's ||x_j||^2; ||M_:j||^2 alone at the first step). The other
+    side's sums (columns of wq, rows of wo, ...) are not estimated (zeros): Eq. 4 does not use them."""
+
+    def __init__(self, lin, by_rows: bool, k: int, square: bool, generator: torch.Generator):
+        self.lin, self.by_rows, self.k, self.square, self.generator = lin, by_rows, k, square, generator
+        n = lin.in_features if by_rows else lin.out_features  # the sampled dimension
+        self.act_norm = torch.ones(n, device=lin.weight.device)  # ||x_j||^2 (or ||dy_i||^2) of the last step
+        self.running = torch.zeros(n, device=lin.weight.device)
+        self.idx = self.weight = self.acc = None
+
+    def merged_part(self) -> Tensor:
+        """M[:, J] (out, k) or M[I, :] (k, in), float32."""
+        if not self.by_rows:
+            return merged_rows(self.lin, self.idx)
+        chunk = max(1, 2**24 // self.lin.in_features)
+        return torch.cat([merged_rows(self.lin, slice(i, i + chunk))[:, self.idx]
+                          for i in range(0, self.lin.out_features, chunk)])
+
+    def weight_norms(self) -> Tensor:
+        """||M_:j||^2 (in,) or ||M_i:||^2 (out,), a block of rows at a time."""
+        chunk = max(1, 2**24 // self.lin.in_features)
+        parts = [merged_rows(self.lin, slice(i, i + chunk)).square() for i in range(0, self.lin.out_features, chunk)]
+        return sum(p.sum(0) for p in parts) if self.by_rows else torch.cat([p.sum(1) for p in parts])
+
+    def add(self, x: Tensor, dy: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        dy = dy.reshape(-1, dy.shape[-1]).float()  # (N, out)
+        if self.idx is None:  # the first micro-batch of the step: draw J (or I)
+            p = self.act_norm * self.weight_norms()
+            p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / p.numel())
+            self.idx = torch.multinomial(p, self.k, replacement=True, generator=self.generator)  # (k,)
+            self.weight = 1 / (self.k * p[self.idx])  # (k,) importance weights
+            shape = (self.lin.out_features, self.k) if self.by_rows else (self.k, self.lin.in_features)
+            self.acc = torch.zeros(shape, device=x.device)
+        if self.by_rows:
+            self.acc += dy.T @ x[:, self.idx]  # (out, N) @ (N, k)
+            self.running += x.square().sum(0)
+        else:
+            self.acc += dy[:, self.idx].T @ x  # (k, N) @ (N, in)
+            self.running += dy.square().sum(0)
+
+    def estimate(self) -> tuple[Tensor, Tensor]:
+        """(row sums (out,), column sums (in,)) of this step, one side estimated and the other zero; resets."""
+        out, inp = self.lin.out_features, self.lin.in_features
+        rows, cols = torch.zeros(out, device=self.running.device), torch.zeros(inp, device=self.running.device)
+        if self.acc is not None:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(self.acc)  # the same J on every rank: same generator, same all-reduced norms
+                dist.all_reduce(self.running)
+            I = self.acc.mul_(self.merged_part())
+            I = I.square_() if self.square else I.abs_()
+            if self.by_rows:
+                rows = I @ self.weight  # (out, k) @ (k,)
+            else:
+                cols = self.weight @ I  # (k,) @ (k, in)
+            self.act_norm, self.running = self.running, torch.zeros_like(self.running)
+        self.idx = self.weight = self.acc = None
+        return rows, cols
+
+
 class GradientTap:
     """Criterion 'exact': for every projection of `layers`, a forward hook puts a _Tap on its output, whose
     backward reduces (dL/dW ⊙ (W + s B A))^2 to row and column sums (gradient_sums) and adds them to this tap's
@@ -260,23 +332,35 @@ class GradientTap:
     With several, it is the sum over micro-batches of each one's Eq. 3 (the square of a sum is not the sum of the
     squares): the empirical-Fisher form of the Taylor criterion, which adds the micro-batch variance of each
     weight's G ⊙ M to the batch's square and so favours weights whose gradient is noisy. Under torchrun the sums
-    of all processes are added (one all-reduce per layer), the same sum over more micro-batches."""
+    of all processes are added (one all-reduce per layer), the same sum over more micro-batches.
+    sample=k instead keeps k sampled columns of the batch gradient per projection (SampledSums): an unbiased
+    estimate of the batch's Eq. 4 sums whatever the accumulation, at (out + in) * k floats per projection."""
 
-    def __init__(self, model: Transformer, layers: list, square: bool = True):
-        self.sums, self.handles, self.square = {}, [], square
+    def __init__(self, model: Transformer, layers: list, square: bool = True, sample: Optional[int] = None,
+                 seed: int = 0):
+        self.sums, self.sampled, self.handles, self.square = {}, {}, [], square
+        device = model.tok_embeddings.weight.device
+        generator = torch.Generator(device).manual_seed(seed)
         for l in layers:
             for name, lin in projections(model, l).items():
-                device = lin.weight.device
-                self.sums[l, name] = (torch.zeros(lin.out_features, device=device),
-                                      torch.zeros(lin.in_features, device=device))
-                self.handles.append(lin.register_forward_hook(self._hook(self.sums[l, name], lin)))
+                if sample:
+                    self.sampled[l, name] = SampledSums(lin, name not in ("wo", "w2"), sample, square, generator)
+                    sink = self.sampled[l, name].add
+                else:
+                    self.sums[l, name] = (torch.zeros(lin.out_features, device=lin.weight.device),
+                                          torch.zeros(lin.in_features, device=lin.weight.device))
+                    sink = self._sink(self.sums[l, name], lin)
+                self.handles.append(lin.register_forward_hook(self._hook(sink)))
 
-    def _hook(self, acc: tuple, lin):
+    def _sink(self, acc: tuple, lin):
         def sink(x, dy):
             rows, cols = gradient_sums(x, dy, lambda r: merged_rows(lin, r), self.square)
             acc[0].add_(rows)
             acc[1].add_(cols)
+        return sink
 
+    @staticmethod
+    def _hook(sink):
         def hook(module, inputs, output):
             if torch.is_grad_enabled() and output.requires_grad:  # not in eval or a no-grad teacher forward
                 return _Tap.apply(output, inputs[0], sink)
@@ -285,7 +369,7 @@ class GradientTap:
     @torch.no_grad()
     def take(self, layer_id: int) -> dict:
         """{projection name: (row sums (out,), column sums (in,))} accumulated since the last take; zeroes them."""
-        out = {}
+        out = {name: s.estimate() for (l, name), s in self.sampled.items() if l == layer_id}
         for (l, name), (rows, cols) in self.sums.items():
             if l == layer_id:
                 if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -579,13 +663,15 @@ class Pruner:
     step's LoRA gradients by one number: it leaves that step's ranking as it is and only weighs the step in the
     moving average, and 'vanilla' (dL/dW, not clipped here; the official code clips it together with the adapters)
     and 'exact' (the backward's own gradients) do not see it.
+    Criterion 'exact' (GradientTap) scores from the backward pass; exact_sample=k makes it keep k sampled columns
+    of each projection's batch gradient instead (unbiased under accumulation; SampledSums).
     head_unit 'kv' prunes kv groups (scores and masks (K,) per layer); 'query' prunes query heads (masks (H,),
     scores (H,) plus (K,) for the shared kv rows, each with its own moving average)."""
 
     def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
                  channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
-                 head_unit: str = "kv", normalize: bool = False):
+                 head_unit: str = "kv", normalize: bool = False, exact_sample: Optional[int] = None):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
@@ -602,7 +688,7 @@ class Pruner:
             self.scores = [(h, c, torch.zeros(k, device=device)) for (h, c), k in zip(self.scores, args.layer_kv_heads)]
         apply_masks(model, self.masks, clear_kept=False)  # all ones: the model's output is unchanged
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.tap = GradientTap(model, self.layers, square) if criterion == "exact" else None
+        self.tap = GradientTap(model, self.layers, square, exact_sample, seed) if criterion == "exact" else None
         for l in self.layers:
             for name, lin in projections(model, l).items():
                 if criterion in LORA_CRITERIA and not lin.r:

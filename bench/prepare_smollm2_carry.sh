@@ -19,7 +19,7 @@ if [ "$found" != "$expected" ]; then
   exit 2
 fi
 mkdir -p .carry/data .whl
-for f in wiki.test.raw wiki.valid.raw ptb.test.txt tinystories-train.txt; do
+for f in wiki.test.raw wiki.valid.raw ptb.test.txt ptb.valid.txt tinystories-train.txt; do  # ptb.valid: protocol B
   cp "$data/$f" .carry/data/
 done
 version=$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')

@@ -25,6 +25,7 @@ Writes <out-dir>/results.md, results.json, ppl_vs_ratio.png (WikiText-2), ppl_vs
 import argparse
 import collections
 import datetime
+import itertools
 import json
 import math
 import os
@@ -52,7 +53,21 @@ import study_tiny  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 # settings: what every run shares
 
-TRAIN_FILES = ("wiki.valid.raw", "tinystories-train.txt")  # in data.data_dir(); ~330k tokens, none of it eval text
+PROTOCOLS = {  # fine-tuning text (in data.data_dir()) per protocol; every protocol is evaluated on EVAL_SETS
+    "A": ("wiki.valid.raw", "tinystories-train.txt"),  # ~330k tokens; WikiText-2 valid is the evaluation's domain
+    "B": ("tinystories-train.txt", "ptb.valid.txt"),  # off WikiText-2's domain, as the paper's LaMini is (PTB test is
+}                                                     # then in-domain: WikiText-2 test is B's measure)
+TRAIN_FILES = PROTOCOLS["A"]
+CRITERION_FLAGS = {  # --runs' CRITERION field: run.py flags; '+l2' = per-projection L2 normalisation (--normalize)
+    "lora": ["--criterion", "lora"], "lora+l2": ["--criterion", "lora", "--normalize"],  # Eq. 10 as written
+    "lora-directional": ["--criterion", "lora-directional"],
+    "lora-directional+l2": ["--criterion", "lora-directional", "--normalize"],
+    "exact": ["--criterion", "exact"], "exact+l2": ["--criterion", "exact", "--normalize"],  # the backward hook
+    "vanilla": ["--criterion", "vanilla"], "magnitude": ["--criterion", "magnitude"],
+    "random": ["--criterion", "random"],
+    "none": [],  # fine-tuning without pruning (ratio 0): the reference "unpruned + LoRA"
+    "unpruned": None,  # the base model evaluated, nothing run
+}
 EVAL_SETS = ("wikitext2", "ptb")  # the full test splits
 EVAL_FLAGS = ["--eval-seq-len", "512",  # the issue's window (about 29 on the first 60k chars of WikiText-2 test)
               "--eval-batch-size", "16"]
@@ -93,20 +108,56 @@ def plan(seeds: list, steps: int, query_first: bool = False) -> list:
     return configs
 
 
-def previous_results(path: Optional[str], configs: list) -> dict:
-    """{config index: result} of the runs an earlier call of this study finished (its results.json), matched by
-    name, ratio and seed: a study split over device calls runs each of them once."""
+def parse_runs(specs: list, steps: int) -> list:
+    """--runs: configurations PROTOCOL:CRITERION:RATIO:SEED[:FLAGS], in the order given; any field may be a
+    |-separated list, expanded with the last field varying fastest. CRITERION is a key of CRITERION_FLAGS; FLAGS are
+    more run.py flags, comma-separated, each written with '=' (--distill=0.5,--head-unit=query). Names keep the
+    earlier studies' ('lora', 'vanilla, query heads', 'unpruned + LoRA') for protocol A, so --previous reuses
+    their runs; protocol B's start with 'B: '."""
+    configs = []
+    for spec in specs:
+        fields = spec.split(":")
+        if len(fields) not in (4, 5):
+            raise ValueError(f"--runs {spec!r}: expected PROTOCOL:CRITERION:RATIO:SEED[:FLAGS]")
+        for protocol, criterion, ratio, seed, extra in itertools.product(*(f.split("|") for f in fields + [""][:5 - len(fields)])):
+            if protocol not in PROTOCOLS or criterion not in CRITERION_FLAGS:
+                raise ValueError(f"--runs {spec!r}: protocol {protocol!r} of {list(PROTOCOLS)}, criterion "
+                                 f"{criterion!r} of {list(CRITERION_FLAGS)}")
+            flags = [f for f in extra.split(",") if f]
+            if criterion == "unpruned":
+                configs.append(("unpruned", "-", 0.0, int(seed), None))
+                continue
+            if (criterion == "none") != (float(ratio) == 0):
+                raise ValueError(f"--runs {spec!r}: criterion 'none' (and only it) goes with ratio 0")
+            query = "--head-unit=query" in flags
+            name = (("" if protocol == "A" else f"{protocol}: ") + ("unpruned + LoRA" if criterion == "none" else
+                    criterion) + (QUERY if query else "") + "".join(f" {f}" for f in flags if f != "--head-unit=query"))
+            data_paths = ",".join(str(data.data_dir() / f) for f in PROTOCOLS[protocol])
+            configs.append((name, criterion, float(ratio), int(seed),
+                            ["--data", data_paths, "--ratio", ratio, "--steps", str(steps)]
+                            + CRITERION_FLAGS[criterion] + flags))
+    return configs
+
+
+def previous_results(path: Optional[str], configs: list) -> tuple[dict, list]:
+    """({config index: result}, [(config, result)]) of the runs an earlier call of this study finished (its
+    results.json), matched by name, ratio and seed: a study split over device calls runs each of them once. The
+    second part holds the finished runs this call's plan does not have, so the outputs keep every run so far."""
     if not path:
-        return {}
+        return {}, []
     finished = {(r["name"], r["ratio"], r["seed"]): r for r in json.loads(Path(path).read_text())["runs"]
                 if "skipped" not in r and "error" not in r}
-    taken = {i: {k: v for k, v in finished[(c[0], c[2], c[3])].items()
-                 if k not in ("name", "criterion", "ratio", "seed", "flags")}
-             for i, c in enumerate(configs) if (c[0], c[2], c[3]) in finished}
-    for r in taken.values():
-        if r.get("pruned") and isinstance(r["pruned"][0][0], str):  # packed (older files hold the plain lists)
-            r["pruned"] = unpack_pruned(r["pruned"])
-    return taken
+
+    def result(r):
+        out = {k: v for k, v in r.items() if k not in ("name", "criterion", "ratio", "seed", "flags")}
+        if out.get("pruned") and isinstance(out["pruned"][0][0], str):  # packed (older files hold plain lists)
+            out["pruned"] = unpack_pruned(out["pruned"])
+        return out
+    taken = {i: result(finished[(c[0], c[2], c[3])]) for i, c in enumerate(configs) if (c[0], c[2], c[3]) in finished}
+    planned = {(c[0], c[2], c[3]) for c in configs}
+    others = [((r["name"], r["criterion"], r["ratio"], r["seed"], r["flags"]), result(r))
+              for key, r in finished.items() if key not in planned]
+    return taken, others
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,10 +285,14 @@ def fmt(values: list) -> str:
 
 
 def table_order(name: str, ratio: float) -> tuple:
-    """References first, then by head unit, ratio and criterion (study_tiny.CRITERIA's order)."""
-    criterion = name.removesuffix(QUERY)
-    rank = study_tiny.CRITERIA.index(criterion) if criterion in study_tiny.CRITERIA else -1
-    return (ratio > 0, name.endswith(QUERY), ratio, rank)
+    """Protocol A first; references first, then by head unit, ratio and criterion (CRITERION_FLAGS' order), the
+    plain run before its variants (extra flags)."""
+    protocol, rest = (name[0], name[3:]) if name[1:3] == ": " else ("A", name)  # "B: lora --distill=0.5"
+    base = rest.split(" --")[0]
+    criterion = base.removesuffix(QUERY)
+    rank = {"unpruned": -2, "unpruned + LoRA": -1}.get(criterion, None)
+    rank = list(CRITERION_FLAGS).index(criterion) if rank is None and criterion in CRITERION_FLAGS else rank or 0
+    return (protocol, ratio > 0, QUERY in base, ratio, rank, rest[len(base):])
 
 
 def perplexity_markdown(done: list, labels: list) -> str:
@@ -348,7 +403,7 @@ def write_outputs(configs: list, results: list, agreement: list, meta: dict, mar
                   perplexity_markdown(done, labels)]
     if any(c[2] > 0 for c, _ in done):
         lines += ["", "## How the ratio is met", "", removal_markdown(done, margs, meta["params"])]
-        kv = [(c, r) for c, r in done if c[0] in study_tiny.CRITERIA]
+        kv = [(c, r) for c, r in done if c[0] in study_tiny.CRITERION_ORDER]
         overlap = study_tiny.overlap_markdown([c for c, _ in kv], [r for _, r in kv])
         lines += ["", overlap] if overlap else []
     if agreement:
@@ -361,7 +416,7 @@ def write_outputs(configs: list, results: list, agreement: list, meta: dict, mar
 def plots(done: list, labels: list, meta: dict, out_dir: Path) -> None:
     """study_tiny.plot of perplexity after fine-tuning against the ratio, once both references have run."""
     groups = study_tiny.summarize([c for c, _ in done], [r for _, r in done])
-    criteria = [c for c in study_tiny.CRITERIA if any(name == c for name, _ in groups)]
+    criteria = [c for c in study_tiny.CRITERION_ORDER if any(name == c for name, _ in groups)]
     if ("unpruned", 0.0) not in groups or ("unpruned + LoRA", 0.0) not in groups or not criteria:
         return
     counts = sorted({len(g["ppl"][labels[0]]) for (n, r), g in groups.items() if n in criteria and r > 0})
@@ -430,8 +485,9 @@ def study_meta(argv: list, s: dict, steps: int, seeds: list, train_flags: list, 
             "command": "python bench/study_smollm2.py" + "".join(f" {x}" for x in argv),
             "model": f"SmolLM2-135M-Instruct from {s['gguf'].name} (dequantized to float32, run in {dtype}): "
                      f"{describe(a, s['params'])}",
-            "train": f"{' + '.join(TRAIN_FILES)}: {rows.shape[0]:,} rows of {rows.shape[1] - 1} tokens; {steps} "
-                     f"steps of {batch} rows = {steps * batch / rows.shape[0]:.2f} passes",
+            "train": f"protocol A (names without a prefix) {' + '.join(TRAIN_FILES)}: {rows.shape[0]:,} rows of "
+                     f"{rows.shape[1] - 1} tokens; {steps} steps of {batch} rows = {steps * batch / rows.shape[0]:.2f} "
+                     f"passes; protocol B ('B: ' names) {' + '.join(PROTOCOLS['B'])}",
             "steps": steps, "seeds": seeds, "flags": train_flags, "eval_labels": list(ev["sets"]),
             "pruned_layers": loraprune.default_pruned_layers(a.n_layers), "params": s["params"],
             "eval": ", ".join(f"{label} {t.numel():,} tokens" for label, t in ev["sets"].items())
@@ -452,8 +508,9 @@ def run_config(i: int, config: tuple, s: dict, run_flags: list, workdir: Path, o
         return {"ppl_after": perplexities(s["base"], ev["sets"], ev["seq_len"], ev["batch_size"], ev["device"]),
                 "ppl_pruned": None, "ratio_achieved": 0.0, "params_after": s["params"], "pruned": None,
                 "final_loss": None, "wall_s": time.time() - t0}
-    argv = (["--ckpt", str(s["ckpt"]), "--tokenizer", str(s["gguf"]), "--data", ",".join(map(str, s["train_paths"]))]
-            + flags + ["--seed", str(seed)] + run_flags)
+    default_data = [] if "--data" in flags else ["--data", ",".join(map(str, s["train_paths"]))]  # protocol A's
+    argv = (["--ckpt", str(s["ckpt"]), "--tokenizer", str(s["gguf"])] + default_data + flags + ["--seed", str(seed)]
+            + run_flags)
     run_dir = workdir / f"{i:02d}-{name.replace(' ', '').replace(',', '-')}-{ratio}-s{seed}"
     try:
         result = one_run(argv, run_dir, s["base"], ev)
@@ -543,7 +600,13 @@ def main(argv=None) -> int:
                    "would end after this many seconds from the start (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few steps, short rows, 512 eval tokens")
     p.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the rank correlations")
-    p.add_argument("--previous", help="results.json of an earlier call: its finished runs are taken, not re-run")
+    p.add_argument("--previous", help="results.json of an earlier call: its finished runs are taken, not re-run, "
+                   "and the others it holds are kept in this call's outputs")
+    p.add_argument("--runs", nargs="+", metavar="SPEC", help="run these configurations, in this order, instead of "
+                   "the default plan: PROTOCOL:CRITERION:RATIO:SEED[:FLAGS], any field a |-list, e.g. "
+                   "'B:lora|lora-directional+l2|exact|vanilla:0.2|0.5:0' 'B:vanilla:0.2:0:--distill=0.5' "
+                   "(parse_runs; protocols " + ", ".join(f"{k} = {' + '.join(v)}" for k, v in PROTOCOLS.items())
+                   + ")")
     p.add_argument("--query-first", action="store_true", help="run the query-head runs before the second seed's")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
     p.add_argument("--agreement-only", type=int, metavar="BATCH", help="run only the rank agreement, BATCH rows a step "
@@ -565,14 +628,18 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # measured: 7x faster than 2 threads on the busy 2-core test machine
     workdir = Path(tempfile.mkdtemp(prefix="study_smollm2-"))
+    out_dir.mkdir(parents=True, exist_ok=True)  # archive_logs writes there after the first run
     try:
         s = setup(gguf, workdir, device, dtype, train_flags, eval_flags, SANITY_CHARS // (10 if args.quick else 1))
         meta = study_meta(argv, s, steps, seeds, train_flags, args.budget_s)
         meta["setup_s"] = time.time() - t_start
-        configs = plan(seeds, steps, args.query_first)
+        configs = parse_runs(args.runs, steps) if args.runs else plan(seeds, steps, args.query_first)
         print(f"{len(configs)} runs on {meta['device']}; {meta['train']}; {meta['eval']}", flush=True)
         results, agreement, walls = [None] * len(configs), [], []
-        earlier = previous_results(args.previous, configs)
+        earlier, kept = previous_results(args.previous, configs)
+        configs += [c for c, _ in kept]  # finished earlier, not in this plan: kept in the outputs
+        results[len(results):] = [r for _, r in kept]
+        earlier.update({len(configs) - len(kept) + j: r for j, (_, r) in enumerate(kept)})
         checked = bool(earlier)  # whether a fine-tuning run has let run.py evaluate too (the first one does)
         if earlier:
             old_meta = json.loads(Path(args.previous).read_text())["meta"]

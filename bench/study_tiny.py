@@ -58,7 +58,9 @@ import train  # noqa: E402
 CKPT = data.data_dir() / "stories260K.bin"
 TRAIN_TEXT = data.data_dir() / "tinystories-train.txt"
 VALID_TEXT = data.data_dir() / "tinystories-valid.txt"
-CRITERIA = ("lora", "vanilla", "magnitude", "random")
+CRITERIA = ("lora", "vanilla", "magnitude", "random")  # the default study
+VARIANTS = ("lora+l2", "lora-directional", "lora-directional+l2", "exact", "exact+l2")  # --criteria may name these
+CRITERION_ORDER = CRITERIA[:1] + VARIANTS + CRITERIA[1:]  # tables and plots: the LoRA-only estimates together
 RATIOS = (0.2, 0.5)
 STEPS = 60  # optimizer steps of every fine-tuning run: 60 x 16 x 256 = 246k tokens, two passes over the train text
 TRAIN_FLAGS = [  # run.py flags shared by every run that trains; the rest are run.py's defaults (LoRA r 8, alpha 16,
@@ -178,13 +180,19 @@ def heldout_split(folder: Path) -> tuple[Path, Path]:
     return paths
 
 
+def criterion_flags(name: str) -> list:
+    """run.py flags of a criterion name: a loraprune criterion, '+l2' appended for per-projection L2 normalisation."""
+    base = name.removesuffix("+l2")
+    return ["--criterion", base] + (["--normalize"] if name.endswith("+l2") else [])
+
+
 def configurations(seeds: list, steps: int, criteria: list, ratios: list, references: bool = True) -> list:
     """(name, criterion, ratio, seed, run.py flags) of every run: the references first, then the pruned runs."""
     configs = []
     if references:
         configs += [("unpruned", "-", 0.0, seeds[0], ["--ratio", "0", "--steps", "0"])]
         configs += [("unpruned + LoRA", "-", 0.0, s, ["--ratio", "0", "--steps", str(steps)]) for s in seeds]
-    configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c])
+    configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps)] + criterion_flags(c))
                 for r in ratios for c in criteria for s in seeds]
     return configs
 
@@ -270,7 +278,7 @@ def overlap_markdown(configs: list, results: list) -> Optional[str]:
     switched off by each other criterion (pooled over layers), against what chance gives (the pruned fraction)."""
     runs = {(c[1], c[2], c[3]): r["pruned"] for c, r in zip(configs, results) if r.get("pruned") and c[2] > 0}
     ratios = sorted({ratio for _, ratio, _ in runs})
-    criteria = [c for c in CRITERIA if c != "vanilla" and any(k[0] == c for k in runs)]
+    criteria = [c for c in CRITERION_ORDER if c != "vanilla" and any(k[0] == c for k in runs)]
     if not any(k[0] == "vanilla" for k in runs) or not criteria:
         return None
     lines = ["Final masks compared with the vanilla run of the same seed: the share of the kv groups / channels "
@@ -388,7 +396,7 @@ def write_outputs(configs: list, results: list, agreement: Optional[list], meta:
     (out_dir / "results.md").write_text(md, encoding="utf-8")
     runs = [{"name": c[0], "criterion": c[1], "ratio": c[2], "seed": c[3], **r} for c, r in zip(configs, results)]
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "agreement": agreement}, indent=1))
-    criteria = [c for c in CRITERIA if any(name == c for name, _ in groups)]
+    criteria = [c for c in CRITERION_ORDER if any(name == c for name, _ in groups)]
     if ("unpruned + LoRA", 0.0) in groups:
         plot(groups, labels[0], criteria, out_dir / "ppl_vs_ratio.png",
              f"stories260K, {meta['steps']} steps, {len(meta['seeds'])} seed(s): {labels[0]}")
@@ -410,7 +418,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default %(default)s)")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run (default %(default)s)")
-    p.add_argument("--criteria", default=",".join(CRITERIA), help="comma list (default %(default)s)")
+    p.add_argument("--criteria", default=",".join(CRITERIA), help="comma list (default %(default)s; also "
+                   f"{', '.join(VARIANTS)}: '+l2' = --normalize)")
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma list (default %(default)s)")
     p.add_argument("--extra", default="", help="more run.py flags for every run that trains, e.g. '--lam 0.5 --abs'")
     p.add_argument("--heldout", action="store_true", help="train on the first 80%% of the train stories, score "

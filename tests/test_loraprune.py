@@ -242,6 +242,46 @@ def test_exact_scores_with_accumulation_sum_each_micro_batch():
     assert all(r.abs().sum() == 0 for r, _ in tap.take(1).values())  # removed hooks add nothing
 
 
+@pytest.mark.parametrize("name", ["w1", "wo"])
+def test_sampled_exact_sums_are_unbiased_under_accumulation(name):
+    """SampledSums with k of the columns (rows for wo), fed two micro-batches: the mean over many draws of its
+    estimate is Eq. 3's row (column) sums of the accumulated gradient, which the plain tap does not give."""
+    model = random_model(MHA).double()
+    lin = llama.projections(model, 1)[name]
+    lin.weight.requires_grad_(True)
+    recorded = []
+    handle = lin.register_forward_hook(lp.GradientTap._hook(lambda x, dy: recorded.append((x, dy))))
+    loss_and_grads(model, seed=1)
+    loss_and_grads(model, seed=2)  # accumulated: W.grad is the batch's
+    handle.remove()
+    by_rows = name != "wo"
+    exact = lp.projection_sums(lin, "vanilla")[0 if by_rows else 1]
+    g = torch.Generator().manual_seed(0)
+    draws = 3000
+    mean = torch.zeros_like(exact)
+    for _ in range(draws):
+        sampled = lp.SampledSums(lin, by_rows, k=4, square=True, generator=g)
+        for x, dy in recorded:
+            sampled.add(x, dy)
+        mean += sampled.estimate()[0 if by_rows else 1] / draws
+    torch.testing.assert_close(mean, exact, rtol=0.08, atol=0)  # 3000 draws of 4 columns of 32
+    per_micro = sum(lp.gradient_sums(x, dy, lambda r: lp.merged_rows(lin, r))[0 if by_rows else 1]
+                    for x, dy in recorded)
+    assert (per_micro - exact).abs().max() > 0.2 * exact.abs().max()  # what the plain tap would have said
+
+
+def test_pruner_with_sampled_exact_scores_prunes_to_target():
+    model = random_model(GQA)
+    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion="exact", every=1, layers=[1, 3], exact_sample=3)
+    for step in range(1, 5):
+        loss_and_grads(model, seed=step, B=1)
+        loss_and_grads(model, seed=10 + step, B=1)  # two micro-batches a step
+        pruner.update(step)
+        model.zero_grad(set_to_none=True)
+    assert pruner.pruned_counts() == pruner.final_counts
+    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for l in (1, 3) for s in pruner.scores[l])
+
+
 def test_exact_criterion_runs_on_int8_weights():
     model = random_model(GQA, r=0)
     llama.quantize_model(model)
