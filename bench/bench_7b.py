@@ -677,8 +677,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="tiny shape, for a CPU smoke test of every code path")
     p.add_argument("--only", default="train,forward,load", help="comma-separated parts: train, forward, load")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
-                   help="markdown file the results are appended to")
+    p.add_argument("--out", default="out/bench_7b.md",
+                   help="markdown file the results are appended to (bench/RESULTS.md is edited by hand: one current "
+                        "document)")
     p.add_argument("--anchor", default=None, help="log of the HF+PEFT anchor (../shared/bench/hf_peft_anchor.py) from the same device call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--deadline-s", type=float, default=None,
@@ -724,6 +725,7 @@ def main():
           + f"\n- command: `{command}`\n- total wall time: {time.perf_counter() - deadline.start:.0f} s\n\n"
           + markdown(anchor) + "\n")
     print("\n" + md, flush=True)
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     with open(opts.out, "a") as f:
         f.write(md + "\n")
 

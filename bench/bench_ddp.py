@@ -2,7 +2,7 @@
 of them at the same global batch, peak memory per GPU, and whether every rank holds the same masks after a few
 pruning updates.
 
-    torchrun --nproc-per-node 2 bench/bench_ddp.py                  # 2 GPUs; appends a section to bench/RESULTS.md
+    torchrun --nproc-per-node 2 bench/bench_ddp.py                  # 2 GPUs; appends a section to out/bench_ddp.md
     torchrun --nproc-per-node 2 bench/bench_ddp.py --small          # CPU smoke test: gloo, a tiny shape, prints only
 
 For each W0 (bf16, int8): phase 1, rank 0 alone runs the global batch (no DDP) while the other ranks wait at a
@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--lora-dropout", type=float, default=0.05, help="as run.py's default (default %(default)s)")
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward (default: on with cuda, as in run.py)")
-    p.add_argument("--out", help="markdown file to append to (default: bench/RESULTS.md; nothing with --small)")
+    p.add_argument("--out", help="markdown file to append to (default: out/bench_ddp.md; nothing with --small)")
     opts = p.parse_args()
     rank, local_rank, world = train.torchrun_ranks()
     if world < 2:
@@ -196,8 +196,9 @@ def main() -> int:
                     f"1 GPU vs {world} (DDP) at the same global batch")
             md = markdown(rows, head)
             print("\n" + md, flush=True)
-            out = opts.out or (None if opts.small else str(Path(__file__).resolve().parent / "RESULTS.md"))
+            out = opts.out or (None if opts.small else "out/bench_ddp.md")
             if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
                 with open(out, "a") as f:
                     f.write("\n" + md + "\n")
             bad = [r for r in rows if r["gpus"] > 1 and (r["masks_agree"] != f"{r['mask_updates']}/{r['mask_updates']}"

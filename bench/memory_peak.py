@@ -7,8 +7,8 @@ what was alive then by the line that allocated it.
     python bench/memory_peak.py                                   # int8 eager, int8 compiled, bf16 compiled
     python bench/memory_peak.py --configs int8:compiled --top 20
 
-Written for the open question in bench/RESULTS.md: a compiled int8 step peaks at 12.9 GiB, eager at 8.2 GiB.
-Appends its tables to bench/RESULTS.md (--out).
+Written for the question of a compiled int8 step peaking at 12.9 GiB, eager at 8.2 GiB (answered: bench/RESULTS.md).
+Appends its tables to --out (default out/memory_peak.md; bench/RESULTS.md is edited by hand: one current document).
 """
 import argparse
 import collections
@@ -145,7 +145,7 @@ def main():
     p.add_argument("--configs", default="int8:eager,int8:compiled,bf16:compiled", help="comma list of w0:mode")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--top", type=int, default=12, help="lines listed per config")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    p.add_argument("--out", default="out/memory_peak.md")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("memory_peak needs a CUDA device (torch.cuda.memory history); found none")
@@ -155,6 +155,7 @@ def main():
         print(results[-1], flush=True)
     text = markdown(results, "python bench/memory_peak.py " + " ".join(sys.argv[1:]))
     print(text)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a", encoding="utf-8") as f:
         f.write("\n\n" + text + "\n")
 

@@ -205,7 +205,7 @@ def main():
             m = random_model(shape, device, int8=int8)
             if int8_fn:
                 for mod in m.modules():
-                    if isinstance(mod, quant8.Int8LoRALinear):
+                    if isinstance(mod, llama.LoRALinear) and mod.weight.dtype == torch.int8:
                         mod.base = lambda x, mod=mod: int8_fn(x, mod.weight, mod.scales)
             if comp:
                 for layer in m.layers:
