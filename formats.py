@@ -592,13 +592,7 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a saved folder follows the umask
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        llama.replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

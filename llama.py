@@ -640,6 +640,17 @@ def write_safetensors(path: Path, specs: dict, read) -> None:
             del t  # before the next read: one tensor at a time
 
 
+def replace_folder(tmp: Path, out_dir: Path) -> None:
+    """Put the complete folder `tmp` at `out_dir` by renames, so a reader sees the old folder or the new one."""
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
     """Write the model (LoRA merged into W on the way out, one tensor at a time) atomically: a temporary folder,
     then a rename. `kind` tags what the weights are ('dense' or 'pruned'); int8 stores are written as int8 + scales.
@@ -665,13 +676,7 @@ def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
         write_safetensors(tmp / "model.safetensors", specs,
                           lambda name: merged[name].merged_weight() if name in merged else state[name])
         (tmp / "params.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

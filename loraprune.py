@@ -671,7 +671,8 @@ class Pruner:
     def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
                  channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
-                 head_unit: str = "kv", normalize: bool = False, exact_sample: Optional[int] = None):
+                 head_unit: str = "kv", normalize: bool = False, exact_sample: Optional[int] = None,
+                 uniform: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
@@ -680,7 +681,7 @@ class Pruner:
         self.head_unit, self.channel_multiple = head_unit, channel_multiple
         args = model.args
         self.layers = default_pruned_layers(args.n_layers) if layers is None else sorted(layers)
-        self.final_counts = prune_counts(args, ratio, self.layers, channel_multiple, head_unit)
+        self.final_counts = prune_counts(args, ratio, self.layers, channel_multiple, head_unit, uniform=uniform)
         device = model.tok_embeddings.weight.device
         self.masks = full_masks(args, device, head_unit)
         self.scores = [tuple(torch.zeros_like(m, dtype=torch.float32) for m in layer) for layer in self.masks]

@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of the model's parameters removed, in [0, 1) "
                    "(default %(default)s)")
     p.add_argument("--criterion", choices=loraprune.CRITERIA, default=_default(loraprune.Pruner, "criterion"),
-                   help="importance: lora (Eq. 10), vanilla (Eq. 3, needs dL/dW), magnitude or random "
-                   "(default %(default)s)")
+                   help="importance: lora (Eq. 10 as written), lora-directional (rows from s*gB@A, columns from "
+                   "s*B@gA), exact (Eq. 3 from a backward hook, at LoRA's memory), vanilla (Eq. 3, needs dL/dW), "
+                   "magnitude or random (default %(default)s)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=_default(loraprune.Pruner, "normalize"),
+                   help="L2-normalise each projection's group scores before Eq. 4 adds them, as the official code "
+                   "does (default %(default)s)")
     power = p.add_mutually_exclusive_group()
     power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.Pruner, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-unit", choices=loraprune.HEAD_UNITS, default=_default(loraprune.Pruner, "head_unit"),
                    help="attention unit pruned: kv = a kv head with all its query heads (the paper's group), query = "
                    "single query heads, a kv head going with its last one (default %(default)s)")
+    p.add_argument("--uniform", action="store_true", help="every pruned layer loses the same kv groups and channels "
+                   "(no rounding carried between layers): with --layers covering all layers the pruned model has one "
+                   "layer shape, which --hf needs")
     p.add_argument("--channel-multiple", type=int, default=64, help="round kept MLP channels to this multiple in "
                    "layers whose width divides by it, for GPU-friendly matmuls; 1 = exact (default %(default)s)")
     # data and optimization (Sec. 4.1)
@@ -117,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, help="use only the first N tokens of each eval set, for quick runs "
                    "(default: all)")
+    p.add_argument("--tasks", help="comma list of lm-eval tasks scored before and after pruning, e.g. the paper's "
+                   "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (needs the eval extra: "
+                   "pip install -e '.[eval]'; lm-eval downloads the data sets; default: none)")
+    p.add_argument("--tasks-batch-size", type=int, default=16, help="lm-eval requests per forward (default "
+                   "%(default)s)")
+    p.add_argument("--tasks-fewshot", type=int, default=0, help="examples in each prompt (default %(default)s; "
+                   "the paper's MMLU is 5)")
+    p.add_argument("--tasks-limit", type=int, help="score only the first N documents of each task, for quick runs "
+                   "(default: all)")
+    p.add_argument("--tasks-include-path", help="folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
+    # what else the pruned model is written as
+    p.add_argument("--gguf", metavar="TYPE", help="also write OUT/model.gguf for llama.cpp / Ollama, matrices as "
+                   "TYPE: " + ", ".join(formats.GGUF_TYPES) + " (with --ratio 0 --steps 0: a plain conversion)")
+    p.add_argument("--hf", action="store_true", help="also write OUT/hf/, a Hugging Face LlamaForCausalLM folder "
+                   "(every layer must end with one shape: --ratio 0, or --uniform over all layers with --head-unit kv)")
+    # sampling (instead of a run)
+    p.add_argument("--sample", metavar="PROMPT", help="print PROMPT and a continuation sampled from --ckpt, then "
+                   "stop (no pruning, nothing written)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens --sample generates at most, fewer at "
+                   "EOS or at the model's max_seq_len (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="--sample's softmax temperature; 0 = greedy "
+                   "(default %(default)s)")
+    p.add_argument("--top-k", type=int, default=200, help="--sample from the k most likely tokens only (default "
+                   "%(default)s; 0 = all)")
+    p.add_argument("--top-p", type=float, help="--sample from the smallest set of tokens whose probability "
+                   "reaches p (nucleus sampling; default: off)")
     # run management
     p.add_argument("--out", default="out", help="output folder: model/, report.json, log.txt, resume.pt "
                    "(default %(default)s)")
@@ -163,6 +196,13 @@ def check_args(args, world: int = 1) -> None:
     need(0 <= args.distill <= 1, f"--distill must be in [0, 1], found {args.distill}")
     need(args.distill_temperature > 0 and math.isfinite(args.distill_temperature),
          f"--distill-temperature must be finite and > 0, found {args.distill_temperature}")
+    need(args.gguf is None or args.gguf in formats.GGUF_TYPES,
+         f"--gguf must be one of {', '.join(formats.GGUF_TYPES)}, found {args.gguf!r}")
+    need(args.max_new_tokens >= 1 and args.temperature >= 0 and args.top_k >= 0
+         and (args.top_p is None or 0 < args.top_p <= 1), f"--max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 "
+         f"and --top-p in (0, 1] expected, found {args.max_new_tokens}, {args.temperature}, {args.top_k}, {args.top_p}")
+    need(args.tasks_batch_size >= 1 and args.tasks_fewshot >= 0, f"--tasks-batch-size >= 1 and --tasks-fewshot >= 0 "
+         f"expected, found {args.tasks_batch_size} and {args.tasks_fewshot}")
     need(args.channel_multiple >= 1, f"--channel-multiple must be >= 1, found {args.channel_multiple}")
     need(args.device in (None, "cpu", "cuda") or args.device.startswith("cuda:"),
          f"--device must be cpu or cuda[:N], found {args.device!r}")
@@ -222,10 +262,13 @@ class Inputs:
     eval_sets: dict  # label -> (n,) tokens
     seq_len: int  # --seq-len and --eval-seq-len, capped at the model's max_seq_len
     eval_seq_len: int
+    tasks: Optional[dict] = None  # --tasks: harness.evaluate_tasks' arguments but the model; None without --tasks
 
 
 def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inputs:
-    """The checkpoint, its tokenizer, the training rows and the eval sets: everything that can fail on bad input."""
+    """The checkpoint, its tokenizer, the training rows, the eval sets and the lm-eval tasks: everything that can fail
+    on bad input."""
+    tasks = check_tasks(args)  # before the checkpoint: a missing lm-eval or an unknown task fails at once
     t0 = time.time()
     model = formats.load(args.ckpt, device=device, dtype=dtype, int8=args.int8)
     a, params = model.args, llama.count_params(model)
@@ -255,7 +298,58 @@ def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inpu
             raise ValueError(f"eval set {name}: found {tokens.numel()} tokens, need at least --eval-seq-len "
                              f"{eval_seq_len} for one window")
         eval_sets[label] = tokens
-    return Inputs(model, params, tokenizer, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len)
+    if tasks is not None:
+        tasks["tokenizer"] = tokenizer
+    return Inputs(model, params, tokenizer, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len, tasks)
+
+
+def check_tasks(args) -> Optional[dict]:
+    """--tasks: lm-eval imported (harness.py imports it at its top), every task known; returns the arguments of
+    harness.evaluate_tasks but the model and tokenizer, or None without --tasks."""
+    tasks = [name for name in (args.tasks or "").split(",") if name]
+    if not tasks:
+        return None
+    try:
+        import harness
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise ValueError("--tasks needs lm-eval: pip install -e '.[eval]'") from None
+    task_manager = harness.TaskManager(include_path=args.tasks_include_path)  # indexes every task YAML (~10 s)
+    harness.check_tasks(tasks, task_manager)
+    return {"tasks": tasks, "batch_size": args.tasks_batch_size, "num_fewshot": args.tasks_fewshot,
+            "limit": args.tasks_limit, "task_manager": task_manager}
+
+
+def score_tasks(model: llama.Transformer, tasks: Optional[dict], when: str, log: train.Log) -> Optional[dict]:
+    """lm-eval's scores of the model on --tasks ({task: {metric: value}}), printed; None without --tasks."""
+    if tasks is None:
+        return None
+    import harness
+    log(f"lm-eval tasks {when} ({tasks['num_fewshot']}-shot):")
+    scores = harness.evaluate_tasks(model, **tasks)
+    for task, metrics in scores.items():
+        log(f"  {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    return scores
+
+
+def sample(args, device: torch.device, log: train.Log) -> int:
+    """--sample: print the prompt and a continuation sampled from --ckpt (llama.generate, KV cache, stops at EOS),
+    decoded whole, so a SentencePiece word boundary between prompt and continuation keeps its space."""
+    model = formats.load(args.ckpt, device=device, dtype=getattr(torch, args.dtype)).eval()
+    tokenizer = data.Tokenizer(Path(args.tokenizer) if args.tokenizer
+                               else data.find_tokenizer(args.ckpt, model.args.vocab_size))
+    prompt = tokenizer.encode(args.sample)  # BOS first where the tokenizer adds one
+    room = model.args.max_seq_len - len(prompt)
+    if room < 1:
+        raise ValueError(f"--sample: the prompt is {len(prompt)} tokens, the model's max_seq_len "
+                         f"{model.args.max_seq_len} leaves no room to generate")
+    new = llama.generate(model, prompt, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
+                         top_k=args.top_k or None, top_p=args.top_p,
+                         eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+                         generator=torch.Generator(device).manual_seed(args.seed))
+    log(tokenizer.decode(prompt + new))
+    return 0
 
 
 def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner]:
@@ -271,8 +365,28 @@ def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner
         llama.compile_blocks(model)
     pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
                               lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
-                              channel_multiple=args.channel_multiple, seed=args.seed, head_unit=args.head_unit)
+                              channel_multiple=args.channel_multiple, seed=args.seed, head_unit=args.head_unit,
+                              normalize=args.normalize, uniform=args.uniform)
     return lora_params, pruner
+
+
+def check_exports(args, inputs: Inputs, pruner: loraprune.Pruner) -> None:
+    """--gguf / --hf: refuse, before any training, what the target format cannot hold (a tokenizer it cannot carry;
+    for Hugging Face, layers that will end with different shapes)."""
+    a = inputs.model.args
+    if args.gguf:
+        formats.gguf_tokenizer_fields(inputs.tokenizer_path, a.vocab_size)
+    if args.hf:
+        formats.hf_tokenizer_files(inputs.tokenizer_path)
+        if args.ratio > 0 and args.head_unit == "query":
+            raise ValueError("--hf with --head-unit query: which kv heads are left is known only after pruning; "
+                             "use --gguf")
+        if args.ratio == 0:
+            shapes = formats.layer_shapes(inputs.model)
+        else:
+            kept = [(a.layer_kv_heads[l] - h, a.layer_hidden_dims[l] - c) for l, (h, c) in enumerate(pruner.final_counts)]
+            shapes = [(k * a.n_rep, k, c) for k, c in kept]
+        formats.check_hf_shapes(shapes, a.dim, "--hf")
 
 
 
@@ -287,7 +401,9 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "micro_batch_size": args.micro_batch_size, "seq_len": inputs.seq_len, "lr": args.lr,
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
-        "distill": args.distill, "distill_temperature": args.distill_temperature,
+        "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": args.normalize,
+        "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []), "tasks_fewshot": args.tasks_fewshot,
+        "tasks_limit": args.tasks_limit,
         "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],
         "eval_seq_len": inputs.eval_seq_len, "eval_tokens": args.eval_tokens,
@@ -305,6 +421,7 @@ class Training:
     step: int = 0  # optimizer steps done
     loss: Optional[float] = None  # the last step's
     ppl_before: Optional[dict] = None
+    tasks_before: Optional[dict] = None  # --tasks scores of the loaded model
     elapsed_before: float = 0.0  # wall time of a resumed run's earlier sessions (s)
 
     def masks(self) -> list:
@@ -324,6 +441,7 @@ class Training:
                             device)
         self.step, self.loss, self.ppl_before, self.elapsed_before = (state["step"], state["loss"],
                                                                        state["ppl_before"], state["elapsed"])
+        self.tasks_before = state.get("tasks_before")  # absent in resume.pt files from before --tasks
 
     def save(self, out: Path, config: dict, ranks: train.Ranks, device: torch.device, elapsed: float) -> None:
         """out/resume.pt (rank 0); a collective under torchrun: every rank sends its dropout generator states."""
@@ -331,6 +449,7 @@ class Training:
         if not ranks.main:
             return
         state = {"config": config, "step": self.step, "loss": self.loss, "ppl_before": self.ppl_before,
+                 "tasks_before": self.tasks_before,
                  "lora": train.lora_state(self.model), "optimizer": self.optimizer.state_dict(),
                  "pruner": self.pruner.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": rng_per_rank[0][0], "cuda_rng": rng_per_rank[0][1],
@@ -402,19 +521,29 @@ def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, 
     """Slice the masks away (LoRA merged), save out/model (rank 0), evaluate the sliced model; returns the report's
     measured fields."""
     ranks.check_same(t.lora_params + t.masks(), "LoRA adapters and masks")
-    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, config["dtype"]))
-    params_before, params_after = inputs.params, llama.count_params(sliced)
-    if ranks.main:
-        train.save_model(sliced, inputs.tokenizer_path, Path(args.out) / "model")
-    log(f"saved {Path(args.out) / 'model'}: {params_after:,} parameters ({params_before:,} before)")
-    if inputs.eval_sets:
-        log("perplexity after:")
-    ppl_after = train.evaluate(sliced, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
 
     def groups(a: llama.ModelArgs) -> int:  # attention groups (kv groups or query heads, as pruned) + channels
         units = a.layer_kv_heads if args.head_unit == "kv" else a.layer_n_heads
         return sum(units[l] + a.layer_hidden_dims[l] for l in t.pruner.layers)
-    full_groups, kept_groups = groups(t.model.args), groups(sliced.args)
+    full_groups = groups(t.model.args)
+    # in place: each block is freed as soon as its sliced copy exists, so the run never holds two models
+    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, config["dtype"]), in_place=True)
+    params_before, params_after = inputs.params, llama.count_params(sliced)
+    out = Path(args.out)
+    if ranks.main:
+        train.save_model(sliced, inputs.tokenizer_path, out / "model")
+        log(f"saved {out / 'model'}: {params_after:,} parameters ({params_before:,} before)")
+        if args.gguf:
+            formats.export_gguf(sliced, out / "model.gguf", ftype=args.gguf, tokenizer_path=inputs.tokenizer_path)
+            log(f"saved {out / 'model.gguf'} ({args.gguf}, for llama.cpp)")
+        if args.hf:
+            formats.export_hf(sliced, out / "hf", tokenizer_path=inputs.tokenizer_path)
+            log(f"saved {out / 'hf'} (Hugging Face LlamaForCausalLM)")
+    if inputs.eval_sets:
+        log("perplexity after:")
+    ppl_after = train.evaluate(sliced, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
+    tasks_after = score_tasks(sliced, inputs.tasks, "after", log)
+    kept_groups = groups(sliced.args)
     return {
         "params_before": params_before, "params_after": params_after, "ratio_target": args.ratio,
         "ratio_achieved": 1 - params_after / params_before,
@@ -422,7 +551,7 @@ def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, 
         "pruned_layers": t.pruner.layers, "kv_heads_per_layer": sliced.args.layer_kv_heads,
         "channels_per_layer": sliced.args.layer_hidden_dims,
         "q_per_kv_per_layer": [sliced.args.q_per_kv(l) for l in range(sliced.args.n_layers)],
-        "ppl_before": t.ppl_before, "ppl_after": ppl_after}
+        "ppl_before": t.ppl_before, "ppl_after": ppl_after, "tasks_before": t.tasks_before, "tasks_after": tasks_after}
 
 
 def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> None:
@@ -431,6 +560,16 @@ def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> No
     log(f"\n{'eval set':<24}{'ppl before':>12}{'ppl after':>12}")
     for label in eval_sets:
         log(f"{label:<24}{report['ppl_before'][label]:>12.3f}{report['ppl_after'][label]:>12.3f}")
+    before, after = report["tasks_before"] or {}, report["tasks_after"] or {}
+    if after:  # one row per task and metric, then the mean acc over the tasks (the paper's Average)
+        log(f"\n{'lm-eval task':<24}{'metric':>10}{'before':>12}{'after':>12}")
+        for task, metrics in after.items():
+            for name, value in metrics.items():
+                log(f"{task:<24}{name:>10}{before.get(task, {}).get(name, math.nan):>12.4f}{value:>12.4f}")
+        accs = [(before.get(task, {}).get("acc", math.nan), m["acc"]) for task, m in after.items() if "acc" in m]
+        if len(accs) > 1:
+            mean_before, mean_after = (sum(pair[i] for pair in accs) / len(accs) for i in (0, 1))
+            log(f"{f'mean of {len(accs)}':<24}{'acc':>10}{mean_before:>12.4f}{mean_after:>12.4f}")
     log(f"parameters {report['params_before']:,} -> {report['params_after']:,}: {report['ratio_achieved']:.2%} "
         f"removed (target {report['ratio_target']:.2%}); {report['wall_time_s']:.0f}s; report in "
         f"{out / 'report.json'}")
@@ -443,6 +582,8 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     device = ranks.device(args.device)
     cuda = device.type == "cuda"
     resolve_defaults(args, device)
+    if args.sample is not None:  # sample and stop: nothing is pruned or written
+        return sample(args, device, log)
     out = Path(args.out)
     train.check_out_dir(out, args.resume)
     ranks.start(device)  # after the checks above: bad flags fail alike on every rank, before any collective
@@ -453,6 +594,7 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     inputs = load(args, device, getattr(torch, args.dtype), log)
     model = inputs.model
     lora_params, pruner = plan_pruning(args, model)
+    check_exports(args, inputs, pruner)
     config = run_config(args, inputs, pruner, ranks.world)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = train.RowSampler(inputs.rows.shape[0], args.seed) if args.steps else None  # same order on every rank
@@ -470,6 +612,7 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     else:  # every rank evaluates (only rank 0 prints): the others would wait for it anyway
         log("perplexity before:" if inputs.eval_sets else "no eval sets (--eval is empty)")
         t.ppl_before = train.evaluate(model, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
+        t.tasks_before = score_tasks(model, inputs.tasks, "before", log)
 
     net = ranks.wrap(model, device)  # after the Pruner: with vanilla it has switched on dL/dW
     ranks.check_same(lora_params + t.masks(), "LoRA adapters and masks")

@@ -308,3 +308,30 @@ def query_masks(args, g, keep_whole_layer: int = 0):
         channels[0] = True
         masks.append((heads, channels))
     return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# logits and greedy tokens of our model and of transformers' (tests/test_llama.py, tests/test_formats.py)
+
+
+def tokens(vocab: int, T: int = 12, B: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def greedy(model, prompt: list, n: int) -> list:
+    """n greedy tokens after `prompt`, recomputing the whole prefix each step (no KV cache to get wrong)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # (B, T, V)
+
+
+def our_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)  # (B, T, V)

@@ -9,8 +9,8 @@ import torch
 
 import formats
 import llama
-from conftest import (ROPE_THETA, hf_model, hf_to_meta_rows_by_index, meta_to_hf_rows, shared_file, train_bpe,
-                      write_llama_gguf)
+from conftest import (ROPE_THETA, greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, meta_to_hf_rows, our_logits,
+                      shared_file, tokens, train_bpe, write_llama_gguf)
 from data import Tokenizer
 from llama import Transformer
 
@@ -18,27 +18,6 @@ from llama import Transformer
 # helpers
 
 
-def tokens(vocab: int, T: int = 12, B: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
-
-
-def greedy(model: Transformer, prompt: list, n: int) -> list:
-    """n greedy tokens after `prompt`, recomputing the whole prefix each step (no KV cache to get wrong)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits  # (B, T, V)
-
-
-def our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids)  # (B, T, V)
 
 
 def gguf_hf_model(vocab: int, tied: bool, seed: int = 0):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from conftest import hf_model, hf_to_meta_rows_by_index, randomize_
+from conftest import greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, our_logits, randomize_, tokens
 from llama import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -26,27 +26,6 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return randomize_(Transformer(tiny_args(**overrides)), seed).eval()
 
 
-def tokens(vocab: int, T: int = 12, B: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
-
-
-def greedy(model: Transformer, prompt: list, n: int) -> list:
-    """n greedy tokens after `prompt`, recomputing the whole prefix each step (no KV cache to get wrong)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits  # (B, T, V)
-
-
-def our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids)  # (B, T, V)
 
 
 # --- Hugging Face -> Meta, written independently of llama.py's tables

@@ -4,6 +4,7 @@ one clear line and nothing half-written in --out."""
 import json
 import os
 import stat
+import sys
 
 import pytest
 import torch
@@ -291,3 +292,102 @@ def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_form
     assert found == folder / "tokenizer.gguf"
     assert Tokenizer(found).encode(TEXT, eos=True) == Tokenizer(src).encode(TEXT, eos=True)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the pruned model leaves the project: GGUF and Hugging Face exports, sampling, lm-eval tasks
+
+
+def test_conversion_command_writes_a_gguf_with_the_same_logits(tmp_path):
+    """The README's one-line conversion (--ratio 0 --steps 0 --gguf): model.gguf beside model/, same logits."""
+    out = tmp_path / "out"
+    assert run.main(["--ckpt", str(shared_file("stories260K.bin")), "--ratio", "0", "--steps", "0", "--eval", "",
+                     "--gguf", "f32", "--dtype", "float32", "--out", str(out)]) == 0
+    assert formats.gguf_tokenizer(out / "model.gguf")["model"] == "llama"  # the SentencePiece vocabulary went along
+    x = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = formats.load(out / "model", dtype=torch.float32)(x)
+        theirs = formats.load(out / "model.gguf", dtype=torch.float32)(x)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_hf_export_of_a_uniform_run_loads_in_transformers(tmp_path):
+    """--uniform over all layers gives one layer shape; --hf writes a folder transformers reads with our logits."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    assert run.main(cli(out, eval="", uniform=True, layers="0,1,2,3,4", channel_multiple=4, hf=True,
+                        dtype="float32")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(set(report["kv_heads_per_layer"])) == 1 and len(set(report["channels_per_layer"])) == 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, formats.load(out / "model", dtype=torch.float32)(x), rtol=0, atol=1e-4)
+
+
+def test_hf_export_of_uneven_layers_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(cli(out, hf=True)) == 2  # default layers: the first stays whole, the rounding differs per layer
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gguf" in err[0] and not out.exists()
+    assert run.main(cli(out, gguf="q4")) == 2
+    assert "--gguf must be one of" in capsys.readouterr().err and not out.exists()
+
+
+def test_sample_prints_the_published_greedy_story(capsys):
+    argv = ["--ckpt", str(shared_file("stories260K.bin")), "--sample", "Once upon a time", "--temperature", "0",
+            "--max-new-tokens", "30"]
+    assert run.main(argv) == 0
+    assert "Once upon a time, there was a little girl named Lily. She loved to play outside in the park." in \
+        capsys.readouterr().out  # stories260K.md's greedy sample (MANIFEST.md)
+
+
+STORY_DOCS = [
+    {"question": "Once upon a time, there was a little girl named Lily. She loved to play",
+     "choices": [" outside in the park.", " with the big truck.", " the piano at night."], "label": 0},
+    {"question": "Tom had a red ball. He threw the ball to his", "choices": [" friend.", " car.", " moon."], "label": 0},
+    {"question": "The cat was very hungry. It wanted to eat some", "choices": [" fish.", " shoes.", " trees."],
+     "label": 0},
+    {"question": "Lily saw a big dog in the park. She was", "choices": [" scared.", " blue.", " a table."], "label": 0},
+]
+
+
+def story_task(folder):
+    """A local lm-eval multiple-choice task (no download) in folder: stories_mc.yaml over stories_mc.jsonl."""
+    folder.mkdir()
+    (folder / "stories_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in STORY_DOCS))
+    (folder / "stories_mc.yaml").write_text(
+        f"task: stories_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'stories_mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: label\n"
+        "doc_to_choice: choices\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return folder
+
+
+def test_tasks_scored_before_and_after_pruning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import harness
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir, out = story_task(tmp_path / "tasks"), tmp_path / "out"
+    assert run.main(cli(out, steps=4, eval="", tasks="stories_mc", tasks_include_path=tasks_dir)) == 0
+    report = json.loads((out / "report.json").read_text())
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    tokenizer = data.Tokenizer(shared_file("tok512.model"))
+    for key, ckpt in (("tasks_before", shared_file("stories260K.bin")), ("tasks_after", out / "model")):
+        model = formats.load(ckpt, dtype=torch.float32)
+        assert report[key] == harness.evaluate_tasks(model, tokenizer, ["stories_mc"], task_manager=manager), key
+    assert set(report["tasks_after"]["stories_mc"]) == {"acc", "acc_norm"}
+    table = capsys.readouterr().out
+    assert "lm-eval task" in table and "stories_mc" in table
+
+
+def test_tasks_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run.main(cli(out, tasks="boolq,no_such_task")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_task" in err[0] and not out.exists()
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "harness", raising=False)
+    assert run.main(cli(out, tasks="boolq")) == 2
+    assert capsys.readouterr().err.strip() == "error: --tasks needs lm-eval: pip install -e '.[eval]'"
+    assert not out.exists()
