@@ -179,7 +179,7 @@ def uniform_args(args: llama.ModelArgs, heads: int, hidden: int) -> llama.ModelA
 
 
 def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: str, warm: int, timed: int,
-               compiled: bool = False) -> dict:
+               compiled: bool = False, pruner_kwargs: dict = None) -> dict:
     """Build a random model with LoRA r=8 alpha 16 on all seven projections (blocks compiled if asked), then run
     warm + timed steps of forward, float32 cross-entropy, backward, pruner.update (timed on its own) and AdamW."""
     model = random_model(args, dev.type, int8=int8)
@@ -190,7 +190,8 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
         warm += 1
     # every=1 and a short schedule: each step lies in the cubic ramp, so the masks really change in timed steps
     total_steps = 100
-    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=criterion, every=1)
+    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=criterion, every=1,
+                              **(pruner_kwargs or {}))
     first_step = int(pruner.warmup * total_steps) + 1
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(dev.type).manual_seed(1)

@@ -11,7 +11,8 @@ second call with --only runs what was skipped):
            50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate of the
            same length first
   exact    one pruning step (bench_7b.train_step: checkpointing, T=2048, criterion every step) with
-           Pruner(criterion='exact') (the backward-hook criterion of issue 16) beside criterion 'lora', eager
+           Pruner(criterion='exact') (the backward-hook criterion of issue 16), and with exact_sample=64 (its
+           sampled-columns variant), beside criterion 'lora', eager
   distill  the micro-step (train.backward_batch, T=2048, checkpointing) with distill=0 and distill=0.5 (one more
            no-grad forward of the frozen teacher + the chunked distillation loss), eager, then compiled
   decode-compiled  decode with compiled blocks (llama.compile_blocks; the KV cache's length is part of the compiled
@@ -217,10 +218,17 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
 
 
 def run_exact(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
+    """'lora', 'exact' and (if the Pruner has it) 'exact' with exact_sample=64, the sampled-columns variant for
+    accumulated micro-batches."""
+    import inspect
     T = 32 if small else 2048
     warm, timed = (1, 1) if small else (2, 4)
-    for criterion in ("lora", "exact"):
-        tag = dict(part="criterion", criterion=criterion, compiled=compiled, seq=T)
+    variants = [("lora", {}), ("exact", {})]
+    if "exact_sample" in inspect.signature(loraprune.Pruner).parameters:
+        variants.append(("exact", {"exact_sample": 8 if small else 64}))
+    for criterion, kwargs in variants:
+        tag = dict(part="criterion", criterion=criterion + "".join(f" {k}={v}" for k, v in kwargs.items()),
+                   compiled=compiled, seq=T)
         if criterion not in loraprune.CRITERIA:
             run.log(**tag, error=f"not available: criterion {criterion!r} is not in loraprune.CRITERIA (issue 16)")
             continue
@@ -230,7 +238,7 @@ def run_exact(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compile
         dev.reset()
         try:
             r = train_step(args, dev, T, int8=False, ckpt=True, criterion=criterion, warm=warm, timed=timed,
-                           compiled=compiled)
+                           compiled=compiled, pruner_kwargs=kwargs)
             run.log(**tag, step_s=r["s_per_step_median"], microstep_s=r["microstep_s"],
                     criterion_s=r["criterion_s_median"], peak_gib=r["peak_gib"], weights_gib=r["weights_gib"],
                     tokens_per_s_paper=r["tokens_per_s_paper"], mask_updates=r["mask_updates"], steps=r["steps"])
