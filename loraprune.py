@@ -12,14 +12,14 @@ Shapes: W (out, in); A (r, in); B (out, r); K kv groups of a layer (each = one k
 H query heads of a layer, F MLP channels of a layer, D head dim, C model dim.
 """
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llama import ModelArgs, Transformer, projections
+import quant8
+from llama import ModelArgs, Transformer, projections, quantize_model
 
 CRITERIA = ("lora", "lora-directional", "exact", "vanilla", "magnitude", "random")
 LORA_CRITERIA = ("lora", "lora-directional")  # the ones that read only the LoRA matrices and their gradients
@@ -601,11 +601,12 @@ def _kept_rows(keep: Tensor, rows_per_group: int) -> Tensor:
 
 @torch.no_grad()
 def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = None,
-                in_place: bool = False) -> Transformer:
+                in_place: bool = False, int8: Optional[bool] = None) -> Transformer:
     """A new, smaller, dense Transformer: LoRA merged (W + s * B @ A), the rows and columns of masked query heads
     (or kv groups) and channels removed, a kv head's wk/wv rows with its last query head, per-layer sizes (and
     uneven query heads per kv head) in its ModelArgs. Same logits as the masked model. `dtype` defaults to the
-    embedding's (an int8 model gives a float model; llama.quantize_model re-quantizes it). in_place=True consumes
+    embedding's. int8 (default: as `model`'s projections are) re-quantizes each sliced projection as it is made
+    (quant8.quantize, per row), so an int8 model stays int8 and never exists in float. in_place=True consumes
     `model` block by block: each old block is emptied (to the meta device) as soon as its sliced copy exists, so
     at most one block's extra weights are ever alive; `model` is unusable afterwards."""
     args, D = model.args, model.args.head_dim
@@ -615,8 +616,11 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
     new_args = ModelArgs(**{**vars(args), "layer_kv_heads": [int((n > 0).sum()) for n in left],
                             "layer_hidden_dims": [int(c.sum()) for _, c in masks],
                             "layer_q_per_kv": [n[n > 0].tolist() for n in left]})
+    int8 = projections(model, 0)["wq"].int8 if int8 is None else int8
     with torch.device("meta"):
         new = Transformer(new_args)
+        if int8:
+            quantize_model(new)  # empty int8 stores, filled below
     state = {}
     for l, (heads, channels) in enumerate(masks):
         p, prefix = projections(model, l), f"layers.{l}."
@@ -628,8 +632,12 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
                "attention.wo": (None, q_rows), "feed_forward.w1": (ch, None), "feed_forward.w3": (ch, None),
                "feed_forward.w2": (None, ch)}
         for name, (rows, cols) in cut.items():
-            W = p[name.split(".")[1]].merged_weight(dtype)
-            state[prefix + name + ".weight"] = (W[rows] if rows is not None else W[:, cols]).contiguous()
+            W = p[name.split(".")[1]].merged_weight(torch.float32 if int8 else dtype)
+            W = (W[rows] if rows is not None else W[:, cols]).contiguous()
+            if int8:  # scales are per row, so a column cut (wo, w2) needs new ones: quantize the float slice
+                state[prefix + name + ".weight"], state[prefix + name + ".scales"] = quant8.quantize(W)
+            else:
+                state[prefix + name + ".weight"] = W
             del W
         for norm in ("attention_norm.weight", "ffn_norm.weight"):
             state[prefix + norm] = model.layers[l].get_parameter(norm).to(dtype)

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of "
                    "--distill (default %(default)s)")
     p.add_argument("--int8", action="store_true", help="store the frozen projections in int8 (quant8.py, the "
-                   "paper's 8-bit W0); the saved pruned model is float")
+                   "paper's 8-bit W0); the pruned model is sliced and saved in int8 too, block by block")
     # evaluation
     p.add_argument("--eval", default="wikitext2,ptb", help="comma list of eval sets: wikitext2, ptb or text file "
                    "paths; empty = none (default %(default)s)")

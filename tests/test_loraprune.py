@@ -591,7 +591,7 @@ def test_masked_int8_model_equals_sliced_model_query_heads():
     x = torch.randint(0, GQA_UNIFORM.vocab_size, (2, 20), generator=g)
     with torch.no_grad():
         masked = model(x)
-        sliced = lp.slice_model(model, masks, dtype=torch.float32)
+        sliced = lp.slice_model(model, masks, dtype=torch.float32, int8=False)  # float: exact against the masks
         out = sliced(x)
     assert sliced.args.layer_q_per_kv is not None
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-4)

@@ -247,7 +247,8 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
     tokens = torch.randint(0, model.args.vocab_size, (2, 48), generator=g)
     with torch.no_grad():
         masked = model(tokens)
-        sliced_model = loraprune.slice_model(model, masks, dtype=torch.float32, in_place=True)  # int8, tied head
+        int8_sliced = loraprune.slice_model(model, masks)  # the default for an int8 model: int8 again, block by block
+        sliced_model = loraprune.slice_model(model, masks, dtype=torch.float32, in_place=True, int8=False)  # tied head
         sliced = sliced_model(tokens)
     assert all(t.is_meta for t in model.state_dict().values())  # the int8 model was consumed
     assert sliced_model.output.weight is sliced_model.tok_embeddings.weight
@@ -270,6 +271,10 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
             assert torch.equal(state[k], q) and torch.equal(state[k[: -len("weight")] + "scales"], scale), k
         else:
             assert torch.equal(state[k], W), k  # embeddings, head and norms stay float
+    # slicing an int8 model straight to int8 equals slicing to float32, then quantizing: the same q and scales
+    assert _is_int8(int8_sliced) and int8_sliced.state_dict().keys() == state.keys()
+    for k, t in int8_sliced.state_dict().items():
+        assert torch.equal(t, state[k].to(t.dtype)), k
     with torch.no_grad():
         requantized = sliced_model(tokens)
     assert not torch.equal(requantized, sliced)
