@@ -11,6 +11,8 @@ Candidates (switched on per run by patching the model's instances in this script
   fused-lora  (b)+(c) one dropout mask and one LoRA-A matmul for the shared input of wq/wk/wv, and one for w1/w3
               (x_d @ [Aq; Ak; Av].T -> (T, 3r)); B stays per projection. NOT the same random function as today:
               today each projection draws its own dropout mask; with dropout off it computes the same gradients
+  mem-budget  (a), automatic: no checkpoint call; Inductor's min-cut partitioner chooses what to save under
+              torch._functorch.config.activation_memory_budget = 0.1 (a knapsack over recompute time per byte)
   no-ckpt     today without checkpointing (~26 GiB): the bound selective recomputation approaches
   no-dropout  (c) today's code with LoRA dropout 0: what the seven (T, in) dropout masks per block cost (a bound,
               not a proposal: the paper trains with dropout 0.05)
@@ -26,6 +28,7 @@ Predictions (METHOD.md: written before the run; 7B, T=2048, one H100 at ~776 TFL
               (~10 passes of 16 MB per block ~ 55 us, x 32): predict -2 ms, 0.205 s, memory -0.1 GiB
   no-dropout  7 masks of (T, in) per block, generated, applied, and saved or regenerated: ~14 passes per block,
               predict -3 ms, 0.204 s
+  mem-budget  picks by itself what sac-qkv picks by hand, or better: predict 0.19 s at 14.3 + 32 x 35 MB = 15.4 GiB
   no-ckpt     0.1408 s / 25.9 GiB measured earlier
   The profile is predicted to show matmul ~60-65% of kernel time, attention ~8%, elementwise (Triton) ~25%.
 
@@ -33,6 +36,7 @@ usage:
   python bench/perf_variants.py --small              # CPU: tiny shapes, every variant, gradients checked, no timing claims
   # one H100 (no carry; ~200-250 s; variants that would start after --budget-s are skipped):
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 295 python3 bench/perf_variants.py --out-dir $OUT --budget-s 245
+  python3 bench/perf_variants.py --out-dir $OUT --summarize   # the table from results.jsonl (after a timeout)
 Writes --out-dir/results.jsonl (one JSON line per measurement as it comes), profile.txt, summary.md; prints the
 table last.
 """
@@ -61,7 +65,7 @@ from bench_scale import matmul_rate, step_flops  # noqa: E402
 GIB = 2**30
 PREDICTED = {"today": (0.2074, 14.3), "sac-qkv": (0.197, 15.8), "sac-attn": (0.204, 14.8),
              "fused-lora": (0.205, 14.2), "no-dropout": (0.204, 14.2), "sac-qkv+fused": (0.195, 15.7),
-             "sac-attn+fused": (0.202, 14.7), "no-ckpt": (0.1408, 25.9)}
+             "sac-attn+fused": (0.202, 14.7), "mem-budget": (0.19, 15.4), "no-ckpt": (0.1408, 25.9)}
 
 # ----------------------------------------------------------------------------------------------
 # (a) selective recomputation: which ops of a checkpointed block keep their outputs
@@ -146,7 +150,8 @@ def feed_forward_fused(self, x):
 # in order of predicted gain (the budget may skip the tail); "best-sac+fused" is the faster SAC with fused-lora, run
 # only if both beat today; "no-ckpt" (today without checkpointing, ~26 GiB) is the bound selective recomputation
 # approaches from below
-VARIANTS = ("today", "sac-qkv", "fused-lora", "sac-attn", "no-dropout", "best-sac+fused", "no-ckpt")
+VARIANTS = ("today", "sac-qkv", "mem-budget", "fused-lora", "sac-attn", "no-dropout", "best-sac+fused", "no-ckpt")
+MEM_BUDGET = 0.1  # mem-budget: the min-cut partitioner keeps ~10% of the activations no-ckpt keeps (~35 MB a block)
 
 
 def set_variant(model: llama.Transformer, name: str, dropout: float, compiled: bool, backend: str):
@@ -154,7 +159,7 @@ def set_variant(model: llama.Transformer, name: str, dropout: float, compiled: b
     torch._dynamo.reset()
     for layer in model.layers:
         layer._compiled_call_impl = None  # what nn.Module.compile set
-        layer.checkpoint = name != "no-ckpt"
+        layer.checkpoint = name not in ("no-ckpt", "mem-budget")
         for mod in (layer, layer.attention, layer.feed_forward):
             mod.__dict__.pop("forward", None)
         for lin in layer.modules():
@@ -171,6 +176,8 @@ def set_variant(model: llama.Transformer, name: str, dropout: float, compiled: b
             for lin in layer.modules():
                 if isinstance(lin, llama.LoRALinear):
                     lin.lora_dropout = nn.Identity()
+    # read when a graph is partitioned (compile time): 1.0 (the default) saves what the partitioner likes
+    torch._functorch.config.activation_memory_budget = MEM_BUDGET if name == "mem-budget" else 1.0
     if compiled:
         llama.compile_blocks(model, backend=backend)
 
@@ -219,7 +226,7 @@ def time_variant(model, params, dev: Device, T: int, warm: int, timed: int) -> d
 # gradients: every variant computes today's function (dropout off; float32)
 
 
-def check_grads(args: llama.ModelArgs, device: str, backend: str, compiled: bool) -> dict:
+def check_grads(args: llama.ModelArgs, device: str, backend: str, compiled: bool, strict: bool) -> dict:
     """Max relative difference of the loss and of every LoRA gradient against today's code, per variant, with dropout
     0 (the fused path shares masks, so with dropout on it is a different random function by design)."""
     torch.manual_seed(0)
@@ -242,7 +249,8 @@ def check_grads(args: llama.ModelArgs, device: str, backend: str, compiled: bool
         loss, gs = grads(name)
         rel = max(((g - r).norm() / r.norm()).item() for g, r in zip(gs, ref))
         out[name] = dict(loss_rel=abs((loss - ref_loss) / ref_loss).item(), grad_rel_max=rel)
-        assert out[name]["grad_rel_max"] < 1e-4 and out[name]["loss_rel"] < 1e-5, f"{name} differs: {out[name]}"
+        out[name]["ok"] = out[name]["grad_rel_max"] < 1e-4 and out[name]["loss_rel"] < 1e-5
+        assert out[name]["ok"] or not strict, f"{name} differs from today: {out[name]}"
     set_variant(model, "today", 0.0, False, backend)
     return out
 
@@ -269,7 +277,7 @@ def graph_counts(args: llama.ModelArgs, device: str) -> dict:
     llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
     tokens = torch.randint(0, args.vocab_size, (1, 16), device=device)  # (B, T)
     out = {}
-    for name in ("today", "sac-qkv", "sac-attn", "fused-lora", "no-ckpt"):
+    for name in ("today", "sac-qkv", "sac-attn", "fused-lora", "mem-budget", "no-ckpt"):
         counts.clear()
         set_variant(model, name, 0.05, True, backend)
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
@@ -286,7 +294,7 @@ def kernel_group(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("flash", "fmha", "attention", "sdpa", "cudnn_generated")):
         return "attention"
-    if any(s in n for s in ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "wgmma", "aten::mm", "aten::addmm",
+    if any(s in n for s in ("gemm", "gemv", "xmma", "cutlass", "nvjet", "sm90_", "wgmma", "aten::mm", "aten::addmm",
                             "aten::bmm", "splitk")):
         return "matmul"
     if any(s in n for s in ("triton", "elementwise", "vectorized", "reduce", "aten::mul", "aten::add",
@@ -330,6 +338,35 @@ def profile_today(model, params, dev: Device, T: int, steps: int, top: int = 25)
 # main
 
 
+def summary(results: list, out_dir: Path) -> None:
+    """The table (and the profile's groups) from the logged results; written to summary.md and printed last."""
+    env = next((r for r in results if r.get("part") == "env"), {})
+    rate = next((r["tflops"] for r in results if r.get("part") == "matmul"), None)
+    rows = {r["variant"]: r for r in results if r.get("part") == "variant" and "error" not in r}
+    head = ["variant", "s (median)", "min-max", "peak GiB", "MFU hw (full-recompute count)", "MFU useful",
+            "vs today", "predicted s / GiB", "first step s"]
+    md = [f"perf_variants, {env.get('device')}, torch {env.get('torch')}, T={env.get('T')}, bf16 matmul {rate} "
+          f"TFLOP/s; useful {env.get('useful_tflop')} TFLOP, hardware (full recompute) {env.get('hardware_tflop')} "
+          "TFLOP", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows.get("today", {}).get("s")
+    for r in results:
+        if r.get("part") != "variant":
+            continue
+        if "error" in r:
+            md.append(f"| {r['variant']} | {r['error']} |")
+            continue
+        pred = PREDICTED.get(r["variant"], ("-", "-"))
+        md.append(f"| {r['variant']} | {r['s']} | {r['s_min']}-{r['s_max']} | {r['peak_gib']} | "
+                  f"{r['mfu_hw_full_recompute']} | {r['mfu_useful']} | "
+                  f"{round(r['s'] / base, 3) if base else '-'} | {pred[0]} / {pred[1]} | {r['first_step_s']} |")
+    prof = next((r for r in results if r.get("part") == "profile"), None)
+    if prof:
+        md.append("profile of today (kernel ms per step): " + ", ".join(
+            f"{g} {v['ms']} ({v['share']:.0%})" for g, v in prof["groups"].items()))
+    (out_dir / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n" + "\n".join(md), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="CPU, tiny shapes: every variant, gradients checked")
@@ -337,7 +374,12 @@ def main():
     p.add_argument("--budget-s", type=float, default=245.0, help="variants that would not finish are skipped")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--backend", default="inductor", help="torch.compile backend (--small: aot_eager is quicker)")
+    p.add_argument("--summarize", action="store_true", help="only print the table from --out-dir/results.jsonl")
     opts = p.parse_args()
+    if opts.summarize:
+        lines = (Path(opts.out_dir) / "results.jsonl").read_text().splitlines()
+        summary([json.loads(x) for x in lines if x.strip()], Path(opts.out_dir))
+        return
     start = time.perf_counter()
     dev = Device("cuda" if torch.cuda.is_available() and not opts.small else "cpu")
     out_dir = Path(opts.out_dir)
@@ -358,18 +400,19 @@ def main():
         T, warm, timed, need = 32, 1, 2, 0.0
     else:
         args, T, warm, timed, need = llama.ModelArgs(), 2048, 3, 8, 35.0  # need: compile + steps of one variant (s)
+    fl = step_flops(args, T)  # bench_scale.py's count: useful, and hardware = useful + a full block recompute
     log(part="env", device=dev.name(), torch=torch.__version__, small=opts.small, T=T, backend=opts.backend,
-        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), useful_tflop=round(fl["useful"] / 1e12, 2),
+        hardware_tflop=round(fl["hardware"] / 1e12, 2))
     # 1. gradients of every variant equal today's (tiny float32 model, eager and compiled)
     small_args = llama.ModelArgs(dim=128, n_layers=2, n_heads=4, hidden_dim=256, vocab_size=256, max_seq_len=64)
     for compiled in (False, True) if opts.small else (False,):  # compiled: ~10 s per variant, CPU-side only
         log(part="grads", compiled="aot_eager" if compiled else False,
-            **check_grads(small_args, dev.type, "aot_eager", compiled))
+            **check_grads(small_args, dev.type, "aot_eager", compiled, strict=opts.small))
     if opts.small:  # what each variant recomputes (CPU-side; the partition does not depend on the device)
         log(part="graphs", **graph_counts(small_args, dev.type))
     # 2. the card's bf16 matmul rate and the FLOP count (bench_scale.py's formula)
     rate = log(part="matmul", **matmul_rate(dev, 256 if opts.small else 8192))["tflops"]
-    fl = step_flops(args, T)
     # 3. one model, each variant compiled in turn
     model = random_model(args, dev.type)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
@@ -409,29 +452,7 @@ def main():
             (out_dir / "profile.txt").write_text("\n".join(lines) + "\n")
             print("\n".join(lines), flush=True)
         dev.reset()
-    # 4. the table
-    head = ["variant", "s (median)", "min-max", "peak GiB", "MFU hw (full-recompute count)", "MFU useful",
-            "vs today", "predicted s / GiB", "first step s"]
-    md = [f"perf_variants, {dev.name()}, torch {torch.__version__}, T={T}, bf16 matmul {rate} TFLOP/s; "
-          f"useful {fl['useful'] / 1e12:.2f} TFLOP, hardware (full recompute) {fl['hardware'] / 1e12:.2f} TFLOP",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = rows.get("today", {}).get("s")
-    for r in results:
-        if r.get("part") != "variant":
-            continue
-        if "error" in r:
-            md.append(f"| {r['variant']} | {r['error']} |")
-            continue
-        pred = PREDICTED.get(r["variant"], ("-", "-"))
-        md.append(f"| {r['variant']} | {r['s']} | {r['s_min']}-{r['s_max']} | {r['peak_gib']} | "
-                  f"{r['mfu_hw_full_recompute']} | {r['mfu_useful']} | "
-                  f"{round(r['s'] / base, 3) if base else '-'} | {pred[0]} / {pred[1]} | {r['first_step_s']} |")
-    prof = next((r for r in results if r.get("part") == "profile"), None)
-    if prof:
-        md.append("profile of today (kernel ms per step): " + ", ".join(
-            f"{g} {v['ms']} ({v['share']:.0%})" for g, v in prof["groups"].items()))
-    (out_dir / "summary.md").write_text("\n".join(md) + "\n")
-    print("\n" + "\n".join(md), flush=True)
+    summary(results, out_dir)
 
 
 if __name__ == "__main__":
