@@ -20,6 +20,10 @@ Candidates (switched on per run by patching the model's instances in this script
 
 Predictions (METHOD.md: written before the run; 7B, T=2048, one H100 at ~776 TFLOP/s bf16, ~3 TB/s):
   today 0.2074 s / 14.3 GiB measured earlier. Floor: 85.4 TFLOP at 776 -> 0.110 s (hardware count).
+  What today really recomputes (--small's "graphs" line: the min-cut partition Inductor uses, per block): 19 of the
+  21 forward matmuls (the base matmuls of wq, wk, wv, w1, w3 and all 14 LoRA ones; the outputs of wo and w2 feed
+  only the residual, so they are not recomputed) plus the attention forward. bench_scale.py's hardware count
+  assumes all 7 base matmuls: it overcounts by 2·T·(C² + C·F)·L = 8.2 TFLOP; counted right, today's MFU is ~0.48.
   sac-qkv     saves 3 (T,C)@(C,C) matmuls per block in recompute: 206 GFLOP x 32 = 6.6 TFLOP ~ 10 ms at ~650 TFLOP/s
               achieved, + 1.5 GiB saved activations (3 x 16 MB x 32): predict 0.197 s, 15.8 GiB (the 16 GiB limit!)
   sac-attn    saves the causal flash forward in recompute: 34 GFLOP x 32 at ~350 TFLOP/s ~ 3 ms, +0.5 GiB:
@@ -33,7 +37,9 @@ Predictions (METHOD.md: written before the run; 7B, T=2048, one H100 at ~776 TFL
   The profile is predicted to show matmul ~60-65% of kernel time, attention ~8%, elementwise (Triton) ~25%.
 
 usage:
-  python bench/perf_variants.py --small              # CPU: tiny shapes, every variant, gradients checked, no timing claims
+  python bench/perf_variants.py --small --backend aot_eager   # CPU, ~4 min: tiny shapes, every variant, gradients
+                                    # checked (eager and compiled), recomputed matmuls counted; no timing claims
+                                    # (--small with the default inductor backend also passes, ~8 min on 2 cores)
   # one H100 (no carry; ~200-250 s; variants that would start after --budget-s are skipped):
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 295 python3 bench/perf_variants.py --out-dir $OUT --budget-s 245
   python3 bench/perf_variants.py --out-dir $OUT --summarize   # the table from results.jsonl (after a timeout)
