@@ -365,7 +365,7 @@ def summary(results: list, out_dir: Path) -> None:
         md.append(f"| {r['variant']} | {r['s']} | {r['s_min']}-{r['s_max']} | {r['peak_gib']} | "
                   f"{r['mfu_hw_full_recompute']} | {r['mfu_useful']} | "
                   f"{round(r['s'] / base, 3) if base else '-'} | {pred[0]} / {pred[1]} | {r['first_step_s']} |")
-    prof = next((r for r in results if r.get("part") == "profile"), None)
+    prof = next((r for r in results if r.get("part") == "profile" and "groups" in r), None)
     if prof:
         md.append("profile of today (kernel ms per step): " + ", ".join(
             f"{g} {v['ms']} ({v['share']:.0%})" for g, v in prof["groups"].items()))
@@ -423,7 +423,7 @@ def main():
     model = random_model(args, dev.type)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
     model.checkpoint_activations = True
-    rows = {}
+    rows, prof = {}, None
     for name in opts.variants.split(","):
         if name == "best-sac+fused":
             base = rows.get("today", {}).get("s", 0)
@@ -440,8 +440,9 @@ def main():
         try:
             set_variant(model, name, 0.05, compiled=True, backend=opts.backend)
             r = time_variant(model, params, dev, T, warm, timed)
-        except torch.OutOfMemoryError as e:
-            log(part="variant", variant=name, error=f"OOM: {str(e).splitlines()[0][:200]}")
+        except Exception as e:  # OOM, or a compile error of one candidate: log it, keep measuring the others
+            log(part="variant", variant=name, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+            torch._dynamo.reset()
             dev.reset()
             continue
         mfu = (lambda flop: round(flop / r["s"] / 1e12 / rate, 3)) if rate else (lambda flop: None)
@@ -450,7 +451,12 @@ def main():
         need = max(need, 1.15 * r["wall_s"]) if not opts.small else need  # a slow compile: keep the next in budget
         rows[name] = log(part="variant", variant=name, **r)
         if name == "today" and (opts.budget_s - (time.perf_counter() - start) > 2 * need or opts.small):
-            prof = profile_today(model, params, dev, T, steps=2)
+            try:
+                prof = profile_today(model, params, dev, T, steps=2)
+            except Exception as e:
+                log(part="profile", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+                prof = None
+        if name == "today" and prof:
             log(part="profile", variant="today", **prof)
             lines = [f"today's step, kernel time per step {prof['total_ms_per_step']} ms"]
             lines += [f"  {g:12s} {v['ms']:8.2f} ms  {v['share']:.3f}" for g, v in prof["groups"].items()]
