@@ -39,7 +39,8 @@ Predictions (METHOD.md: written before the run; 7B, T=2048, one H100 at ~776 TFL
 usage:
   python bench/perf_variants.py --small --backend aot_eager   # CPU, ~4 min: tiny shapes, every variant, gradients
                                     # checked (eager and compiled), recomputed matmuls counted; no timing claims
-                                    # (--small with the default inductor backend also passes, ~8 min on 2 cores)
+                                    # (with Inductor on the CPU, sac-qkv, sac-attn, mem-budget and fused-lora
+                                    # gave today's eager gradients within 2.5e-6 in a separate check)
   # one H100 (no carry; ~200-250 s; variants that would start after --budget-s are skipped):
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 295 python3 bench/perf_variants.py --out-dir $OUT --budget-s 245
   python3 bench/perf_variants.py --out-dir $OUT --summarize   # the table from results.jsonl (after a timeout)
