@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance: lora (Eq. 10 as written), lora-directional (rows from s*gB@A, columns from "
                    "s*B@gA), exact (Eq. 3 from a backward hook, at LoRA's memory), vanilla (Eq. 3, needs dL/dW), "
                    "magnitude or random (default %(default)s)")
+    p.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient accumulation: "
+                   "keep K importance-sampled columns of each projection's batch gradient (unbiased) instead of summing "
+                   "each micro-batch's scores (default: the sum)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=_default(loraprune.Pruner, "normalize"),
                    help="L2-normalise each projection's group scores before Eq. 4 adds them, as the official code "
                    "does (default %(default)s)")
@@ -196,6 +199,8 @@ def check_args(args, world: int = 1) -> None:
     need(0 <= args.distill <= 1, f"--distill must be in [0, 1], found {args.distill}")
     need(args.distill_temperature > 0 and math.isfinite(args.distill_temperature),
          f"--distill-temperature must be finite and > 0, found {args.distill_temperature}")
+    need(args.exact_sample is None or (args.exact_sample >= 1 and args.criterion == "exact"),
+         f"--exact-sample needs --criterion exact and K >= 1, found {args.exact_sample} with {args.criterion}")
     need(args.gguf is None or args.gguf in formats.GGUF_TYPES,
          f"--gguf must be one of {', '.join(formats.GGUF_TYPES)}, found {args.gguf!r}")
     need(args.max_new_tokens >= 1 and args.temperature >= 0 and args.top_k >= 0
@@ -366,7 +371,7 @@ def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner
     pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
                               lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
                               channel_multiple=args.channel_multiple, seed=args.seed, head_unit=args.head_unit,
-                              normalize=args.normalize, uniform=args.uniform)
+                              normalize=args.normalize, exact_sample=args.exact_sample, uniform=args.uniform)
     return lora_params, pruner
 
 
@@ -402,7 +407,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
         "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": args.normalize,
-        "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []), "tasks_fewshot": args.tasks_fewshot,
+        "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []), "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
         "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],

@@ -390,6 +390,9 @@ def load_resume(out: Path, config: dict) -> dict:
     state["config"].setdefault("head_unit", "kv")  # written before --head-unit existed: kv groups
     state["config"].setdefault("distill", 0.0)  # written before --distill existed: no distillation
     state["config"].setdefault("distill_temperature", 1.0)
+    for key, value in (("normalize", False), ("exact_sample", None), ("uniform", False), ("tasks", []),
+                       ("tasks_fewshot", 0), ("tasks_limit", None)):  # flags newer than the resume.pt
+        state["config"].setdefault(key, value)
     differ = [f"{k}: {state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
               if state["config"].get(k) != v]
     if differ:
