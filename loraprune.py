@@ -676,15 +676,21 @@ class Pruner:
     head_unit 'kv' prunes kv groups (scores and masks (K,) per layer); 'query' prunes query heads (masks (H,),
     scores (H,) plus (K,) for the shared kv rows, each with its own moving average)."""
 
-    def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora",
+    def __init__(self, model: Transformer, ratio: float, total_steps: int, criterion: str = "lora-directional",
                  lam: float = 0.9, square: bool = True, every: int = 10, layers: Optional[list] = None,
                  channel_multiple: int = 1, warmup: float = 0.1, cooldown: float = 0.1, seed: int = 0,
-                 head_unit: str = "kv", normalize: bool = False, exact_sample: Optional[int] = None,
+                 head_unit: str = "kv", normalize: Optional[bool] = None, exact_sample: Optional[int] = None,
                  uniform: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}; expected one of {CRITERIA}")
+        if criterion == "exact" and any(getattr(layer, "_compiled_call_impl", None) for layer in model.layers):
+            raise ValueError("criterion 'exact' reads each projection's gradient in a Python backward hook, which a "
+                             "compiled block does not run on every step; use eager blocks (run.py --no-compile)")
         self.model, self.criterion, self.lam, self.square, self.every = model, criterion, lam, square, every
-        self.normalize = normalize  # L2-normalise each projection's vector before the sums of Eq. 4 (unit_scores)
+        # L2-normalise each projection's vector before the sums of Eq. 4 (unit_scores). Default: on for the LoRA-only
+        # estimates, whose per-projection gain is arbitrary (A is random and fixed), off for the others (measured:
+        # bench/study_smollm2, bench/study/criteria_compare.md)
+        self.normalize = criterion in LORA_CRITERIA if normalize is None else normalize
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup, cooldown
         self.head_unit, self.channel_multiple = head_unit, channel_multiple
         args = model.args

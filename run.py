@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient accumulation: "
                    "keep K importance-sampled columns of each projection's batch gradient (unbiased) instead of summing "
                    "each micro-batch's scores (default: the sum)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=_default(loraprune.Pruner, "normalize"),
-                   help="L2-normalise each projection's group scores before Eq. 4 adds them, as the official code "
-                   "does (default %(default)s)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalise each projection's "
+                   "group scores before Eq. 4 adds them, as the official code does (default: on for lora and "
+                   "lora-directional, whose per-projection gain is arbitrary because A is random and fixed; off for "
+                   "the others)")
     power = p.add_mutually_exclusive_group()
     power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.Pruner, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
@@ -225,10 +226,12 @@ def check_args(args, world: int = 1) -> None:
 
 def resolve_defaults(args, device: torch.device) -> None:
     """Fill in the flags whose default depends on the device, so the report shows what ran: --dtype bfloat16 on
-    cuda, float32 on cpu; --compile and --checkpoint-activations on with cuda, off on cpu (CPU stays eager)."""
+    cuda, float32 on cpu; --compile (but not with --criterion exact) and --checkpoint-activations on with cuda, off on
+    cpu (CPU stays eager)."""
     cuda = device.type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.compile = cuda if args.compile is None else args.compile
+    if args.compile is None:  # criterion exact reads gradients in Python backward hooks, which compiled blocks skip
+        args.compile = cuda and args.criterion != "exact"
     args.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
 
 
@@ -406,7 +409,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "micro_batch_size": args.micro_batch_size, "seq_len": inputs.seq_len, "lr": args.lr,
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
-        "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": args.normalize,
+        "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": pruner.normalize,
         "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []), "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
         "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())

@@ -865,3 +865,15 @@ def test_prune_counts_uniform_gives_one_shape(channel_multiple):
     with pytest.raises(ValueError, match="pruned layers of one shape"):
         lp.prune_counts(uneven, 0.2, [0, 1], uniform=True)
     assert len(set(lp.prune_counts(uneven, 0.2, [1], uniform=True))) == 2  # one layer, and one left whole
+
+
+def test_default_criterion_normalizes_only_the_lora_estimates_and_exact_refuses_compiled_blocks():
+    model = random_model(GQA, r=4)
+    assert lp.Pruner(model, ratio=0.1, total_steps=4).criterion == "lora-directional"
+    assert lp.Pruner(model, ratio=0.1, total_steps=4).normalize is True
+    assert lp.Pruner(model, ratio=0.1, total_steps=4, criterion="lora").normalize is True
+    assert lp.Pruner(model, ratio=0.1, total_steps=4, criterion="vanilla").normalize is False
+    assert lp.Pruner(model, ratio=0.1, total_steps=4, criterion="lora", normalize=False).normalize is False
+    model.layers[1].compile(backend="eager")  # only marks the block; nothing compiles until it runs
+    with pytest.raises(ValueError, match="compiled block"):
+        lp.Pruner(model, ratio=0.1, total_steps=4, criterion="exact")
