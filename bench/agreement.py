@@ -28,6 +28,7 @@ import data  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
+import train  # noqa: E402
 from study_tiny import CKPT, TRAIN_FLAGS, TRAIN_TEXT, first_pruning_step, mean_std, spearman  # noqa: E402
 
 ESTIMATES = ("lora", "lora-directional", "exact")  # compared with vanilla; each also with L2 normalisation
@@ -71,7 +72,7 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
     sampled = loraprune.GradientTap(model, layers, args.square, sample, seed) if sample else None  # exact_sample
     estimates = ESTIMATES + (("exact-sampled",) if sample else ())
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
-    sampler = run.RowSampler(rows.shape[0], seed)
+    sampler = train.RowSampler(rows.shape[0], seed)
     torch.manual_seed(seed)
     names = [(e, norm) for e in estimates for norm in (False, True)] + [("vanilla", False)]
     ema = {n: [None] * len(layers) for n in names}
@@ -79,8 +80,8 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
     model.train()
     for step in range(1, max(shown) + 1):
         for group in optimizer.param_groups:
-            group["lr"] = run.lr_at(step - 1, args.steps, args.lr)
-        run.backward_batch(model, rows[sampler.next(args.batch_size)], args.micro_batch_size, device)
+            group["lr"] = train.lr_at(step - 1, args.steps, args.lr)
+        train.backward_batch(model, rows[sampler.next(args.batch_size)], args.micro_batch_size, device)
         norm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before scoring
         out["grad_norm"].append(float(norm))
         with torch.no_grad():

@@ -59,12 +59,13 @@ PROTOCOLS = {  # fine-tuning text (in data.data_dir()) per protocol; every proto
 }                                                     # then in-domain: WikiText-2 test is B's measure)
 TRAIN_FILES = PROTOCOLS["A"]
 CRITERION_FLAGS = {  # --runs' CRITERION field: run.py flags; '+l2' = per-projection L2 normalisation (--normalize)
-    "lora": ["--criterion", "lora"], "lora+l2": ["--criterion", "lora", "--normalize"],  # Eq. 10 as written
-    "lora-directional": ["--criterion", "lora-directional"],
+    # normalisation named explicitly: run.py's default (on for the LoRA-only criteria) changed after the first runs
+    "lora": ["--criterion", "lora", "--no-normalize"], "lora+l2": ["--criterion", "lora", "--normalize"],  # Eq. 10
+    "lora-directional": ["--criterion", "lora-directional", "--no-normalize"],
     "lora-directional+l2": ["--criterion", "lora-directional", "--normalize"],
-    "exact": ["--criterion", "exact"], "exact+l2": ["--criterion", "exact", "--normalize"],  # the backward hook
-    "vanilla": ["--criterion", "vanilla"], "magnitude": ["--criterion", "magnitude"],
-    "random": ["--criterion", "random"],
+    "exact": ["--criterion", "exact", "--no-normalize"], "exact+l2": ["--criterion", "exact", "--normalize"],
+    "vanilla": ["--criterion", "vanilla", "--no-normalize"], "magnitude": ["--criterion", "magnitude", "--no-normalize"],
+    "random": ["--criterion", "random", "--no-normalize"],
     "none": [],  # fine-tuning without pruning (ratio 0): the reference "unpruned + LoRA"
     "unpruned": None,  # the base model evaluated, nothing run
 }
@@ -100,8 +101,8 @@ def plan(seeds: list, steps: int, query_first: bool = False) -> list:
     configs = [("unpruned", "-", 0.0, seeds[0], None)]
     for s in seeds:
         configs.append(("unpruned + LoRA", "-", 0.0, s, ["--ratio", "0", "--steps", str(steps)]))
-        configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c]) for c, r in ORDER]
-    query = [(c + QUERY, c, r, s, ["--ratio", str(r), "--steps", str(steps), "--criterion", c, "--head-unit", "query"])
+        configs += [(c, c, r, s, ["--ratio", str(r), "--steps", str(steps)] + CRITERION_FLAGS[c]) for c, r in ORDER]
+    query = [(c + QUERY, c, r, s, ["--ratio", str(r), "--steps", str(steps)] + CRITERION_FLAGS[c] + ["--head-unit", "query"])
              for s in seeds for c, r in ORDER[:4]]
     at = 2 + len(ORDER) if query_first else len(configs)  # after the unpruned run and the first seed's block
     configs[at:at] = query

@@ -183,7 +183,7 @@ def heldout_split(folder: Path) -> tuple[Path, Path]:
 def criterion_flags(name: str) -> list:
     """run.py flags of a criterion name: a loraprune criterion, '+l2' appended for per-projection L2 normalisation."""
     base = name.removesuffix("+l2")
-    return ["--criterion", base] + (["--normalize"] if name.endswith("+l2") else [])
+    return ["--criterion", base, "--normalize" if name.endswith("+l2") else "--no-normalize"]
 
 
 def configurations(seeds: list, steps: int, criteria: list, ratios: list, references: bool = True) -> list:
