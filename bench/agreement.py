@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import data  # noqa: E402
+import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
@@ -60,7 +61,7 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
     moving averages too. Returns {"parts": {(estimate, step): {part: mean over layers}}, "units": {(name, step,
     'raw' or 'EMA'): {unit: mean over layers}}, "grad_norm": [LoRA gradient norm before clipping per step]}."""
     args = run.build_parser().parse_args(["--ckpt", str(ckpt)] + tokenizer_flags + flags + ["--seed", str(seed)])
-    model = llama.load_checkpoint(ckpt, device=device, dtype=dtype)
+    model = formats.load(ckpt, device=device, dtype=dtype)
     margs = model.args
     layers = loraprune.default_pruned_layers(margs.n_layers)
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     tokenizer_flags = ["--tokenizer", args.tokenizer] if args.tokenizer else []
     parsed = run.build_parser().parse_args(["--ckpt", args.ckpt] + tokenizer_flags + flags)
     t0 = time.time()
-    model_args = llama.load_checkpoint(args.ckpt, dtype=torch.float32).args
+    model_args = formats.load(args.ckpt, dtype=torch.float32).args
     tok_path = Path(args.tokenizer) if args.tokenizer else data.find_tokenizer(args.ckpt, model_args.vocab_size)
     rows = data.training_tokens([Path(s) for s in args.data.split(",")], data.Tokenizer(tok_path), parsed.seq_len)
     k = first_pruning_step(model_args, 0.5, parsed.steps, parsed.prune_every,
