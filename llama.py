@@ -1,5 +1,6 @@
 """LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes (so a pruned model is an ordinary
-model), text generation with a KV cache, and loading of Meta's original shards and our own format (Hugging Face, GGUF and llama2.c: formats.py).
+model), text generation with a KV cache, and loading of Meta's original shards and our own format (Hugging Face,
+GGUF and llama2.c: formats.py).
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
 Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
@@ -493,8 +494,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
 
 def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = False) -> Transformer:
     """Read our own folder or Meta's original folder (both hold params.json) into a Transformer on `device`. Weights
-    go to `dtype` (None: our own folders keep their saved dtype, Meta's become bfloat16); with int8=True the seven projections of every block are quantized on the way in (quant8.py), one
-    tensor at a time."""
+    go to `dtype` (None: our own folders keep their saved dtype, Meta's become bfloat16); with int8=True the seven
+    projections of every block are quantized on the way in (quant8.py), one tensor at a time."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance: lora (Eq. 10 as written), lora-directional (rows from s*gB@A, columns from "
                    "s*B@gA), exact (Eq. 3 from a backward hook, at LoRA's memory), vanilla (Eq. 3, needs dL/dW), "
                    "magnitude or random (default %(default)s)")
-    p.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient accumulation: "
-                   "keep K importance-sampled columns of each projection's batch gradient (unbiased) instead of summing "
-                   "each micro-batch's scores (default: the sum)")
+    p.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
+                   "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
+                   "instead of summing each micro-batch's scores (default: the sum)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalise each projection's "
                    "group scores before Eq. 4 adds them, as the official code does (default: on for lora and "
                    "lora-directional, whose per-projection gain is arbitrary because A is random and fixed; off for "
@@ -392,7 +392,8 @@ def check_exports(args, inputs: Inputs, pruner: loraprune.Pruner) -> None:
         if args.ratio == 0:
             shapes = formats.layer_shapes(inputs.model)
         else:
-            kept = [(a.layer_kv_heads[l] - h, a.layer_hidden_dims[l] - c) for l, (h, c) in enumerate(pruner.final_counts)]
+            kept = [(a.layer_kv_heads[l] - h, a.layer_hidden_dims[l] - c)
+                    for l, (h, c) in enumerate(pruner.final_counts)]
             shapes = [(k * a.n_rep, k, c) for k, c in kept]
         formats.check_hf_shapes(shapes, a.dim, "--hf")
 
@@ -410,7 +411,8 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
         "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": pruner.normalize,
-        "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []), "tasks_fewshot": args.tasks_fewshot,
+        "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []),
+        "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
         "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],
