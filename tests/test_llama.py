@@ -2,14 +2,17 @@
 folder, Meta shards), the real files in shared/data, our own save/load round trip, LoRA, activation
 checkpointing and the loaders' error messages. Tiny models on CPU, float32, seeded, no network."""
 import json
+import math
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama
-from conftest import greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, our_logits, randomize_, tokens
+from conftest import (greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, our_logits, random_model, randomize_,
+                      tokens)
 from llama import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -765,3 +768,79 @@ def test_sequence_longer_than_max_seq_len():
     model = tiny_model(max_seq_len=8)
     with pytest.raises(ValueError, match="9 tokens"):
         model(tokens(128, T=9))
+
+
+# ----------------------------------------------------------------------------------------------
+# ModelArgs and params.json: uneven query heads per kv head (--head-unit query)
+
+GQA_UNIFORM = ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40, max_seq_len=64)
+
+
+def test_q_per_kv_is_validated_and_uniform_is_none():
+    base = dict(dim=32, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=10, hidden_dim=16, layer_kv_heads=[3, 2])
+    args = llama.ModelArgs(**base, layer_q_per_kv=[[2, 1, 2], (1, 2)])
+    assert args.layer_q_per_kv == [[2, 1, 2], [1, 2]] and args.layer_n_heads == [5, 3]
+    assert args.q_per_kv(1) == [1, 2]
+    assert llama.ModelArgs(**base, layer_q_per_kv=[[2, 2, 2], [2, 2]]).layer_q_per_kv is None  # uniform = None
+    assert llama.ModelArgs(**base).q_per_kv(1) == [2, 2]
+    bad = {"one list per layer": [[2, 2, 2]], "kv heads (layer_kv_heads[1])": [[2, 2, 2], [2]],
+           "integer in [1, n_rep=2], found [0]": [[2, 2, 2], [0, 2]],
+           "integer in [1, n_rep=2], found [3]": [[2, 2, 2], [3, 1]],
+           "found [1.5]": [[2, 2, 2], [1.5, 1]]}
+    for words, value in bad.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            llama.ModelArgs(**base, layer_q_per_kv=value)
+
+
+def test_old_params_json_without_the_field_loads(tmp_path):
+    model = random_model(GQA_UNIFORM, r=0)
+    out = llama.save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((out / "params.json").read_text())
+    assert "layer_q_per_kv" not in meta["args"]  # a uniform model writes params.json as before the field
+    # the params.json of the version before this field, written out key by key
+    meta["args"] = {"dim": 48, "n_layers": 4, "n_heads": 6, "n_kv_heads": 3, "vocab_size": 64, "hidden_dim": 40,
+                    "multiple_of": 256, "ffn_dim_multiplier": None, "head_dim": 8, "norm_eps": 1e-5,
+                    "rope_theta": 10000.0, "max_seq_len": 64, "tie_embeddings": False,
+                    "layer_kv_heads": [3, 3, 3, 3], "layer_hidden_dims": [40, 40, 40, 40]}
+    (out / "params.json").write_text(json.dumps(meta))
+    loaded = llama.load_checkpoint(out, dtype=torch.float32)
+    assert loaded.args == GQA_UNIFORM and loaded.args.layer_q_per_kv is None
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# attention with uneven groups against an explicit per-head softmax
+
+
+def reference_attention(att, x, cos, sin, q_per_kv):
+    """Each query head on its own: softmax(q_h k_g^T / sqrt(D) + causal) v_g with g its kv head, then wo."""
+    B, T, _ = x.shape
+    D = att.head_dim
+    q = llama.apply_rope(att.wq(x).view(B, T, -1, D), cos, sin)  # (B, T, H, D)
+    k = llama.apply_rope(att.wk(x).view(B, T, -1, D), cos, sin)  # (B, T, K, D)
+    v = att.wv(x).view(B, T, -1, D)
+    owner = []
+    for g, n in enumerate(q_per_kv):
+        owner += [g] * n
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    heads = []
+    for h, g in enumerate(owner):
+        s = q[:, :, h] @ k[:, :, g].transpose(1, 2) / math.sqrt(D)  # (B, T, T)
+        heads.append(s.masked_fill(future, -math.inf).softmax(-1) @ v[:, :, g])  # (B, T, D)
+    return att.wo(torch.cat(heads, dim=-1))  # (B, T, C)
+
+
+@pytest.mark.parametrize("q_per_kv", [[2, 1, 2], [1, 3], [3, 1, 1, 2], [1, 1], [3, 3]])
+def test_uneven_attention_equals_per_head_reference(q_per_kv):
+    args = llama.ModelArgs(dim=48, n_layers=1, n_heads=12, n_kv_heads=4, vocab_size=16, hidden_dim=8,
+                           layer_kv_heads=[len(q_per_kv)], layer_q_per_kv=[q_per_kv])
+    model = random_model(args, r=2).double()
+    att = model.layers[0].attention
+    assert att.n_heads == sum(q_per_kv) and att.uneven == (len(set(q_per_kv)) > 1)
+    x = torch.randn(2, 11, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cos, sin = llama.rope_cos_sin(torch.arange(11), args.head_dim, args.rope_theta)  # (T, D/2) each
+    with torch.no_grad():
+        torch.testing.assert_close(att(x, cos, sin), reference_attention(att, x, cos, sin, q_per_kv), rtol=1e-10,
+                                   atol=1e-10)
