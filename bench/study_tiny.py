@@ -429,8 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default %(default)s)")
     p.add_argument("--out-dir", default=str(REPO / "bench" / "study"), help="where results.md, results.json and "
                    "ppl_vs_ratio.png go (default bench/study)")
-    p.add_argument("--append-to", default=str(REPO / "bench" / "RESULTS.md"),
-                   help="append results.md here ('' = do not; default bench/RESULTS.md)")
+    p.add_argument("--append-to", default="", help="also append results.md to this file (default: none; "
+                   "bench/RESULTS.md is one current document, edited by hand)")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
     p.add_argument("--agreement-only", action="store_true", help="run only the rank correlations (with --extra, "
                    "--steps, --seeds) and print their table")
