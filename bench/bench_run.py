@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # the repo root: llama, loraprune, train
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 from bench_7b import Device, pruned_args, random_model, train_step, write_meta_checkpoint  # noqa: E402
-from bench_scale import Run, gib, table  # noqa: E402
+from bench_scale import Run, chosen_parts, read_results, table  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # shapes
@@ -129,7 +129,6 @@ def run_mission(run: Run, dev: Device, args: llama.ModelArgs, small: bool, data_
         return
     work = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:
-        t0 = time.perf_counter()
         folder = work / "meta"
         wrote = write_meta_checkpoint(args, folder, dev)
         dev.reset()
@@ -384,16 +383,11 @@ def main():
     p.add_argument("--summarize", action="store_true", help="only print the tables from --out-dir/results.jsonl")
     opts = p.parse_args()
     if opts.summarize:
-        results = [json.loads(x) for x in (Path(opts.out_dir) / "results.jsonl").read_text().splitlines() if x.strip()]
+        results = read_results(Path(opts.out_dir))
         env = next((r for r in results if r.get("part") == "env"), {})
         print(summary(results, env.get("device", "?"), env.get("command", "?")), flush=True)
         return
-    parts = [x.strip() for x in opts.only.split(",") if x.strip()]
-    bad = sorted(set(parts) - set(PARTS))
-    if bad:
-        raise ValueError(f"--only: unknown part(s) {bad}; expected some of {PARTS}")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch sees no GPU; use --small on the CPU")
+    parts = chosen_parts(opts.only, PARTS, opts.device)
     dev, run = Device(opts.device), Run(Path(opts.out_dir), opts.budget_s)
     command = " ".join([Path(sys.executable).name] + sys.argv)
     args = model_args(opts.small)

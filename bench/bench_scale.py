@@ -549,6 +549,22 @@ def summary(run: Run, dev: Device, command: str, device_name: str = None) -> str
 PARTS = ("matmul", "anchor", "7b", "big", "compiled65")
 
 
+def read_results(out_dir: Path) -> list:
+    """The measurements a run wrote to out_dir/results.jsonl, one dict per line (--summarize reads them back)."""
+    return [json.loads(x) for x in (out_dir / "results.jsonl").read_text().splitlines() if x.strip()]
+
+
+def chosen_parts(only: str, known: tuple, device: str) -> list:
+    """--only as a list of known part names; ValueError for an unknown part or a cuda device torch cannot see."""
+    parts = [x.strip() for x in only.split(",") if x.strip()]
+    bad = sorted(set(parts) - set(known))
+    if bad:
+        raise ValueError(f"--only: unknown part(s) {bad}; expected some of {known}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no GPU; use --small on the CPU")
+    return parts
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="CPU, tiny shapes: every code path")
@@ -563,16 +579,11 @@ def main():
     opts = p.parse_args()
     if opts.summarize:
         run = Run(Path(opts.out_dir), 0)
-        run.results = [json.loads(x) for x in (run.out_dir / "results.jsonl").read_text().splitlines() if x.strip()]
+        run.results = read_results(run.out_dir)
         env = next((r for r in run.results if r.get("part") == "env"), {})
         print(summary(run, Device("cpu"), env.get("command", "?"), env.get("device")), flush=True)
         return
-    parts = [x.strip() for x in opts.only.split(",") if x.strip()]
-    bad = sorted(set(parts) - set(PARTS))
-    if bad:
-        raise ValueError(f"--only: unknown part(s) {bad}; expected some of {PARTS}")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch sees no GPU; use --small on the CPU")
+    parts = chosen_parts(opts.only, PARTS, opts.device)
     dev, run = Device(opts.device), Run(Path(opts.out_dir), opts.budget_s)
     command = " ".join([Path(sys.executable).name] + sys.argv)
     S, T = shapes(opts.small), (32 if opts.small else 2048)
