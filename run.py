@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each block in backward to save memory (default: on with cuda)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block "
                    "(llama.compile_blocks): about 2x faster LoRA steps on a GPU after a first step that compiles "
-                   "(~30 s at 7B; the progress line and report.json show this warm-up) (default: on with cuda, off "
-                   "on cpu)")
+                   "(~30 s at 7B; the progress line and report.json show this warm-up); with --sample, decode each "
+                   "token as one CUDA graph (llama.decode_graph; pays off for long generations) (default: on with "
+                   "cuda, off on cpu and with --sample)")
     return p
 
 
@@ -226,12 +227,13 @@ def check_args(args, world: int = 1) -> None:
 
 def resolve_defaults(args, device: torch.device) -> None:
     """Fill in the flags whose default depends on the device, so the report shows what ran: --dtype bfloat16 on
-    cuda, float32 on cpu; --compile (but not with --criterion exact) and --checkpoint-activations on with cuda, off on
-    cpu (CPU stays eager)."""
+    cuda, float32 on cpu; --compile (but not with --criterion exact or --sample) and --checkpoint-activations on with
+    cuda, off on cpu (CPU stays eager)."""
     cuda = device.type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    if args.compile is None:  # criterion exact reads gradients in Python backward hooks, which compiled blocks skip
-        args.compile = cuda and args.criterion != "exact"
+    if args.compile is None:  # criterion exact reads gradients in Python backward hooks, which compiled blocks skip;
+        # --sample's compiled decode takes longer to compile (~1 min at 7B) than 100 tokens take eager
+        args.compile = cuda and args.criterion != "exact" and args.sample is None
     args.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
 
 
@@ -355,7 +357,7 @@ def sample(args, device: torch.device, log: train.Log) -> int:
     new = llama.generate(model, prompt, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
                          top_k=args.top_k or None, top_p=args.top_p,
                          eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
-                         generator=torch.Generator(device).manual_seed(args.seed))
+                         generator=torch.Generator(device).manual_seed(args.seed), compiled=args.compile)
     log(tokenizer.decode(prompt + new))
     return 0
 

@@ -15,8 +15,9 @@ second call with --only runs what was skipped):
            sampled-columns variant), beside criterion 'lora', eager
   distill  the micro-step (train.backward_batch, T=2048, checkpointing) with distill=0 and distill=0.5 (one more
            no-grad forward of the frozen teacher + the chunked distillation loss), eager, then compiled
-  decode-compiled  decode with compiled blocks (llama.compile_blocks; the KV cache's length is part of the compiled
-           shape, so the warm-up has the timed length), recompiles during the timed runs counted
+  decode-compiled  generate(compiled=True): each one-token step is llama.decode_graph, the whole model as one
+           graph replayed as a CUDA graph, on one set of caches (kv_caches, 256 positions) for the warm-up and the
+           timed runs; recompiles during the timed runs counted
   exact-compiled   the 'exact' / 'lora' step with compiled blocks
 Code that is not merged yet (llama.generate, train.backward_batch with distill, criterion 'exact') is logged as
 'not available', and the other parts run.
@@ -188,10 +189,10 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
             continue
         dev.reset()
         model = random_model(a, dev.type).eval()
-        if compiled:
-            llama.compile_blocks(model)
+        # one set of caches for every call: the CUDA graph replays on their addresses
+        kw = dict(compiled=True, caches=llama.kv_caches(model, 256)) if compiled else {}
         t0 = time.perf_counter()
-        generate(model, [1], new_tokens, temperature=0)  # warm-up (compiled: compiles prefill and decode)
+        generate(model, [1], new_tokens, temperature=0, **kw)  # warm-up (compiled: compiles the decode graph)
         dev.sync()
         warm_s = time.perf_counter() - t0
         graphs = graph_count()
@@ -199,7 +200,7 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
         for _ in range(reps):
             dev.sync()
             t = time.perf_counter()
-            out = generate(model, [1], new_tokens, temperature=0)
+            out = generate(model, [1], new_tokens, temperature=0, **kw)
             dev.sync()
             times.append(time.perf_counter() - t)
         s = statistics.median(times)

@@ -701,6 +701,27 @@ def test_generate_on_compiled_blocks_compiles_prefill_and_decode_once_per_shape(
     torch._dynamo.reset()
 
 
+def test_compiled_decode_equals_eager_and_replays_one_graph():
+    """generate(compiled=True) runs each one-token step as one compiled graph (a CUDA graph on a GPU): same tokens
+    as the eager loop, greedy and seeded sampling, and a second call on the same caches compiles nothing new."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model(seed=43, **PRUNED_SHAPES["pruned"]).eval()
+    draw = lambda **kw: llama.generate(model, [1, 2, 3], 20, temperature=1.0, top_k=50,
+                                       generator=torch.Generator().manual_seed(5), **kw)
+    greedy_ids, sampled = llama.generate(model, [1, 2, 3], 20, temperature=0), draw()
+    caches = llama.kv_caches(model, 40)
+    assert llama.generate(model, [1, 2, 3], 20, temperature=0, compiled=True, caches=caches) == greedy_ids
+    counters.clear()
+    assert draw(compiled=True, caches=caches) == sampled
+    assert llama.generate(model, [4, 5], 9, temperature=0, compiled=True, caches=caches) == \
+        llama.generate(model, [4, 5], 9, temperature=0)  # another prompt length: the same decode graph
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    with pytest.raises(ValueError, match="caches of 40 positions; this generation needs 43"):
+        llama.generate(model, [1, 2, 3], 40, compiled=True, caches=caches)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 
