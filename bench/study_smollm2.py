@@ -140,13 +140,14 @@ def parse_runs(specs: list, steps: int) -> list:
     return configs
 
 
-def previous_results(path: Optional[str], configs: list) -> tuple[dict, list]:
-    """({config index: result}, [(config, result)]) of the runs an earlier call of this study finished (its
-    results.json), matched by name, ratio and seed: a study split over device calls runs each of them once. The
-    second part holds the finished runs this call's plan does not have, so the outputs keep every run so far."""
-    if not path:
+def previous_results(paths: Optional[list], configs: list) -> tuple[dict, list]:
+    """({config index: result}, [(config, result)]) of the runs earlier calls of this study finished (their
+    results.json, a later file's run replacing an earlier one's), matched by name, ratio and seed: a study split
+    over device calls (or over parallel workers of one call) runs each of them once. The second part holds the
+    finished runs this call's plan does not have, so the outputs keep every run so far."""
+    if not paths:
         return {}, []
-    finished = {(r["name"], r["ratio"], r["seed"]): r for r in json.loads(Path(path).read_text())["runs"]
+    finished = {(r["name"], r["ratio"], r["seed"]): r for path in paths for r in json.loads(Path(path).read_text())["runs"]
                 if "skipped" not in r and "error" not in r}
 
     def result(r):
@@ -601,8 +602,9 @@ def main(argv=None) -> int:
                    "would end after this many seconds from the start (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few steps, short rows, 512 eval tokens")
     p.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the rank correlations")
-    p.add_argument("--previous", help="results.json of an earlier call: its finished runs are taken, not re-run, "
-                   "and the others it holds are kept in this call's outputs")
+    p.add_argument("--previous", nargs="+", metavar="RESULTS_JSON", help="results.json of earlier calls (or of "
+                   "this call's parallel workers): their finished runs are taken, not re-run, and the others they "
+                   "hold are kept in this call's outputs")
     p.add_argument("--runs", nargs="+", metavar="SPEC", help="run these configurations, in this order, instead of "
                    "the default plan: PROTOCOL:CRITERION:RATIO:SEED[:FLAGS], any field a |-list, e.g. "
                    "'B:lora|lora-directional+l2|exact|vanilla:0.2|0.5:0' 'B:vanilla:0.2:0:--distill=0.5' "
@@ -642,10 +644,11 @@ def main(argv=None) -> int:
         results[len(results):] = [r for _, r in kept]
         earlier.update({len(configs) - len(kept) + j: r for j, (_, r) in enumerate(kept)})
         checked = bool(earlier)  # whether a fine-tuning run has let run.py evaluate too (the first one does)
-        if earlier:
-            old_meta = json.loads(Path(args.previous).read_text())["meta"]
-            meta["notes"] += old_meta["notes"] + [f"{len(earlier)} runs taken from an earlier call ({old_meta['date']}, "
-                                                  f"{old_meta['wall_s']:.0f} s): {old_meta['command']}"]
+        for path in (args.previous if earlier else []):
+            old_meta = json.loads(Path(path).read_text())["meta"]
+            meta["notes"] += [n for n in old_meta["notes"] if n not in meta["notes"]] + [
+                f"runs taken from an earlier call or worker ({old_meta['date']}, {old_meta['wall_s']:.0f} s): "
+                f"{old_meta['command']}"]
 
         def fits() -> bool:  # the next run, at the mean wall time of the fine-tuning runs so far, ends in budget
             return time.time() - t_start + (sum(walls) / len(walls) if walls else 0.0) <= args.budget_s
@@ -654,7 +657,7 @@ def main(argv=None) -> int:
             label = f"[{i + 1}/{len(configs)}] {config[0]} ratio {config[2]} seed {config[3]}"
             if i in earlier:
                 results[i] = earlier[i]
-                print(f"{label}: from {args.previous}", flush=True)
+                print(f"{label}: from --previous", flush=True)
                 continue
             if not fits():
                 results[i] = {"skipped": "budget"}

@@ -158,10 +158,11 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
     return {"k": k, "layers": layers, "corr": out}
 
 
-def agreements(seeds: list, flags: list, tokenizer, train_path: Path = TRAIN_TEXT) -> list:
-    """score_agreement for every seed, on the training rows run.py would pack from train_path with these flags."""
+def agreements(seeds: list, flags: list, tokenizer, train_path=TRAIN_TEXT) -> list:
+    """score_agreement for every seed, on the training rows run.py would pack from train_path (a path or a comma
+    list of them) with these flags."""
     seq_len = run.build_parser().parse_args(["--ckpt", str(CKPT)] + flags).seq_len
-    rows = data.training_tokens([train_path], tokenizer, seq_len)  # (N, T+1)
+    rows = data.training_tokens([Path(f) for f in str(train_path).split(",")], tokenizer, seq_len)  # (N, T+1)
     return [score_agreement(s, flags, rows) for s in seeds]
 
 
@@ -422,6 +423,9 @@ def main(argv=None) -> int:
                    f"{', '.join(VARIANTS)}: '+l2' = --normalize)")
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma list (default %(default)s)")
     p.add_argument("--extra", default="", help="more run.py flags for every run that trains, e.g. '--lam 0.5 --abs'")
+    p.add_argument("--train", help="comma list of fine-tuning files in the data folder instead of "
+                   "tinystories-train.txt; 'wiki.valid.raw,ptb.valid.txt' is the off-domain protocol (issue 16): the "
+                   "model's own domain, TinyStories valid, is then what the fine-tuning text is not")
     p.add_argument("--heldout", action="store_true", help="train on the first 80%% of the train stories, score "
                    "on the last 20%% (for tuning; never tune on tinystories-valid)")
     p.add_argument("--no-references", dest="references", action="store_false", help="skip the unpruned runs")
@@ -460,7 +464,9 @@ def main(argv=None) -> int:
             train_path, eval_path = heldout_split(workdir)
             evals, train_label = [str(eval_path)], "first 80% of tinystories-train.txt"
         else:
-            train_path, evals, train_label = TRAIN_TEXT, [str(VALID_TEXT), "wikitext2"], "tinystories-train.txt"
+            train_label = args.train or TRAIN_TEXT.name
+            train_path = ",".join(str(data.data_dir() / f) for f in train_label.split(","))
+            evals = [str(VALID_TEXT), "wikitext2"]
         tokenizer = data.Tokenizer(data.find_tokenizer(CKPT, 512))
         n_eval = data.eval_tokens(evals[0], tokenizer)[1].numel()  # all of the first set; the others capped to it
         common = ["--ckpt", str(CKPT), "--data", str(train_path), "--eval", ",".join(evals),
