@@ -117,19 +117,22 @@ def _looks_like(path: Path) -> str:
 
 
 class _SentencePiece:
-    """A SentencePiece .model file (LLaMA 1/2, llama2.c's tok512.model)."""
+    """A SentencePiece .model file (LLaMA 1/2, llama2.c's tok512.model), or the model's bytes (`proto`, rebuilt from
+    a GGUF file's vocabulary: _gguf_vocab)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, proto: Optional[bytes] = None, add_bos: bool = True):
         try:
             import sentencepiece
         except ImportError as e:
             raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self.sp = (sentencepiece.SentencePieceProcessor(model_file=str(path)) if proto is None
+                       else sentencepiece.SentencePieceProcessor(model_proto=proto))
         except RuntimeError as e:  # sentencepiece reports a bad protobuf as RuntimeError
             raise ValueError(f"{path}: expected a SentencePiece model (protobuf), found {_looks_like(path)}"
                              f" ({e})") from e
         self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+        self.add_bos = add_bos
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -180,21 +183,21 @@ class _HFTokenizerJson:
 
 
 class _GGUFVocab:
-    """The tokenizer in a llama.cpp GGUF file's metadata (read by formats.gguf_tokenizer, optional `gguf`). Only
-    tokenizer.ggml.model 'gpt2' (GPT-2-style byte-level BPE) is supported: its tokens (id = position) and merges
-    become a `tokenizers` BPE (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre.
-    Control tokens are special: matched whole in the text and dropped on decode."""
+    """A byte-level BPE vocabulary (tokenizer.ggml.model 'gpt2') in a llama.cpp GGUF file's metadata (read by
+    formats.gguf_tokenizer, optional `gguf`): its tokens (id = position) and merges become a `tokenizers` BPE
+    (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre. Control tokens are
+    special: matched whole in the text and dropped on decode."""
 
     GPT2_SPLIT = ("gpt-2",)  # GPT-2's regex (ByteLevel's own); also taken when tokenizer.ggml.pre is absent
     DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp: \p{N} alone, then GPT-2's
     CONTROL = 3  # llama.cpp's token type of special tokens (gguf.TokenType.CONTROL)
 
-    def __init__(self, path: Path):
-        meta = formats.gguf_tokenizer(path).get  # tokenizer.ggml.* metadata, the prefix dropped from the keys
+    def __init__(self, path: Path, metadata: dict):
+        meta = metadata.get  # tokenizer.ggml.* metadata (formats.gguf_tokenizer), the prefix dropped from the keys
         model, pre = meta("model"), meta("pre", "gpt-2")
         if model != "gpt2":
-            raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE); "
-                             "a SentencePiece ('llama') vocabulary is not read from GGUF, use its tokenizer.model")
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE) "
+                             "or 'llama' (SentencePiece)")
         if pre not in self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT:
             raise ValueError(f"{path}: GGUF tokenizer.ggml.pre {pre!r} is not supported; known: "
                              f"{list(self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT)}")
@@ -223,6 +226,19 @@ class _GGUFVocab:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _gguf_vocab(path: Path):
+    """The tokenizer in a GGUF file's metadata: a SentencePiece model again for tokenizer.ggml.model 'llama' (what
+    export_gguf writes for a .model tokenizer), else byte-level BPE (_GGUFVocab)."""
+    meta = formats.gguf_tokenizer(path)
+    if meta.get("model") != "llama":
+        return _GGUFVocab(path, meta)
+    proto = formats.sentencepiece_proto([t.encode("utf-8") for t in meta["tokens"]], meta["scores"], meta["token_type"],
+                                meta.get("bos_token_id", -1), meta.get("eos_token_id", -1),
+                                meta.get("unknown_token_id", -1), meta.get("add_space_prefix", True),
+                                meta.get("remove_extra_whitespaces", False))
+    return _SentencePiece(path, proto, add_bos=meta.get("add_bos_token", True))
 
 
 class _Tiktoken:
@@ -282,7 +298,7 @@ TOKENIZER_BACKENDS = {
     # BPE under the same name, tokenizer.model: a .model file whose first line is '<base64 token> <rank>' is that.
     ".model": _dot_model,
     ".json": _HFTokenizerJson,  # Hugging Face tokenizer.json (+ tokenizer_config.json beside it for BOS/EOS)
-    ".gguf": _GGUFVocab,  # the tokenizer in a GGUF file's metadata (byte-level BPE)
+    ".gguf": _gguf_vocab,  # the tokenizer in a GGUF file's metadata (SentencePiece or byte-level BPE)
     ".tiktoken": _Tiktoken,  # a tiktoken BPE file under its own extension
 }
 

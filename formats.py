@@ -454,6 +454,74 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
     return out_path
 
 
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _proto_field(number: int, value) -> bytes:
+    """One protobuf field: bytes/str length-delimited, float as 32-bit, bool/int as varint."""
+    if isinstance(value, (bytes, str)):
+        value = value.encode("utf-8") if isinstance(value, str) else value
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3 | 0) + _varint(int(value))
+
+
+def sentencepiece_proto(pieces: list, scores: list, types: list, bos_id: int, eos_id: int, unk_id: int,
+                        add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False) -> bytes:
+    """A SentencePiece BPE ModelProto (sentencepiece_model.proto) from a GGUF 'llama' vocabulary, the inverse of
+    llama.cpp's converter: pieces (bytes), scores (merge priority), token types (GGUF's numbering is
+    SentencePiece's: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), byte fallback where byte
+    pieces exist, and an identity normalizer with the GGUF's add_space_prefix / remove_extra_whitespaces."""
+    body = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, float(s)) + _proto_field(3, t))
+                    for p, s, t in zip(pieces, scores, types))  # ModelProto.pieces
+    trainer = (_proto_field(3, 2) + _proto_field(4, len(pieces)) + _proto_field(35, 6 in types)  # BPE, byte_fallback
+               + b"".join(_proto_field(n, i) for n, i in ((40, unk_id), (41, bos_id), (42, eos_id)) if i >= 0))
+    normalizer = (_proto_field(1, "identity") + _proto_field(3, add_dummy_prefix)
+                  + _proto_field(4, remove_extra_whitespaces) + _proto_field(5, True))
+    return body + _proto_field(2, trainer) + _proto_field(3, normalizer)
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of each field of one protobuf message: varints as int, 32/64-bit fields and
+    length-delimited ones as bytes (enough to read SentencePiece's normalizer spec without protobuf)."""
+    i = 0
+
+    def varint():
+        nonlocal i
+        n = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return n
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+            continue
+        size = varint() if wire == 2 else {1: 8, 5: 4}[wire]
+        yield number, buf[i:i + size]
+        i += size
+
+
+def sentencepiece_normalizer(proto: bytes) -> tuple[bool, bool]:
+    """(add_dummy_prefix, remove_extra_whitespaces) of a serialized SentencePiece model: ModelProto field 3
+    (NormalizerSpec), its fields 3 and 4, both true unless the model says otherwise (proto2 defaults)."""
+    spec = dict(_proto_fields(dict(_proto_fields(proto)).get(3, b"")))
+    return bool(spec.get(3, 1)), bool(spec.get(4, 1))
+
+
 def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
     """The tokenizer.* metadata export_gguf writes, as [(key, value, GGUF value type, array item type or None)]:
     copied from a GGUF file as it was (strings byte for byte), or built from a SentencePiece .model the way llama.cpp's
@@ -516,7 +584,9 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
                           (K.PAD_ID, sp.pad_id())):
         if token_id >= 0:  # sentencepiece says -1 for none
             fields.append((key, token_id, V.UINT32, None))
-    return fields + [(K.ADD_BOS, True, V.BOOL, None), (K.ADD_EOS, False, V.BOOL, None)]
+    add_prefix, remove_spaces = sentencepiece_normalizer(sp.serialized_model_proto())  # as llama.cpp's converter
+    return fields + [(K.ADD_BOS, True, V.BOOL, None), (K.ADD_EOS, False, V.BOOL, None),
+                     (K.ADD_PREFIX, add_prefix, V.BOOL, None), (K.REMOVE_EXTRA_WS, remove_spaces, V.BOOL, None)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import data
+import formats
 from conftest import TEXT, hf_model, shared_file, train_bpe, write_llama_gguf, write_tokenizer_gguf
 from data import (Tokenizer, data_dir, eval_text, find_tokenizer, pack_sequences, perplexity,
                   read_documents, training_tokens)
@@ -403,6 +404,30 @@ def test_gguf_tokenizer_honours_add_bos(tmp_path, add_bos):
     assert ours.encode("the cat") == ([ours.bos_id] if add_bos else []) + body
     assert ours.encode("the cat", bos=True)[0] == ours.bos_id  # an explicit request still wins
 
+
+
+@pytest.mark.parametrize("name", ["tok512.model", "tokenizer.model"])
+def test_gguf_sentencepiece_vocab_reads_back_as_the_model(tmp_path, name):
+    """A SentencePiece vocabulary as export_gguf writes it (tokenizer.ggml.model 'llama': pieces, scores, types)
+    reads back as a SentencePiece model that tokenizes and detokenizes exactly as the .model file it came from:
+    llama2.c's tok512 and Meta's LLaMA tokenizer, with byte fallback, spaces and unicode."""
+    gguf = pytest.importorskip("gguf")
+    source = Tokenizer(shared_file(name))
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value, kind, item in formats.gguf_tokenizer_fields(shared_file(name), source.vocab_size):
+        writer.add_key_value(key, value, kind, sub_type=item)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = Tokenizer(path)
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (source.vocab_size, 1, 2, True)
+    story = shared_file("tinystories-valid.txt").read_text(encoding="utf-8")[:20000]
+    for text in [story, "  two leading spaces,  double  spaces\n\nand lines", "ümlauts, 東京 and emoji 🙂 (bytes)"]:
+        ids = source.encode(text, bos=True)
+        assert ours.encode(text, bos=True) == ids
+        assert ours.decode(ids) == source.decode(ids)
 
 
 def write_tiktoken_file(path, merged: list) -> dict:

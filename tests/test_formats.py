@@ -439,9 +439,10 @@ def test_gguf_export_tokenizer_in_llama_cpp(tmp_path):
     tok = Tokenizer(shared_file("tok512.model"))
     meta = formats.gguf_tokenizer(path)
     assert (meta["model"], meta["bos_token_id"], meta["eos_token_id"], len(meta["tokens"])) == ("llama", 1, 2, 512)
+    ours = Tokenizer(path)  # and data.py reads it back as the SentencePiece model it came from
     with CppModel(path) as cpp:
         for text in ["Once upon a time, there was a little girl named Lily.", "The cat sat on the mat. 42!"]:
-            assert cpp.lm.tokenize(text.encode()) == tok.encode(text)
+            assert cpp.lm.tokenize(text.encode()) == tok.encode(text) == ours.encode(text)
             assert cpp.lm.detokenize(tok.encode(text)).decode() == text == tok.decode(tok.encode(text))
 
 
