@@ -143,8 +143,8 @@ def parse_runs(specs: list, steps: int) -> list:
 def previous_results(paths: Optional[list], configs: list) -> tuple[dict, list]:
     """({config index: result}, [(config, result)]) of the runs earlier calls of this study finished (their
     results.json, a later file's run replacing an earlier one's), matched by name, ratio and seed: a study split
-    over device calls (or over parallel workers of one call) runs each of them once. The second part holds the
-    finished runs this call's plan does not have, so the outputs keep every run so far."""
+    over device calls runs each of them once. The second part holds the finished runs this call's plan does not
+    have, so the outputs keep every run so far."""
     if not paths:
         return {}, []
     finished = {(r["name"], r["ratio"], r["seed"]): r for path in paths for r in json.loads(Path(path).read_text())["runs"]
@@ -602,9 +602,8 @@ def main(argv=None) -> int:
                    "would end after this many seconds from the start (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few steps, short rows, 512 eval tokens")
     p.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the rank correlations")
-    p.add_argument("--previous", nargs="+", metavar="RESULTS_JSON", help="results.json of earlier calls (or of "
-                   "this call's parallel workers): their finished runs are taken, not re-run, and the others they "
-                   "hold are kept in this call's outputs")
+    p.add_argument("--previous", nargs="+", metavar="RESULTS_JSON", help="results.json of earlier calls: their "
+                   "finished runs are taken, not re-run, and the others they hold are kept in this call's outputs")
     p.add_argument("--runs", nargs="+", metavar="SPEC", help="run these configurations, in this order, instead of "
                    "the default plan: PROTOCOL:CRITERION:RATIO:SEED[:FLAGS], any field a |-list, e.g. "
                    "'B:lora|lora-directional+l2|exact|vanilla:0.2|0.5:0' 'B:vanilla:0.2:0:--distill=0.5' "
@@ -647,7 +646,7 @@ def main(argv=None) -> int:
         for path in (args.previous if earlier else []):
             old_meta = json.loads(Path(path).read_text())["meta"]
             meta["notes"] += [n for n in old_meta["notes"] if n not in meta["notes"]] + [
-                f"runs taken from an earlier call or worker ({old_meta['date']}, {old_meta['wall_s']:.0f} s): "
+                f"runs taken from an earlier call ({old_meta['date']}, {old_meta['wall_s']:.0f} s): "
                 f"{old_meta['command']}"]
 
         def fits() -> bool:  # the next run, at the mean wall time of the fine-tuning runs so far, ends in budget
