@@ -26,6 +26,7 @@ appended when it exists), results.json (every run's numbers and final masks) and
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import io
 import json
 import math
@@ -452,6 +453,9 @@ def main(argv=None) -> int:
     criteria = [c for c in args.criteria.split(",") if c]
     ratios = [float(r) for r in args.ratios.split(",") if r]
     extra = args.extra.split()
+    if args.references and not args.agreement_only and importlib.util.find_spec("matplotlib") is None:
+        p.error("the plot (drawn when the references run) needs matplotlib: pip install -e '.[plot]', or pass "
+                "--no-references")  # before the runs, not after 20 minutes of them
     t_start = time.time()
     torch.set_num_threads(1)
     if args.agreement_only:
