@@ -178,6 +178,38 @@ def uniform_args(args: llama.ModelArgs, heads: int, hidden: int) -> llama.ModelA
 # part 1: one LoRA-guided pruning step
 
 
+def timed_steps(model, pruner, opt, tokens: torch.Tensor, targets: torch.Tensor, first_step: int, warm: int, timed: int,
+                dev: Device, at_warm=None) -> tuple[list, list, list, list]:
+    """warm + timed pruning steps (forward with float32 cross-entropy and backward, pruner.update, AdamW), each part
+    timed between syncs; at_warm() runs once after the warm-up (steady state: AdamW's moments exist from there on).
+    Returns, over the timed steps: forward+backward s, update s, AdamW s, whether the masks changed."""
+    fb, crit, adam, changed = [], [], [], []
+    for i in range(warm + timed):
+        if i == warm and at_warm is not None:
+            dev.sync()
+            at_warm()
+        dev.sync()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(tokens).float().flatten(0, 1), targets.flatten())  # (B*T, V) logits
+        loss.backward()
+        del loss
+        dev.sync()
+        t1 = time.perf_counter()
+        did = pruner.update(first_step + i)
+        dev.sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dev.sync()
+        t3 = time.perf_counter()
+        if i >= warm:
+            fb.append(t1 - t0)
+            crit.append(t2 - t1)
+            adam.append(t3 - t2)
+            changed.append(did)
+    return fb, crit, adam, changed
+
+
 def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: str, warm: int, timed: int,
                compiled: bool = False, pruner_kwargs: dict = None) -> dict:
     """Build a random model with LoRA r=8 alpha 16 on all seven projections (blocks compiled if asked), then run
@@ -199,31 +231,9 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
     targets = torch.randint(0, args.vocab_size, (1, seq), device=dev.type, generator=g)  # (B, T)
     dev.sync()
     weights = dev.allocated_gib()
-    steps, crits, changed = [], [], []
-    for i in range(warm + timed):
-        if i == warm:  # steady state: AdamW's moments exist from here on
-            dev.sync()
-            if dev.cuda:
-                torch.cuda.reset_peak_memory_stats()
-        dev.sync()
-        t0 = time.perf_counter()
-        logits = model(tokens)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        loss.backward()
-        del logits, loss
-        dev.sync()
-        t1 = time.perf_counter()
-        did = pruner.update(first_step + i)
-        dev.sync()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dev.sync()
-        t3 = time.perf_counter()
-        if i >= warm:
-            steps.append(t3 - t0)
-            crits.append(t2 - t1)
-            changed.append(did)
+    fb, crits, adam, changed = timed_steps(model, pruner, opt, tokens, targets, first_step, warm, timed, dev,
+                                           at_warm=lambda: torch.cuda.reset_peak_memory_stats() if dev.cuda else None)
+    steps = [a + b + c for a, b, c in zip(fb, crits, adam)]
     step, crit = median(steps), median(crits)
     micro = step - crit  # forward + backward + AdamW: what each of the 128 accumulated micro-steps costs
     out = dict(bench="train_step", stack="ours", criterion=criterion, w0="int8" if int8 else "bf16", ckpt=ckpt,

@@ -9,8 +9,9 @@ is logged as skipped):
            with checkpointing (bench_7b.train_step), with MFU from the FLOP count (formula below)
   big      LLaMA-65B and Llama-2-70B with int8 W0, LLaMA-13B bf16 and int8: the model built layer by layer on the GPU
            from random weights (no file), one full pruning step (forward, backward, Eq. 10 criterion, mask update,
-           AdamW) at 2048 tokens with checkpointing, eager; then the masks at the final 20%, slicing layer by layer in
-           place (an int8 model stays int8) and a 2048-token forward of the sliced model. Peak GPU memory per phase.
+           AdamW) at 2048 tokens with checkpointing, eager; then the masks at the final 20%, run.py's slicing
+           (loraprune.slice_model in place: block by block, an int8 model stays int8) and a 2048-token forward of the
+           sliced model. Peak GPU memory per phase.
   compiled65  if time is left: the 65B int8 step again with compiled blocks (a fresh build; steps only)
 
 FLOPs of one LoRA micro-step (T tokens, frozen W, LoRA rank r on all seven projections; N = matmul weights of the
@@ -45,13 +46,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune, quant8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune
 import llama  # noqa: E402
 import loraprune  # noqa: E402
-import quant8  # noqa: E402
-from bench_7b import Device, int8_store, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_7b import Device, int8_store, timed_steps, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 GIB = 2**30
 PAPER_ACCUM = 128  # the paper's batch 128 of micro-batch 1: the criterion runs once per 128 micro-steps
@@ -285,79 +284,6 @@ def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) 
     return model
 
 
-@torch.no_grad()
-def slice_in_place(model: llama.Transformer, masks: list, int8: bool) -> llama.Transformer:
-    """loraprune.slice_model's result, one layer at a time: each block is replaced by its sliced, LoRA-merged copy
-    (re-quantized when int8) before the next is touched, so only one layer exists twice. (slice_model builds a whole
-    new float model beside the old one: 97 GiB for 65B at 20%.)"""
-    args, D = model.args, model.args.head_dim
-    q_keeps = [loraprune.query_keep(h.cpu(), args.q_per_kv(l)) for l, (h, _) in enumerate(masks)]
-    left = [loraprune.query_heads_left(q, args.q_per_kv(l)) for l, q in enumerate(q_keeps)]
-    new_args = llama.ModelArgs(**{**vars(args), "layer_kv_heads": [int((n > 0).sum()) for n in left],
-                                  "layer_hidden_dims": [int(c.sum()) for _, c in masks],
-                                  "layer_q_per_kv": [n[n > 0].tolist() for n in left]})
-    for l, (heads, channels) in enumerate(masks):
-        p = llama.projections(model, l)
-        device = p["wq"].weight.device
-        q_rows = loraprune._kept_rows(q_keeps[l].to(device), D)
-        kv_rows = loraprune._kept_rows(left[l].to(device) > 0, D)
-        ch = channels.to(device).nonzero().flatten()
-        cut = {"attention.wq": (q_rows, None), "attention.wk": (kv_rows, None), "attention.wv": (kv_rows, None),
-               "attention.wo": (None, q_rows), "feed_forward.w1": (ch, None), "feed_forward.w3": (ch, None),
-               "feed_forward.w2": (None, ch)}
-        with torch.device("meta"):
-            block = llama.TransformerBlock(new_args, l)
-        if int8:
-            int8_store(block)
-        state = {}
-        for name, (rows, cols) in cut.items():
-            W = p[name.split(".")[1]].merged_weight(torch.bfloat16)
-            W = (W[rows] if rows is not None else W[:, cols]).contiguous()
-            if int8:
-                state[name + ".weight"], state[name + ".scales"] = quant8.quantize(W)
-            else:
-                state[name + ".weight"] = W
-            del W
-        for norm in ("attention_norm.weight", "ffn_norm.weight"):
-            state[norm] = model.layers[l].get_parameter(norm).detach().clone()
-        block.load_state_dict(state, strict=True, assign=True)
-        for param in block.parameters():
-            param.requires_grad_(False)
-        model.layers[l] = block  # the old block (and its LoRA) is freed here
-        del state
-    model.args = new_args
-    return model
-
-
-@torch.no_grad()
-def check_slice(run: Run, args: llama.ModelArgs):
-    """--small: slice_in_place against loraprune.slice_model, tensor for tensor (int8: against slice_model then
-    quant8.quantize_model), with non-zero LoRA B so the merge is exercised, plus equal logits."""
-    for int8 in (False, True):
-        model = build_random(args, "cpu", int8)
-        llama.add_lora(model, r=4, alpha=8.0)
-        g = torch.Generator().manual_seed(3)
-        for l in range(args.n_layers):
-            for lin in llama.projections(model, l).values():
-                lin.lora_B.normal_(0, 0.05, generator=g)
-        counts = loraprune.prune_counts(args, 0.2, loraprune.default_pruned_layers(args.n_layers))
-        masks = [(torch.randperm(K, generator=g) >= h, torch.randperm(Fw, generator=g) >= c)
-                 for (h, c), K, Fw in zip(counts, args.layer_kv_heads, args.layer_hidden_dims)]
-        reference = loraprune.slice_model(model, masks, dtype=torch.bfloat16)
-        if int8:
-            (llama.quantize_model if hasattr(llama, "quantize_model") else quant8.quantize_model)(reference)
-        sliced = slice_in_place(model, masks, int8)
-        want, got = reference.state_dict(), sliced.state_dict()
-        bad = sorted(k for k in want if k not in got or want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k]))
-        tokens = torch.randint(0, args.vocab_size, (1, 16), generator=g)
-        same_logits = torch.equal(reference(tokens), sliced(tokens))
-        ok = not bad and set(want) == set(got) and sliced.args == reference.args and same_logits
-        run.log(part="check_slice", w0="int8" if int8 else "bf16", tensors=len(want), differing=bad[:4],
-                same_logits=same_logits, ok=ok)
-        if not ok:
-            raise AssertionError(f"slice_in_place differs from slice_model ({'int8' if int8 else 'bf16'}): {bad[:4]}")
-
-
 def big_model(run: Run, dev: Device, name: str, args: llama.ModelArgs, int8: bool, T: int, small: bool,
               compiled: bool = False):
     """Build, one pruning step (1 warm-up + timed steps; the criterion every step), then (eager only) final masks
@@ -396,28 +322,8 @@ def big_model(run: Run, dev: Device, name: str, args: llama.ModelArgs, int8: boo
     g = torch.Generator(dev.type).manual_seed(1)
     tokens = torch.randint(0, args.vocab_size, (1, T), device=dev.type, generator=g)  # (B, T)
     targets = torch.randint(0, args.vocab_size, (1, T), device=dev.type, generator=g)  # (B, T)
-    fb, crit, adam = [], [], []
-    for i in range(warm + timed):
-        dev.sync()
-        t1 = time.perf_counter()
-        loss = F.cross_entropy(model(tokens).float().flatten(0, 1), targets.flatten())
-        loss.backward()
-        del loss
-        dev.sync()
-        t2 = time.perf_counter()
-        pruner.update(first + i)
-        dev.sync()
-        t3 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dev.sync()
-        t4 = time.perf_counter()
-        if i >= warm:
-            fb.append(t2 - t1)
-            crit.append(t3 - t2)
-            adam.append(t4 - t3)
-        if i == warm - 1:
-            phase("warmup")
+    fb, crit, adam, _ = timed_steps(model, pruner, opt, tokens, targets, first, warm, timed, dev,
+                                    at_warm=lambda: phase("warmup"))
     phase("train")
     micro = statistics.median(fb) + statistics.median(adam)
     c = statistics.median(crit)
@@ -440,7 +346,7 @@ def big_model(run: Run, dev: Device, name: str, args: llama.ModelArgs, int8: boo
     del opt, pruner, params
     dev.reset()
     t0 = time.perf_counter()
-    slice_in_place(model, masks, int8)
+    model = loraprune.slice_model(model, masks, dtype=torch.bfloat16, in_place=True)  # run.py's slicing
     dev.sync()
     slice_s = time.perf_counter() - t0
     phase("slice")
@@ -612,9 +518,6 @@ def main():
     if "7b" in parts:
         run_7b(run, dev, S["7b"], T, rate, opts.small)
     if "big" in parts:
-        if opts.small:
-            check_slice(run, S["70b"])
-            check_slice(run, S["13b"])
         # headline first; expected: build ~10 s, 3 steps of ~6 s, slicing ~15 s, forwards ~5 s
         for name, int8, est in (("65b", True, 70), ("70b", True, 75), ("13b", False, 30), ("13b", True, 35)):
             tag = dict(part="big", model=name, w0="int8" if int8 else "bf16", compiled=False)
