@@ -432,6 +432,49 @@ def plots(done: list, labels: list, meta: dict, out_dir: Path) -> None:
             if note not in meta["notes"]:
                 meta["notes"].append(note)
             return
+    if any(n.startswith("B: ") for n, _ in groups):
+        plot_protocols(groups, labels[0], out_dir / "protocols.png", f"SmolLM2-135M-Instruct, {labels[0]} test "
+                       f"after {meta['steps']} steps of fine-tuning, mean ± std over seeds")
+
+
+PROTOCOL_BARS = [(c + s, color, hatch) for c, color in (("vanilla", "tab:red"), ("exact", "tab:green"),
+                  ("lora", "tab:blue"), ("lora-directional+l2", "tab:orange"))
+                 for s, hatch in (("", ""), (" --distill=0.5", "//"), (" --distill=1", ".."))]  # issue 16's variants
+
+
+def plot_protocols(groups: dict, label: str, path: Path, title: str) -> None:
+    """Issue 16's comparison as bars: for each protocol (A: names without a prefix, B: 'B: ') and ratio, every
+    variant's perplexity after fine-tuning divided by vanilla's without distillation in the same protocol and ratio
+    (error bars: the std over seeds, divided likewise); a colour per criterion, hatched with distillation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = [(prefix, ratio) for prefix in ("", "B: ") for ratio in (0.2, 0.5)
+             if (prefix + "vanilla", ratio) in groups]
+    width = 0.8 / len(PROTOCOL_BARS)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for j, (name, color, hatch) in enumerate(PROTOCOL_BARS):
+        xs, ys, es = [], [], []
+        for i, (prefix, ratio) in enumerate(cells):
+            if (prefix + name, ratio) in groups:
+                base = study_tiny.mean_std(groups[(prefix + "vanilla", ratio)]["ppl"][label])[0]
+                m, s = study_tiny.mean_std(groups[(prefix + name, ratio)]["ppl"][label])
+                xs.append(i + (j - len(PROTOCOL_BARS) / 2 + 0.5) * width)
+                ys.append(m / base)
+                es.append(s / base)
+        if xs:
+            ax.bar(xs, ys, width, yerr=es, capsize=2, color=color, hatch=hatch, edgecolor="black", linewidth=0.4,
+                   label=name.replace("=", " "))
+    ax.axhline(1.0, color="gray", linestyle=":")
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"protocol {'B' if prefix else 'A'}, {ratio:.0%}" for prefix, ratio in cells])
+    ax.set_ylabel(f"{label} perplexity after fine-tuning / vanilla's")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def archive_logs(run_dir: Path, keep: Path, out_dir: Path) -> None:
