@@ -131,18 +131,27 @@ def int8_store(module: nn.Module) -> nn.Module:
     return module
 
 
+def meta_model(args: llama.ModelArgs, int8: bool) -> llama.Transformer:
+    """The model on the meta device (no memory), with int8 stores for the seven projections if asked: the caller
+    then draws every tensor straight on the target device, one module at a time."""
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    return int8_store(model) if int8 else model
+
+
+def is_int8(module: nn.Module) -> bool:
+    return isinstance(module, llama.LoRALinear) and module.weight.dtype == torch.int8
+
+
 @torch.no_grad()
 def random_model(args: llama.ModelArgs, device: str, dtype=torch.bfloat16, int8: bool = False,
                  seed: int = 0, std: float = 0.02) -> llama.Transformer:
     """A Transformer with normal(0, std) weights (norms 1) in `dtype`; with int8=True the seven projections are
     drawn in `dtype` one matrix at a time, quantized on the device and dropped, so no full float model exists."""
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    if int8:
-        int8_store(model)
+    model = meta_model(args, int8)
     g = torch.Generator(device).manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, llama.LoRALinear) and module.weight.dtype == torch.int8:
+        if is_int8(module):
             W = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype).normal_(0, std, generator=g)
             q, scale = quant8.quantize(W)  # (out, in) int8, (out,) float32
             module.weight = nn.Parameter(q, requires_grad=False)

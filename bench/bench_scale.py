@@ -50,7 +50,7 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune
 import llama  # noqa: E402
 import loraprune  # noqa: E402
-from bench_7b import Device, int8_store, timed_steps, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_7b import Device, is_int8, meta_model, timed_steps, train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 GIB = 2**30
 PAPER_ACCUM = 128  # the paper's batch 128 of micro-batch 1: the criterion runs once per 128 micro-steps
@@ -250,10 +250,6 @@ def run_7b(run: Run, dev: Device, args: llama.ModelArgs, T: int, rate_tflops, sm
 # part: 13B / 65B / 70B, built on the GPU layer by layer
 
 
-def is_int8(module: nn.Module) -> bool:
-    return isinstance(module, llama.LoRALinear) and module.weight.dtype == torch.int8
-
-
 INT8_SCALE = 0.02 / (127 / 3**0.5)  # uniform int8 in [-127, 127] has std 127/sqrt(3): W then has std 0.02
 
 
@@ -263,10 +259,7 @@ def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) 
     norms 1; with int8, the seven block projections are drawn as int8 directly (uniform in [-127, 127], one scale
     per row giving std 0.02), so no float copy of a projection ever exists. Memory and time do not depend on the
     values."""
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    if int8:
-        int8_store(model)
+    model = meta_model(args, int8)
     g = torch.Generator(device).manual_seed(seed)
     for module in model.modules():
         if is_int8(module):
