@@ -635,6 +635,13 @@ def agreement_only(gguf: Path, out_dir: Path, seeds: list, steps: int, batch: in
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def take_notes(meta: dict, earlier: list) -> None:
+    """Add to meta's notes those of earlier calls' metas, and one line per call saying which command ran it."""
+    for old in earlier:
+        meta["notes"] += [n for n in old["notes"] if n not in meta["notes"]] + [
+            f"runs taken from an earlier call ({old['date']}, {old['wall_s']:.0f} s): {old['command']}"]
+
+
 def render(gguf: Path, out_dir: Path, paths: list) -> None:
     """Run nothing: results.md, results.json and the plots rewritten from the finished runs of several results.json
     (a later file's run replacing an earlier one's, as --previous), e.g. after two short device calls that each
@@ -642,9 +649,9 @@ def render(gguf: Path, out_dir: Path, paths: list) -> None:
     _, kept = previous_results(paths, [])
     metas = [json.loads(Path(path).read_text())["meta"] for path in paths]
     meta = metas[-1]
-    meta["notes"] += [n for m in metas[:-1] for n in m["notes"] if n not in meta["notes"]] + [
-        f"runs taken from an earlier call ({m['date']}, {m['wall_s']:.0f} s): {m['command']}" for m in metas[:-1]] + [
-        f"outputs rewritten by --render from {len(paths)} results.json files ({datetime.date.today()})"]
+    take_notes(meta, metas[:-1])
+    meta["notes"].append(f"outputs rewritten by --render from {len(paths)} results.json files "
+                         f"({datetime.date.today()})")
     workdir = Path(tempfile.mkdtemp(prefix="study_smollm2-"))
     try:
         margs = formats.load(convert(gguf, workdir / "smollm2-135m"), device="cpu").args
@@ -710,11 +717,8 @@ def main(argv=None) -> int:
         results[len(results):] = [r for _, r in kept]
         earlier.update({len(configs) - len(kept) + j: r for j, (_, r) in enumerate(kept)})
         checked = bool(earlier)  # whether a fine-tuning run has let run.py evaluate too (the first one does)
-        for path in (args.previous if earlier else []):
-            old_meta = json.loads(Path(path).read_text())["meta"]
-            meta["notes"] += [n for n in old_meta["notes"] if n not in meta["notes"]] + [
-                f"runs taken from an earlier call ({old_meta['date']}, {old_meta['wall_s']:.0f} s): "
-                f"{old_meta['command']}"]
+        if earlier:
+            take_notes(meta, [json.loads(Path(path).read_text())["meta"] for path in args.previous])
 
         def fits() -> bool:  # the next run, at the mean wall time of the fine-tuning runs so far, ends in budget
             return time.time() - t_start + (sum(walls) / len(walls) if walls else 0.0) <= args.budget_s
