@@ -6,8 +6,9 @@ dense checkpoint and compare perplexity before and after.
         --micro-batch-size 16 --seq-len 256 --lr 1e-3 --eval ../shared/data/tinystories-valid.txt --out out
 
 The method lives in loraprune.py, the model and checkpoints in llama.py, tokens and perplexity in data.py, the
-training loop's pieces (Sec. 4.1: AdamW, cosine decay, gradient accumulation; DDP; resume checkpoints) in train.py.
-This file holds the flags and run(), a script of named steps: load, plan_pruning, train_loop, finish, write_report.
+training loop (Sec. 4.1: AdamW, cosine decay, gradient accumulation; DDP; resume checkpoints) in train.py. This file
+holds the flags, in groups, and run(), a script of named steps: load, plan_pruning, evaluate_before, fine_tune,
+finish, write_report.
 Exit codes: 0 done; 2 bad input (one "error: ..." line on stderr, nothing half-written in --out); 1 the loss became
 NaN/inf (out/resume.pt keeps the last good step).
 
@@ -21,6 +22,7 @@ whole batch and every process computes the same masks (checked after each update
 prints. Without torchrun (or with one process) nothing of this runs.
 """
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -30,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -260,6 +262,19 @@ def hooks_from_env() -> tuple[Optional[int], Optional[str]]:
     return int(stop_after) if stop_after else None, os.environ.get("LORAPRUNE_TRACE") or None
 
 
+def tracer(path: Optional[str], rank: int) -> Optional[Callable]:
+    """LORAPRUNE_TRACE's observer for train.train_loop: one JSON line per step (loss, gradient norm, masks' digest)
+    appended to PATH.<rank>; None without the variable."""
+    if not path:
+        return None
+
+    def observe(t: train.Training, grad_norm: float) -> None:
+        with open(f"{path}.{rank}", "a") as f:
+            f.write(json.dumps({"step": t.step, "loss": t.loss, "grad_norm": grad_norm,
+                                "masks": train.digest(t.masks())}) + "\n")
+    return observe
+
+
 @dataclass
 class Inputs:
     """What load() read, all before --out is touched."""
@@ -331,18 +346,6 @@ def check_tasks(args) -> Optional[dict]:
             "limit": args.tasks_limit, "task_manager": task_manager}
 
 
-def score_tasks(model: llama.Transformer, tasks: Optional[dict], when: str, log: train.Log) -> Optional[dict]:
-    """lm-eval's scores of the model on --tasks ({task: {metric: value}}), printed; None without --tasks."""
-    if tasks is None:
-        return None
-    import harness
-    log(f"lm-eval tasks {when} ({tasks['num_fewshot']}-shot):")
-    scores = harness.evaluate_tasks(model, **tasks)
-    for task, metrics in scores.items():
-        log(f"  {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
-    return scores
-
-
 def sample(args, device: torch.device, log: train.Log) -> int:
     """--sample: print the prompt and a continuation sampled from --ckpt (llama.generate, KV cache, stops at EOS),
     decoded whole, so a SentencePiece word boundary between prompt and continuation keeps its space."""
@@ -400,8 +403,6 @@ def check_exports(args, inputs: Inputs, pruner: loraprune.Pruner) -> None:
         formats.check_hf_shapes(shapes, a.dim, "--hf")
 
 
-
-
 def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> dict:
     """The arguments that define the run, resolved (paths absolute, lengths capped): a resume must match them."""
     return {
@@ -422,64 +423,26 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         **({"world_size": world} if world > 1 else {})}  # each rank's dropout stream is its own: resume with as many
 
 
-@dataclass
-class Training:
-    """What the loop advances and resume.pt keeps (with every rank's RNG state)."""
-    model: llama.Transformer
-    lora_params: list
-    pruner: loraprune.Pruner
-    optimizer: torch.optim.Optimizer
-    sampler: Optional[train.RowSampler]  # None when --steps is 0
-    step: int = 0  # optimizer steps done
-    loss: Optional[float] = None  # the last step's
-    ppl_before: Optional[dict] = None
-    tasks_before: Optional[dict] = None  # --tasks scores of the loaded model
-    elapsed_before: float = 0.0  # wall time of a resumed run's earlier sessions (s)
-
-    def masks(self) -> list:
-        return [m for layer in self.pruner.masks for m in layer]
-
-    def resume(self, out: Path, config: dict, ranks: train.Ranks, device: torch.device) -> None:
-        state = train.load_resume(out, config)
-        if state["config"].get("world_size", 1) != ranks.world:  # load_resume compares only the keys this run has
-            raise ValueError(f"--resume: {out / 'resume.pt'} was written by {state['config'].get('world_size', 1)} "
-                             f"process(es), this run has {ranks.world}; resume with as many (torchrun "
-                             f"--nproc-per-node)")
-        train.load_lora_state(self.model, state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.pruner.load_state_dict(state["pruner"])
-        self.sampler.load_state_dict(state["sampler"])
-        train.set_rng_state(state["rng_per_rank"][ranks.rank] if ranks.world > 1 else (state["rng"], state["cuda_rng"]),
-                            device)
-        self.step, self.loss, self.ppl_before, self.elapsed_before = (state["step"], state["loss"],
-                                                                       state["ppl_before"], state["elapsed"])
-        self.tasks_before = state.get("tasks_before")  # absent in resume.pt files from before --tasks
-
-    def save(self, out: Path, config: dict, ranks: train.Ranks, device: torch.device, elapsed: float) -> None:
-        """out/resume.pt (rank 0); a collective under torchrun: every rank sends its dropout generator states."""
-        rng_per_rank = ranks.gather(train.rng_state(device))
-        if not ranks.main:
-            return
-        state = {"config": config, "step": self.step, "loss": self.loss, "ppl_before": self.ppl_before,
-                 "tasks_before": self.tasks_before,
-                 "lora": train.lora_state(self.model), "optimizer": self.optimizer.state_dict(),
-                 "pruner": self.pruner.state_dict(), "sampler": self.sampler.state_dict(),
-                 "rng": rng_per_rank[0][0], "cuda_rng": rng_per_rank[0][1],
-                 **({"rng_per_rank": rng_per_rank} if ranks.world > 1 else {}),
-                 "elapsed": self.elapsed_before + elapsed}  # wall time of every session so far
-        train.atomic_write(out / "resume.pt", lambda tmp: torch.save(state, tmp))
+def train_args(args) -> train.TrainArgs:
+    """The loop's settings: the training flags of the same names."""
+    return train.TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(train.TrainArgs)})
 
 
-def train_loop(args, t: Training, net, rows: Tensor, ranks: train.Ranks, device: torch.device, log: train.Log,
-               save, stop_after: Optional[int], trace: Optional[str]) -> list:
-    """Algorithm 1: fine-tune LoRA and, after each batch's backward, let the pruner score and (on schedule) prune,
-    from step t.step to --steps (or stop_after). save() writes resume.pt every --save-every steps and at the end.
-    `net` is the model or its DDP wrapper. Returns this session's step times (s)."""
-    per_rank = args.batch_size // ranks.world  # sequences of each optimizer step this rank runs
-    tokens_per_step = args.batch_size * (rows.shape[1] - 1)
-    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
-    saved_step, times, t_session = t.step, [], time.time()
-    accum = per_rank // args.micro_batch_size
+def evaluate_before(args, inputs: Inputs, device: torch.device, log: train.Log) -> dict:
+    """Perplexity and --tasks scores of the model as loaded (its fresh adapters, B = 0, and all-kept masks leave
+    every logit as it was): the report's "before", which resume.pt keeps. Every rank evaluates (only rank 0
+    prints): the others would wait for it anyway."""
+    log("perplexity before:" if inputs.eval_sets else "no eval sets (--eval is empty)")
+    return {"ppl_before": train.evaluate(inputs.model, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size,
+                                         device, log),
+            "tasks_before": train.score_tasks(inputs.model, inputs.tasks, "before", log)}
+
+
+def fine_tune(args, t: train.Training, net, rows: Tensor, ranks: train.Ranks, device: torch.device, log: train.Log,
+              save: Callable[[], None], stop_after: Optional[int], trace: Optional[str]) -> list:
+    """Algorithm 1 from step t.step to --steps (or LORAPRUNE_STOP_AFTER): train.train_loop, after a line saying what
+    it runs; on NaN/inf, the error says which step resume.pt keeps. Returns this session's step times (s)."""
+    accum = args.batch_size // ranks.world // args.micro_batch_size
     where = f" on each of {ranks.world} processes" if ranks.world > 1 else ""
     log(f"training {args.steps} steps of {args.batch_size} x {rows.shape[1] - 1} tokens ({accum} x "
         f"{args.micro_batch_size} sequences accumulated{where}); pruning layers {t.pruner.layers} "
@@ -487,51 +450,19 @@ def train_loop(args, t: Training, net, rows: Tensor, ranks: train.Ranks, device:
         + (", blocks compiled (the first step compiles)" if args.compile else "")
         + (f"; self-distillation from the frozen weights, alpha {args.distill}, T {args.distill_temperature}"
            if args.distill else ""))
-    t.model.train()
-    while t.step < args.steps and (stop_after is None or t.step < stop_after):
-        t0 = time.time()
-        lr = train.lr_at(t.step, args.steps, args.lr)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
-        batch = rows[t.sampler.next(args.batch_size)]  # (batch, T+1): the same rows on every rank
-        shard = batch[ranks.rank * per_rank: (ranks.rank + 1) * per_rank]  # (per_rank, T+1)
-        loss = ranks.mean(train.backward_batch(net, shard, args.micro_batch_size, device, distill=args.distill,
-                                               temperature=args.distill_temperature))  # the whole batch's
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.lora_params, max_norm)
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-            where = (f"{Path(args.out) / 'resume.pt'} holds step {saved_step}, the last good one" if saved_step else
-                     "no resume checkpoint was written yet")
-            raise train.TrainingDiverged(f"loss {loss.item()} / gradient norm {grad_norm.item()} at step "
-                                         f"{t.step + 1}; stopped before applying it. {where}; try a lower --lr")
-        t.step, t.loss = t.step + 1, loss.item()
-        # the batch's gradients are complete (Pruner's contract) and all-reduced: score, and prune on schedule
-        if t.pruner.update(t.step):
-            ranks.check_same(t.masks(), f"masks after step {t.step}")
-        if trace:
-            with open(f"{trace}.{ranks.rank}", "a") as f:
-                f.write(json.dumps({"step": t.step, "loss": t.loss, "grad_norm": grad_norm.item(),
-                                    "masks": train.digest(t.masks())}) + "\n")
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-
-        times.append(time.time() - t0)
-        eta = (time.time() - t_session) / len(times) * (args.steps - t.step)
-        memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        warmup = train.compile_warmup(times) if args.compile else None
-        warmup = f" | compile warm-up {warmup:.1f}s" if warmup is not None else ""
-        log.progress(f"step {t.step}/{args.steps} | loss {t.loss:.4f} | lr {lr:.2e} | sparsity "
-                     f"{t.pruner.sparsity():.1%} | {tokens_per_step / times[-1]:,.0f} tok/s{memory}{warmup} | "
-                     f"ETA {eta:.0f}s", plain=t.step % 10 == 0 or t.step in (1, args.steps))
-        if t.step % args.save_every == 0 or t.step == args.steps or t.step == stop_after:
-            save()
-            saved_step = t.step
-    return times
+    try:
+        return train.train_loop(t, rows, train_args(args), device, net=net, ranks=ranks, log=log, save=save,
+                                until=stop_after, observe=tracer(trace, ranks.rank))
+    except train.TrainingDiverged as e:
+        held = (f"{Path(args.out) / 'resume.pt'} holds step {e.saved_step}, the last good one" if e.saved_step else
+                "no resume checkpoint was written yet")
+        raise train.TrainingDiverged(f"{e}. {held}; try a lower --lr", e.saved_step) from None
 
 
-def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, device: torch.device,
+def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.Ranks, device: torch.device,
            log: train.Log) -> dict:
     """Slice the masks away (LoRA merged), save out/model (rank 0), evaluate the sliced model; returns the report's
-    measured fields."""
+    measured fields, beside the scores `before` (evaluate_before's)."""
     ranks.check_same(t.lora_params + t.masks(), "LoRA adapters and masks")
 
     def groups(a: llama.ModelArgs) -> int:  # attention groups (kv groups or query heads, as pruned) + channels
@@ -539,7 +470,7 @@ def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, 
         return sum(units[l] + a.layer_hidden_dims[l] for l in t.pruner.layers)
     full_groups = groups(t.model.args)
     # in place: each block is freed as soon as its sliced copy exists, so the run never holds two models
-    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, config["dtype"]), in_place=True)
+    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, args.dtype), in_place=True)
     params_before, params_after = inputs.params, llama.count_params(sliced)
     out = Path(args.out)
     if ranks.main:
@@ -554,7 +485,7 @@ def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, 
     if inputs.eval_sets:
         log("perplexity after:")
     ppl_after = train.evaluate(sliced, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
-    tasks_after = score_tasks(sliced, inputs.tasks, "after", log)
+    tasks_after = train.score_tasks(sliced, inputs.tasks, "after", log)
     kept_groups = groups(sliced.args)
     return {
         "params_before": params_before, "params_after": params_after, "ratio_target": args.ratio,
@@ -563,7 +494,8 @@ def finish(args, t: Training, inputs: Inputs, config: dict, ranks: train.Ranks, 
         "pruned_layers": t.pruner.layers, "kv_heads_per_layer": sliced.args.layer_kv_heads,
         "channels_per_layer": sliced.args.layer_hidden_dims,
         "q_per_kv_per_layer": [sliced.args.q_per_kv(l) for l in range(sliced.args.n_layers)],
-        "ppl_before": t.ppl_before, "ppl_after": ppl_after, "tasks_before": t.tasks_before, "tasks_after": tasks_after}
+        "ppl_before": before["ppl_before"], "ppl_after": ppl_after, "tasks_before": before["tasks_before"],
+        "tasks_after": tasks_after}
 
 
 def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> None:
@@ -592,28 +524,24 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     stop_after, trace = hooks_from_env()
     check_args(args, ranks.world)
     device = ranks.device(args.device)
-    cuda = device.type == "cuda"
     resolve_defaults(args, device)
     if args.sample is not None:  # sample and stop: nothing is pruned or written
         return sample(args, device, log)
     out = Path(args.out)
     train.check_out_dir(out, args.resume)
     ranks.start(device)  # after the checks above: bad flags fail alike on every rank, before any collective
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     # --- everything that can fail on bad input, before --out is touched
     inputs = load(args, device, getattr(torch, args.dtype), log)
-    model = inputs.model
-    lora_params, pruner = plan_pruning(args, model)
+    lora_params, pruner = plan_pruning(args, inputs.model)
     check_exports(args, inputs, pruner)
     config = run_config(args, inputs, pruner, ranks.world)
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
-    sampler = train.RowSampler(inputs.rows.shape[0], args.seed) if args.steps else None  # same order on every rank
-    t = Training(model, lora_params, pruner, optimizer, sampler)
-    torch.manual_seed(args.seed + ranks.rank)  # dropout draws from the global generator (one stream per rank)
+    t = train.Training.start(inputs.model, lora_params, pruner, train_args(args), inputs.rows, rank=ranks.rank)
     if args.resume:
-        t.resume(out, config, ranks, device)
+        before = t.resume(out / "resume.pt", config, ranks, device, extra=("ppl_before", "tasks_before", "elapsed"))
+        t_start -= before.pop("elapsed")  # the wall time of the earlier sessions counts too
 
     # --- from here on --out is written (by rank 0 alone)
     if ranks.main:
@@ -621,27 +549,25 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     log.attach(out / "log.txt")
     if args.resume:
         log(f"resuming {out / 'resume.pt'} at step {t.step}/{args.steps}")
-    else:  # every rank evaluates (only rank 0 prints): the others would wait for it anyway
-        log("perplexity before:" if inputs.eval_sets else "no eval sets (--eval is empty)")
-        t.ppl_before = train.evaluate(model, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
-        t.tasks_before = score_tasks(model, inputs.tasks, "before", log)
+    else:
+        before = evaluate_before(args, inputs, device, log)
 
-    net = ranks.wrap(model, device)  # after the Pruner: with vanilla it has switched on dL/dW
+    def save() -> None:  # out/resume.pt: the loop's state, the scores before and the wall time of every session
+        t.save(out / "resume.pt", config, ranks, device, **before, elapsed=time.time() - t_start)
+
+    net = ranks.wrap(inputs.model, device)  # after the Pruner: with vanilla it has switched on dL/dW
     ranks.check_same(lora_params + t.masks(), "LoRA adapters and masks")
-    times = []
-    if args.steps:
-        save = lambda: t.save(out, config, ranks, device, time.time() - t_start)  # noqa: E731
-        times = train_loop(args, t, net, inputs.rows, ranks, device, log, save, stop_after, trace)
+    times = fine_tune(args, t, net, inputs.rows, ranks, device, log, save, stop_after, trace) if args.steps else []
     if t.step < args.steps:
         log(f"stopped after step {t.step} (LORAPRUNE_STOP_AFTER); continue with --resume")
         return 0
 
-    pruned = finish(args, t, inputs, config, ranks, device, log)  # slice, save, evaluate
+    pruned = finish(args, t, inputs, before, ranks, device, log)  # slice, save, evaluate
     report = {"args": {**vars(args), **config}, **pruned, "compile": args.compile,
               "compile_warmup_s": train.compile_warmup(times) if args.compile else None,
               "step_time_s": statistics.median(times[1:] or times) if times else None,
-              "wall_time_s": t.elapsed_before + time.time() - t_start,
-              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+              "wall_time_s": time.time() - t_start,
+              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "steps_done": t.step, "final_loss": t.loss}
     if ranks.main:
         write_report(report, out, inputs.eval_sets, log)

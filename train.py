@@ -1,8 +1,18 @@
-"""The pieces of LoRAPrune's training loop that run.py, bench/ and the studies share: the learning-rate schedule and
-data order of Sec. 4.1, forward + backward of a batch in micro-batches (with optional self-distillation from the
-frozen weights), the torchrun / DDP helpers, the log, and the output folder's resume checkpoint.
+"""LoRAPrune's training loop (Algorithm 1 beside AdamW, Sec. 4.1) and what it needs: its settings, the learning-rate
+schedule and data order, forward + backward of a batch in micro-batches (with optional self-distillation from the
+frozen weights), the state a run advances with its resume checkpoint, evaluation, the torchrun / DDP helpers, and
+the log and files of an output folder.
 
-run.py strings these together into a run; nothing here parses flags or reads sys.argv.
+run.py, bench/ and the studies call it; nothing here parses flags or reads sys.argv. A study can keep one loaded
+(and compiled) model and run many configurations on it one after another, each with fresh adapters and a fresh
+Pruner:
+
+    lora = llama.add_lora(model, r=8, alpha=16, seed=seed)               # fresh adapters (B = 0)
+    pruner = loraprune.Pruner(model, ratio=0.2, total_steps=args.steps)  # fresh masks (all kept) and scores
+    t = train.Training.start(model, lora, pruner, args, rows)
+    train.train_loop(t, rows, args, device)
+    masks = pruner.masks                                                 # then evaluate, with or without adapters_off
+    t.close()                                                            # the model as loaded but for adapters and masks
 """
 import contextlib
 import hashlib
@@ -15,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +35,26 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import llama
+import loraprune
+
+# ----------------------------------------------------------------------------------------------
+# the loop's settings
+
+
+@dataclass
+class TrainArgs:
+    """What the loop does each optimizer step (Sec. 4.1); run.py's training flags of the same names."""
+    steps: int = 200  # optimizer steps; the Pruner's schedule spans them
+    batch_size: int = 128  # sequences per optimizer step (the paper's), split evenly over the ranks
+    micro_batch_size: int = 4  # sequences per forward/backward; batch_size / micro_batch_size of them accumulate
+    lr: float = 1e-4  # peak AdamW learning rate (the paper's): warmup over the first 3% of the steps, cosine to 0
+    weight_decay: float = 0.0  # AdamW's
+    grad_clip: float = 1.0  # clip the LoRA gradients' global norm to this, before the Pruner scores; 0 = no clipping
+    distill: float = 0.0  # self-distillation weight alpha (distill_loss); 0 = plain cross-entropy
+    distill_temperature: float = 1.0  # softmax temperature T of the distillation
+    save_every: int = 50  # call save() every this many steps (and at the end)
+    seed: int = 0  # data order (RowSampler) and LoRA dropout (the global generator, seed + rank)
+
 
 # ----------------------------------------------------------------------------------------------
 # learning rate and data order
@@ -73,22 +103,32 @@ class RowSampler:
 
 
 @contextlib.contextmanager
-def frozen_teacher(model: llama.Transformer):
-    """Inside the block `model` is the frozen model it was loaded as: every LoRA branch off (adapters_on = False)
-    and every head / channel mask cleared, restored on exit. The teacher of self-distillation costs no second copy
-    of the weights (int8 W0 included): it is the student's own W0, run once more without grad."""
+def adapters_off(model: llama.Transformer):
+    """Inside the block every LoRA branch of `model` is off (adapters_on = False), on again on exit: the base weights
+    under the current masks, e.g. the masks of a run alone, without its fine-tuning."""
     linears = [m for m in model.modules() if isinstance(m, llama.LoRALinear)]
-    masked = [(m, name) for m in model.modules() for name in ("head_mask", "channel_mask") if hasattr(m, name)]
-    saved = [getattr(m, name) for m, name in masked]
     try:
         for m in linears:
             m.adapters_on = False
-        for m, name in masked:
-            setattr(m, name, None)
         yield model
     finally:
         for m in linears:
             m.adapters_on = True
+
+
+@contextlib.contextmanager
+def frozen_teacher(model: llama.Transformer):
+    """Inside the block `model` is the frozen model it was loaded as: every LoRA branch off (adapters_off) and every
+    head / channel mask cleared, restored on exit. The teacher of self-distillation costs no second copy of the
+    weights (int8 W0 included): it is the student's own W0, run once more without grad."""
+    masked = [(m, name) for m in model.modules() for name in ("head_mask", "channel_mask") if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name in masked]
+    try:
+        for m, name in masked:
+            setattr(m, name, None)
+        with adapters_off(model):
+            yield model
+    finally:
         for (m, name), mask in zip(masked, saved):
             setattr(m, name, mask)
 
@@ -152,31 +192,6 @@ def backward_batch(net, rows: Tensor, micro_batch_size: int, device, distill: fl
             micro_loss.backward()
         loss += micro_loss.detach()
     return loss
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the step was not applied."""
-
-
-def evaluate(model, eval_sets: dict, seq_len: int, batch_size: int, device, log: "Log") -> dict:
-    """Perplexity on every eval set by data.perplexity's protocol (non-overlapping windows of seq_len tokens)."""
-    results = {}
-    for label, tokens in eval_sets.items():
-        t0 = time.time()
-        results[label] = data.perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, device=device)
-        log(f"  {label}: perplexity {results[label]:.3f} ({tokens.numel() // seq_len} windows of {seq_len} tokens, "
-            f"{time.time() - t0:.1f}s)")
-    return results
-
-
-def compile_warmup(step_times: list) -> Optional[float]:
-    """The extra seconds of the first step (where torch.compile traces and builds the kernels): its time minus the
-    median of the later steps' (s). None with fewer than two steps."""
-    if len(step_times) < 2:
-        return None
-    later = sorted(step_times[1:])
-    median = later[len(later) // 2] if len(later) % 2 else (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2
-    return step_times[0] - median
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +307,247 @@ class Ranks:
 
 
 # ----------------------------------------------------------------------------------------------
-# the output folder: log, resume checkpoint, saved model
+# the state a run advances, and its resume checkpoint
+
+
+def rng_state(device: torch.device) -> tuple:
+    """(CPU generator state, CUDA generator state or None): what LoRA dropout draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda" and state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def lora_state(model: llama.Transformer) -> dict:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+@torch.no_grad()
+def load_lora_state(model: llama.Transformer, state: dict) -> None:
+    """Copy saved adapters into the fresh ones, insisting on the same names and shapes."""
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    if set(params) != set(state):
+        raise ValueError(f"resume.pt holds adapters {sorted(set(state) - set(params))[:4]}..., the model has "
+                         f"{sorted(set(params) - set(state))[:4]}...")
+    for name, p in params.items():
+        p.copy_(state[name])
+
+
+def read_resume(path: Path, keys: list) -> dict:
+    """The dict in `path`, which must hold every one of `keys`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which one
+        raise ValueError(f"{path}: not a readable resume checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else keys
+    if missing:
+        raise ValueError(f"{path}: expected a resume checkpoint with {', '.join(keys)}; found no {', '.join(missing)}")
+    return state
+
+
+def config_differences(there: dict, here: dict) -> list:
+    """'key: value there, value here' for every key whose value differs or that only one of the two has."""
+    def show(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "missing"
+    keys = list(here) + [k for k in there if k not in here]
+    return [f"{k}: {show(there, k)} there, {show(here, k)} here" for k in keys
+            if k not in there or k not in here or there[k] != here[k]]
+
+
+@dataclass
+class Training:
+    """The state a run advances, all of which its resume checkpoint keeps (with every rank's dropout generator): the
+    adapters (in the model), AdamW's moments, the Pruner's moving averages and masks, the data order, the step."""
+    model: llama.Transformer
+    lora_params: list  # every lora_A and lora_B: what AdamW trains
+    pruner: loraprune.Pruner
+    optimizer: torch.optim.Optimizer
+    sampler: Optional["RowSampler"]  # None for a run of no steps
+    step: int = 0  # optimizer steps done
+    loss: Optional[float] = None  # the last step's
+
+    @classmethod
+    def start(cls, model: llama.Transformer, lora_params: list, pruner: loraprune.Pruner, args: TrainArgs,
+              rows: Optional[Tensor], rank: int = 0) -> "Training":
+        """Step 0 of a run with these (fresh) adapters and Pruner: AdamW over the adapters, the data order of
+        args.seed over the rows (N, T+1) (None: no steps to take), and the global generator that LoRA dropout draws
+        from seeded args.seed + rank (one stream per rank). On a model that ran before (after close()), with new
+        adapters and a new Pruner, the run is the one a freshly loaded model would give."""
+        torch.manual_seed(args.seed + rank)
+        optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+        sampler = RowSampler(rows.shape[0], args.seed) if rows is not None and args.steps else None
+        return cls(model, lora_params, pruner, optimizer, sampler)
+
+    def masks(self) -> list:
+        """Every layer's (heads, channels) keep-masks, flat."""
+        return [m for layer in self.pruner.masks for m in layer]
+
+    def save(self, path: Path, config: dict, ranks: "Ranks", device: torch.device, **extra) -> None:
+        """Write the state to `path` (rank 0; atomic_write), with `config`, what a resume must match, and the
+        caller's `extra` values (run.py: the scores before training, the wall time so far). A collective under
+        torchrun: every rank sends its dropout generator's state."""
+        rng_per_rank = ranks.gather(rng_state(device))
+        if not ranks.main:
+            return
+        state = {"config": config, "step": self.step, "loss": self.loss, **extra,
+                 "lora": lora_state(self.model), "optimizer": self.optimizer.state_dict(),
+                 "pruner": self.pruner.state_dict(), "sampler": self.sampler.state_dict(),
+                 "rng": rng_per_rank[0][0], "cuda_rng": rng_per_rank[0][1],
+                 **({"rng_per_rank": rng_per_rank} if ranks.world > 1 else {})}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def resume(self, path: Path, config: dict, ranks: "Ranks", device: torch.device, extra: tuple = ()) -> dict:
+        """Continue from `path`, written by save() for the same `config` and as many processes; returns the saved
+        `extra` values by name. A missing key, a different config or process count is a ValueError naming the file."""
+        keys = ["config", "step", "loss", *extra, "lora", "optimizer", "pruner", "sampler", "rng", "cuda_rng"]
+        state = read_resume(path, keys + (["rng_per_rank"] if ranks.world > 1 else []))
+        world = state["config"].get("world_size", 1)  # the config names it only for several processes
+        if world != ranks.world:
+            raise ValueError(f"{path} was written by {world} process(es), this run has {ranks.world}; "
+                             f"resume with as many (torchrun --nproc-per-node)")
+        differ = config_differences(state["config"], config)
+        if differ:
+            raise ValueError(f"{path} was written by a different run ({'; '.join(differ)})")
+        try:
+            load_lora_state(self.model, state["lora"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.pruner.load_state_dict(state["pruner"])
+            self.sampler.load_state_dict(state["sampler"])
+        except KeyError as e:  # a part's own state lacks a key
+            raise ValueError(f"{path}: expected a complete resume checkpoint, found no {e} in a part of it") from None
+        set_rng_state(state["rng_per_rank"][ranks.rank] if ranks.world > 1 else (state["rng"], state["cuda_rng"]),
+                      device)
+        self.step, self.loss = state["step"], state["loss"]
+        return {k: state[k] for k in extra}
+
+    def close(self) -> None:
+        """Take off the model what the run put on it besides adapters and masks: the exact criterion's backward
+        hooks, and the dL/dW the vanilla criterion switched on, with its gradients. The next run on the model then
+        starts as on the model as loaded, once it has fresh adapters and a fresh Pruner."""
+        if self.pruner.tap is not None:
+            self.pruner.tap.remove()
+        for m in self.model.modules():
+            if isinstance(m, llama.LoRALinear):
+                m.weight.requires_grad_(False)
+                m.weight.grad = None
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop: Algorithm 1 beside AdamW
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the step was not applied. saved_step: the step that the last
+    save() holds (None: nothing saved)."""
+
+    def __init__(self, message: str, saved_step: Optional[int] = None):
+        super().__init__(message)
+        self.saved_step = saved_step
+
+
+def compile_warmup(step_times: list) -> Optional[float]:
+    """The extra seconds of the first step (where torch.compile traces and builds the kernels): its time minus the
+    median of the later steps' (s). None with fewer than two steps."""
+    if len(step_times) < 2:
+        return None
+    later = sorted(step_times[1:])
+    median = later[len(later) // 2] if len(later) % 2 else (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2
+    return step_times[0] - median
+
+
+def train_loop(t: Training, rows: Tensor, args: TrainArgs, device: torch.device | str, net=None,
+               ranks: Optional["Ranks"] = None, log: Optional["Log"] = None, save: Optional[Callable[[], None]] = None,
+               until: Optional[int] = None, observe: Optional[Callable[[Training, float], None]] = None) -> list:
+    """Algorithm 1: fine-tune LoRA and, after each batch's backward, let the Pruner score and (on schedule) prune,
+    from step t.step to args.steps, or to `until` as if killed there. Each optimizer step, in the official code's
+    order: set the lr (lr_at), forward and backward of the batch in micro-batches (backward_batch), clip the LoRA
+    gradients, stop before applying anything if the loss or the norm is NaN/inf (TrainingDiverged), Pruner.update,
+    observe(t, grad_norm) if given, AdamW's step. rows (N, T+1) are the packed training rows; every rank draws the
+    same batch and runs its 1/world share through `net`, the model or its DDP wrapper (default: t.model). save(),
+    if given, runs every args.save_every steps, at args.steps and at `until`; nothing is written otherwise. The
+    progress line goes to `log` (default: none). Returns this call's step times (s)."""
+    net, device = t.model if net is None else net, torch.device(device)
+    ranks, log = ranks or Ranks(), log or Log(quiet=True)
+    until = args.steps if until is None else min(until, args.steps)
+    per_rank = args.batch_size // ranks.world  # sequences of each optimizer step this rank runs
+    tokens_per_step = args.batch_size * (rows.shape[1] - 1)
+    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
+    compiled = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in t.model.layers)
+    saved_step, times, t_session = t.step if save and t.step else None, [], time.time()
+    t.model.train()
+    while t.step < until:
+        t0 = time.time()
+        lr = lr_at(t.step, args.steps, args.lr)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        batch = rows[t.sampler.next(args.batch_size)]  # (batch, T+1): the same rows on every rank
+        shard = batch[ranks.rank * per_rank: (ranks.rank + 1) * per_rank]  # (per_rank, T+1)
+        loss = ranks.mean(backward_batch(net, shard, args.micro_batch_size, device, distill=args.distill,
+                                         temperature=args.distill_temperature))  # the whole batch's
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.lora_params, max_norm)
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+            raise TrainingDiverged(f"loss {loss.item()} / gradient norm {grad_norm.item()} at step {t.step + 1}; "
+                                   "stopped before applying it", saved_step)
+        t.step, t.loss = t.step + 1, loss.item()
+        # the batch's gradients are complete (Pruner's contract) and all-reduced: score, and prune on schedule
+        if t.pruner.update(t.step):
+            ranks.check_same(t.masks(), f"masks after step {t.step}")
+        if observe is not None:
+            observe(t, grad_norm.item())
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+
+        times.append(time.time() - t0)
+        eta = (time.time() - t_session) / len(times) * (args.steps - t.step)
+        memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        warmup = compile_warmup(times) if compiled else None
+        warmup = f" | compile warm-up {warmup:.1f}s" if warmup is not None else ""
+        log.progress(f"step {t.step}/{args.steps} | loss {t.loss:.4f} | lr {lr:.2e} | sparsity "
+                     f"{t.pruner.sparsity():.1%} | {tokens_per_step / times[-1]:,.0f} tok/s{memory}{warmup} | "
+                     f"ETA {eta:.0f}s", plain=t.step % 10 == 0 or t.step in (1, args.steps))
+        if save is not None and (t.step % args.save_every == 0 or t.step == until):
+            save()
+            saved_step = t.step
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model, eval_sets: dict, seq_len: int, batch_size: int, device, log: Optional["Log"] = None) -> dict:
+    """Perplexity on every eval set by data.perplexity's protocol (non-overlapping windows of seq_len tokens)."""
+    log = log or Log(quiet=True)
+    results = {}
+    for label, tokens in eval_sets.items():
+        t0 = time.time()
+        results[label] = data.perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, device=device)
+        log(f"  {label}: perplexity {results[label]:.3f} ({tokens.numel() // seq_len} windows of {seq_len} tokens, "
+            f"{time.time() - t0:.1f}s)")
+    return results
+
+
+def score_tasks(model: llama.Transformer, tasks: Optional[dict], when: str, log: Optional["Log"] = None
+                ) -> Optional[dict]:
+    """lm-eval's scores of the model ({task: {metric: value}}), printed; tasks holds harness.evaluate_tasks'
+    arguments but the model (None: no tasks, None returned)."""
+    if tasks is None:
+        return None
+    import harness
+    log = log or Log(quiet=True)
+    log(f"lm-eval tasks {when} ({tasks['num_fewshot']}-shot):")
+    scores = harness.evaluate_tasks(model, **tasks)
+    for task, metrics in scores.items():
+        log(f"  {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: log, atomic writes, saved model
 
 
 class Log:
@@ -377,53 +632,6 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def load_resume(out: Path, config: dict) -> dict:
-    """out/resume.pt, after checking that it was written by a run with the same defining arguments."""
-    try:
-        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which one
-        raise ValueError(f"{out / 'resume.pt'}: not a readable resume checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise ValueError(f"{out / 'resume.pt'}: expected a run.py resume checkpoint, found no 'config' in it")
-    state["config"].setdefault("head_unit", "kv")  # written before --head-unit existed: kv groups
-    state["config"].setdefault("distill", 0.0)  # written before --distill existed: no distillation
-    state["config"].setdefault("distill_temperature", 1.0)
-    for key, value in (("normalize", False), ("exact_sample", None), ("uniform", False), ("tasks", []),
-                       ("tasks_fewshot", 0), ("tasks_limit", None)):  # flags newer than the resume.pt
-        state["config"].setdefault(key, value)
-    differ = [f"{k}: {state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
-              if state["config"].get(k) != v]
-    if differ:
-        raise ValueError(f"--resume: {out / 'resume.pt'} was written by a different run ({'; '.join(differ)})")
-    return state
-
-
-def rng_state(device: torch.device) -> tuple:
-    """(CPU generator state, CUDA generator state or None): what LoRA dropout draws from."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda" and state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def lora_state(model: llama.Transformer) -> dict:
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if ".lora_" in name}
-
-
-@torch.no_grad()
-def load_lora_state(model: llama.Transformer, state: dict) -> None:
-    """Copy saved adapters into the fresh ones, insisting on the same names and shapes."""
-    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
-    if set(params) != set(state):
-        raise ValueError(f"resume.pt holds adapters {sorted(set(state) - set(params))[:4]}..., the model has "
-                         f"{sorted(set(params) - set(state))[:4]}...")
-    for name, p in params.items():
-        p.copy_(state[name])
 
 
 def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder: Path) -> None:

@@ -1,6 +1,7 @@
 """The CLI end to end on stories260K (CPU): the saved pruned model reloads in one call and matches the report,
 a killed-and-resumed run equals an uninterrupted one bit for bit, and every bad input fails with exit code 2,
 one clear line and nothing half-written in --out."""
+import copy
 import json
 import os
 import stat
@@ -115,10 +116,22 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypat
     # a resume that would change the run is refused, naming what differs
     assert run.main(cli(b, save_every=2, lr=1e-2, resume=True)) == 2
     assert "lr: 0.001 there, 0.01 here" in capsys.readouterr().err
+    # a resume.pt missing a key (as written before a flag existed) is refused in one line naming the file, never
+    # filled in with a default; nothing in --out changes
+    good = (b / "resume.pt").read_bytes()
     state = torch.load(b / "resume.pt", weights_only=True)
-    del state["config"]["head_unit"], state["pruner"]["head_unit"]  # as written before --head-unit existed
-    del state["config"]["distill"], state["config"]["distill_temperature"]  # ... and before --distill
-    torch.save(state, b / "resume.pt")
+    for drop, words in ((lambda s: s["config"].pop("head_unit"), "head_unit: missing there, 'kv' here"),
+                        (lambda s: s["config"].pop("distill"), "distill: missing there, 0.0 here"),
+                        (lambda s: s.pop("tasks_before"), "found no tasks_before"),
+                        (lambda s: s["sampler"].pop("pos"), "found no 'pos'")):
+        broken = copy.deepcopy(state)
+        drop(broken)
+        torch.save(broken, b / "resume.pt")
+        assert run.main(cli(b, save_every=2, resume=True)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and str(b / "resume.pt") in err and words in err, err
+    assert sorted(p.name for p in b.iterdir()) == ["log.txt", "resume.pt"]
+    (b / "resume.pt").write_bytes(good)
     assert run.main(cli(b, save_every=2, resume=True)) == 0
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "ppl_after", "final_loss"):

@@ -1,7 +1,8 @@
-"""train.py: the learning-rate schedule, the data order, self-distillation's loss and teacher, and data-parallel
-training under torchrun (two CPU processes, gloo) against one process on the same global batch: the same loss every
-step, the same masks on both ranks and as one process, and only rank 0 writing --out. Plus the pieces: digests, and
-ranks that disagree fail loudly."""
+"""train.py: the learning-rate schedule, the data order, the loop (its call order, many runs on one model equal to
+fresh runs, resume in process, NaN), self-distillation's loss and teacher, and data-parallel training under torchrun
+(two CPU processes, gloo) against one process on the same global batch: the same loss every step, the same masks on
+both ranks and as one process, and only rank 0 writing --out. Plus the pieces: digests, and ranks that disagree fail
+loudly."""
 import copy
 import json
 import os
@@ -19,7 +20,7 @@ import llama
 import loraprune
 import run
 import train
-from conftest import shared_file
+from conftest import randomize_, shared_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,145 @@ def test_compile_warmup_is_the_first_step_beyond_the_median():
     assert train.compile_warmup([30.0, 1.0, 3.0]) == pytest.approx(28.0)  # even count: (1 + 3) / 2
     assert train.compile_warmup([30.0]) is None
 
+
+# ----------------------------------------------------------------------------------------------
+# the loop: its call order, one model for many runs, resume, NaN
+
+
+LOOP = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=32)
+ROWS = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(3))  # (N, T+1) training rows
+
+
+def loaded_model() -> llama.Transformer:
+    """A model as loaded: seeded random weights, no adapters, no masks."""
+    return randomize_(llama.Transformer(LOOP), seed=0)
+
+
+def start_run(model, criterion: str, seed: int, **settings):
+    """Fresh adapters (dropout on) and a fresh Pruner (a mask change every step) on `model`; the run at step 0."""
+    args = train.TrainArgs(**{"steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": seed,
+                              "save_every": 2, **settings})
+    lora = llama.add_lora(model, r=4, alpha=8, dropout=0.1, seed=seed)
+    pruner = loraprune.Pruner(model, ratio=0.4, total_steps=args.steps, criterion=criterion, every=1, layers=[0, 1],
+                              channel_multiple=1, seed=seed)
+    return train.Training.start(model, lora, pruner, args, ROWS), args
+
+
+def outcome(t: train.Training, losses: list) -> dict:
+    """What a run leaves: every step's loss, its adapters, masks and moving-average scores."""
+    return {"losses": losses, "lora": [p.detach().clone() for p in t.lora_params], "masks": t.masks(),
+            "scores": [s.clone() for layer in t.pruner.scores for s in layer]}
+
+
+def train_run(t: train.Training, args: train.TrainArgs, **kwargs) -> dict:
+    losses = []
+    train.train_loop(t, ROWS, args, "cpu", observe=lambda t, norm: losses.append(t.loss), **kwargs)
+    return outcome(t, losses)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["losses"] == b["losses"]
+    for key in ("lora", "masks", "scores"):
+        assert len(a[key]) == len(b[key]) and all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+
+
+def test_loop_calls_in_the_official_order(monkeypatch):
+    """Each step: backward of the whole batch, clipping, Pruner.update (it sees the clipped batch gradients and
+    the step's lr), the observer, AdamW's step; save() every save_every steps and at the last."""
+    model = loaded_model()
+    t, args = start_run(model, "lora", seed=0, grad_clip=0.05)  # small enough that every step is clipped
+    calls, seen = [], []
+    backward, clip, update, step = train.backward_batch, torch.nn.utils.clip_grad_norm_, t.pruner.update, \
+        t.optimizer.step
+    monkeypatch.setattr(train, "backward_batch", lambda *a, **k: calls.append("backward") or backward(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append("clip") or clip(*a, **k))
+
+    def spy_update(s):
+        calls.append("update")
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.lora_params]))
+        seen.append((s, norm.item(), t.optimizer.param_groups[0]["lr"]))
+        return update(s)
+    t.pruner.update = spy_update
+    t.optimizer.step = lambda *a, **k: calls.append("adamw") or step(*a, **k)
+    train.train_loop(t, ROWS, args, "cpu", save=lambda: calls.append("save"),
+                     observe=lambda t, norm: calls.append("observe"))
+    per_step = ["backward", "clip", "update", "observe", "adamw"]
+    assert calls == (per_step * 2 + ["save"]) * 3
+    assert [s for s, _, _ in seen] == list(range(1, 7))
+    assert all(norm == pytest.approx(0.05, rel=1e-4) for _, norm, _ in seen)  # clipped before the Pruner scores
+    assert [lr for _, _, lr in seen] == [train.lr_at(s - 1, 6, 1e-2) for s in range(1, 7)]
+
+
+def test_many_runs_on_one_model_equal_fresh_runs():
+    """A study keeps one model and runs configuration after configuration on it (fresh adapters, a fresh Pruner,
+    close() in between): each ends exactly as it does on a freshly loaded model. vanilla switches on dL/dW and
+    exact hooks the backward: close() takes both off again."""
+    configs = [("vanilla", 0, {}), ("exact", 1, {}), ("lora", 2, {"distill": 0.5, "distill_temperature": 2.0})]
+    shared, fresh = [], []
+    model = loaded_model()
+    for criterion, seed, settings in configs:
+        t, args = start_run(model, criterion, seed, **settings)
+        shared.append(train_run(t, args))
+        assert t.pruner.sparsity() > 0  # the masks really changed
+        t.close()
+        assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
+        assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    for criterion, seed, settings in configs:
+        fresh.append(train_run(*start_run(loaded_model(), criterion, seed, **settings)))
+    for a, b in zip(shared, fresh):
+        assert_same(a, b)
+    assert shared[0]["losses"] != shared[1]["losses"] != shared[2]["losses"]  # three different runs
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    """Six steps in one go, or three (as if killed: `until`), then a resume on a fresh model: the same run."""
+    config = {"run": "test"}
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    whole = train_run(t, args)
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    path, ranks = tmp_path / "resume.pt", train.Ranks()
+    first = train_run(t, args, until=3, save=lambda: t.save(path, config, ranks, torch.device("cpu"), note=t.step))
+    assert t.step == 3 and torch.load(path, weights_only=True)["step"] == 3
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    assert t.resume(path, config, ranks, torch.device("cpu"), extra=("note",)) == {"note": 3}
+    rest = train_run(t, args)
+    assert_same(whole, {**rest, "losses": first["losses"] + rest["losses"]})
+
+
+def test_resume_refuses_an_incomplete_or_other_checkpoint(tmp_path):
+    """A missing key, anywhere, or another run's config: a one-line ValueError naming the file, never a default."""
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    path, cpu, ranks = tmp_path / "resume.pt", torch.device("cpu"), train.Ranks()
+    train_run(t, args, until=1, save=lambda: t.save(path, {"lr": 0.1, "seed": 0}, ranks, cpu, before=1.0))
+    state = torch.load(path, weights_only=True)
+    cases = [  # (change the file, the config asked for, words of the error)
+        (lambda s: s.pop("sampler"), {"lr": 0.1, "seed": 0}, "found no sampler"),
+        (lambda s: s.pop("before"), {"lr": 0.1, "seed": 0}, "found no before"),
+        (lambda s: s["config"].pop("seed"), {"lr": 0.1, "seed": 0}, "seed: missing there, 0 here"),
+        (lambda s: None, {"lr": 0.2, "seed": 0}, "lr: 0.1 there, 0.2 here"),
+        (lambda s: None, {"lr": 0.1, "seed": 0, "new": 1}, "new: missing there, 1 here"),
+        (lambda s: s["sampler"].pop("pos"), {"lr": 0.1, "seed": 0}, "found no 'pos'"),
+    ]
+    for change, config, words in cases:
+        broken = copy.deepcopy(state)
+        change(broken)
+        torch.save(broken, path)
+        t, _ = start_run(loaded_model(), "lora", seed=0)
+        with pytest.raises(ValueError) as e:
+            t.resume(path, config, ranks, cpu, extra=("before",))
+        assert str(path) in str(e.value) and words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_nan_stops_before_the_step_and_nothing_is_written(tmp_path, monkeypatch):
+    """Without save() the loop writes no file; a NaN/inf loss stops it before AdamW applies that step."""
+    monkeypatch.chdir(tmp_path)
+    t, args = start_run(loaded_model(), "lora", seed=0, lr=1e30)  # Adam moves B by ~lr: step 2 overflows
+    with pytest.raises(train.TrainingDiverged, match="at step 2; stopped before applying it") as e:
+        train.train_loop(t, ROWS, args, "cpu")
+    assert e.value.saved_step is None and t.step == 1
+    assert all(torch.isfinite(p).all() for p in t.lora_params)  # step 2's NaN/inf never reached the adapters
+    assert max(p.abs().max() for p in t.lora_params) > 1e20  # ... while step 1's huge update did
+    assert list(tmp_path.iterdir()) == []
 
 
 def flags(out: Path, criterion: str) -> list:
@@ -230,6 +370,18 @@ def test_teacher_is_the_frozen_weights_unmasked_without_lora(int8):
         torch.testing.assert_close(student.eval()(x), masked, rtol=0, atol=0)  # adapters and masks are back
     heads = [layer.attention.head_mask for layer in student.layers]
     assert all(h is not None and h.sum() == 2 for h in heads)
+
+
+def test_adapters_off_is_the_masks_alone():
+    """adapters_off: a run's masks without its fine-tuning, i.e. the plain weights under the same masks."""
+    plain, student = frozen_and_student(int8=False)
+    loraprune.apply_masks(plain, [(torch.tensor([True, False]), torch.arange(48) % 3 > 0) for _ in range(TINY.n_layers)])
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with train.adapters_off(student.eval()) as model:
+            assert model is student
+            torch.testing.assert_close(student(x), plain.eval()(x), rtol=0, atol=0)
+        assert not torch.allclose(student(x), plain(x), atol=1e-3)  # the adapters are back
 
 
 def test_backward_batch_distills_against_a_reference_and_alpha_zero_is_plain_ce():
