@@ -48,128 +48,140 @@ import train
 
 
 def _default(fn, name):
-    """A keyword default of a library function, so the CLI does not restate it."""
+    """A keyword default of a library function or dataclass, so the CLI does not restate it."""
     return inspect.signature(fn).parameters[name].default
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Exit codes: 0 done, 2 bad input, "
                                 "1 NaN/inf loss (out/resume.pt keeps the last good step).")
-    p.add_argument("--ckpt", required=True, help="checkpoint: our own folder, a Meta or Hugging Face folder, a "
+    g = p.add_argument_group("input")
+    g.add_argument("--ckpt", required=True, help="checkpoint: our own folder, a Meta or Hugging Face folder, a "
                    "llama2.c .bin or a .gguf (anything formats.load reads)")
-    p.add_argument("--tokenizer", help="tokenizer file (default: the one beside --ckpt whose vocab fits the model)")
-    # pruning (loraprune.Pruner)
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of the model's parameters removed, in [0, 1) "
+    g.add_argument("--tokenizer", help="tokenizer file (default: the one beside --ckpt whose vocab fits the model)")
+    g.add_argument("--data", help="comma list of training files: text (TinyStories <|endoftext|> separated) or "
+                   "Alpaca/LaMini .json/.jsonl (default: tinystories-train.txt in the data folder, ../shared/data "
+                   "beside this repo, or $LORAPRUNE_DATA if set)")
+    g.add_argument("--int8", action="store_true", help="store the frozen projections in int8 (quant8.py, the "
+                   "paper's 8-bit W0); the pruned model is sliced and saved in int8 too, block by block")
+
+    g = p.add_argument_group("pruning (loraprune.Pruner)")
+    g.add_argument("--ratio", type=float, default=0.2, help="fraction of the model's parameters removed, in [0, 1) "
                    "(default %(default)s)")
-    p.add_argument("--criterion", choices=loraprune.CRITERIA, default=_default(loraprune.Pruner, "criterion"),
+    g.add_argument("--criterion", choices=loraprune.CRITERIA, default=_default(loraprune.Pruner, "criterion"),
                    help="importance: lora (Eq. 10 as written), lora-directional (rows from s*gB@A, columns from "
                    "s*B@gA), exact (Eq. 3 from a backward hook, at LoRA's memory), vanilla (Eq. 3, needs dL/dW), "
                    "magnitude or random (default %(default)s)")
-    p.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
+    g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
                    "instead of summing each micro-batch's scores (default: the sum)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalise each projection's "
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalise each projection's "
                    "group scores before Eq. 4 adds them, as the official code does (default: on for lora and "
                    "lora-directional, whose per-projection gain is arbitrary because A is random and fixed; off for "
                    "the others)")
-    power = p.add_mutually_exclusive_group()
+    power = g.add_mutually_exclusive_group()
     power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.Pruner, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
     power.add_argument("--abs", dest="square", action="store_false",
                        help="score = |gradient x weight| as the official code computes it")
-    p.add_argument("--lam", type=float, default=_default(loraprune.Pruner, "lam"),
+    g.add_argument("--lam", type=float, default=_default(loraprune.Pruner, "lam"),
                    help="moving-average weight lambda of Eq. 11 (default %(default)s, the official code's)")
-    p.add_argument("--prune-every", type=int, default=_default(loraprune.Pruner, "every"),
+    g.add_argument("--prune-every", type=int, default=_default(loraprune.Pruner, "every"),
                    help="raise the sparsity every this many optimizer steps (default %(default)s, official)")
-    p.add_argument("--layers", help="comma list of layer ids to prune (default: all but the first 10%% and the last, "
+    g.add_argument("--layers", help="comma list of layer ids to prune (default: all but the first 10%% and the last, "
                    "loraprune.default_pruned_layers)")
-    p.add_argument("--head-unit", choices=loraprune.HEAD_UNITS, default=_default(loraprune.Pruner, "head_unit"),
+    g.add_argument("--head-unit", choices=loraprune.HEAD_UNITS, default=_default(loraprune.Pruner, "head_unit"),
                    help="attention unit pruned: kv = a kv head with all its query heads (the paper's group), query = "
                    "single query heads, a kv head going with its last one (default %(default)s)")
-    p.add_argument("--uniform", action="store_true", help="every pruned layer loses the same kv groups and channels "
+    g.add_argument("--uniform", action="store_true", help="every pruned layer loses the same kv groups and channels "
                    "(no rounding carried between layers): with --layers covering all layers the pruned model has one "
                    "layer shape, which --hf needs")
-    p.add_argument("--channel-multiple", type=int, default=64, help="round kept MLP channels to this multiple in "
+    g.add_argument("--channel-multiple", type=int, default=64, help="round kept MLP channels to this multiple in "
                    "layers whose width divides by it, for GPU-friendly matmuls; 1 = exact (default %(default)s)")
-    # data and optimization (Sec. 4.1)
-    p.add_argument("--data", help="comma list of training files: text (TinyStories <|endoftext|> separated) or "
-                   "Alpaca/LaMini .json/.jsonl (default: tinystories-train.txt in the data folder, ../shared/data "
-                   "beside this repo, or $LORAPRUNE_DATA if set)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps; the pruning schedule spans them "
-                   "(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step (default %(default)s, "
-                   "the paper's)")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward; the batch is "
-                   "accumulated from batch/micro of them (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=512, help="training sequence length, capped at the model's "
+
+    g = p.add_argument_group("training (train.TrainArgs, Sec. 4.1)")
+    g.add_argument("--steps", type=int, default=_default(train.TrainArgs, "steps"), help="optimizer steps; the "
+                   "pruning schedule spans them (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=_default(train.TrainArgs, "batch_size"), help="sequences per "
+                   "optimizer step (default %(default)s, the paper's)")
+    g.add_argument("--micro-batch-size", type=int, default=_default(train.TrainArgs, "micro_batch_size"),
+                   help="sequences per forward/backward; the batch is accumulated from batch/micro of them (default "
+                   "%(default)s)")
+    g.add_argument("--seq-len", type=int, default=512, help="training sequence length, capped at the model's "
                    "max_seq_len (default %(default)s, the official script's)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate; linear warmup over the first "
-                   "3%% of the steps (at least one), then cosine decay to 0 (default %(default)s, the paper's)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the LoRA gradients' global norm to this; "
-                   "0 = no clipping (default %(default)s)")
-    p.add_argument("--lora-rank", type=int, default=_default(llama.add_lora, "r"),
+    g.add_argument("--lr", type=float, default=_default(train.TrainArgs, "lr"), help="peak AdamW learning rate; "
+                   "linear warmup over the first 3%% of the steps (at least one), then cosine decay to 0 (default "
+                   "%(default)s, the paper's)")
+    g.add_argument("--weight-decay", type=float, default=_default(train.TrainArgs, "weight_decay"),
+                   help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=_default(train.TrainArgs, "grad_clip"), help="clip the LoRA "
+                   "gradients' global norm to this; 0 = no clipping (default %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=_default(llama.add_lora, "r"),
                    help="LoRA rank r on all seven projections (default %(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=_default(llama.add_lora, "alpha"),
+    g.add_argument("--lora-alpha", type=float, default=_default(llama.add_lora, "alpha"),
                    help="LoRA alpha; scaling = alpha / r (default %(default)s)")
-    p.add_argument("--lora-dropout", type=float, default=_default(llama.add_lora, "dropout"),
+    g.add_argument("--lora-dropout", type=float, default=_default(llama.add_lora, "dropout"),
                    help="dropout on the LoRA branch's input (default %(default)s)")
-    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA", help="self-distillation weight: loss = "
-                   "(1 - ALPHA) CE + ALPHA T^2 KL(teacher || student), the teacher being the frozen loaded weights "
-                   "with no masks and LoRA off (one more forward per micro-batch without grad, no second copy of the "
-                   "weights); the loss shown is this sum; 0 = off (default %(default)s)")
-    p.add_argument("--distill-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of "
-                   "--distill (default %(default)s)")
-    p.add_argument("--int8", action="store_true", help="store the frozen projections in int8 (quant8.py, the "
-                   "paper's 8-bit W0); the pruned model is sliced and saved in int8 too, block by block")
-    # evaluation
-    p.add_argument("--eval", default="wikitext2,ptb", help="comma list of eval sets: wikitext2, ptb or text file "
+    g.add_argument("--distill", type=float, default=_default(train.TrainArgs, "distill"), metavar="ALPHA",
+                   help="self-distillation weight: loss = (1 - ALPHA) CE + ALPHA T^2 KL(teacher || student), the "
+                   "teacher being the frozen loaded weights with no masks and LoRA off (one more forward per "
+                   "micro-batch without grad, no second copy of the weights); the loss shown is this sum; 0 = off "
+                   "(default %(default)s)")
+    g.add_argument("--distill-temperature", type=float, default=_default(train.TrainArgs, "distill_temperature"),
+                   metavar="T", help="softmax temperature T of --distill (default %(default)s)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", default="wikitext2,ptb", help="comma list of eval sets: wikitext2, ptb or text file "
                    "paths; empty = none (default %(default)s)")
-    p.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window, capped at the model's "
-                   "max_seq_len (default %(default)s, the paper's tables)")
-    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward (default %(default)s)")
-    p.add_argument("--eval-tokens", type=int, help="use only the first N tokens of each eval set, for quick runs "
+    g.add_argument("--eval-seq-len", type=int, default=_default(data.perplexity, "seq_len"), help="perplexity "
+                   "window, capped at the model's max_seq_len (default %(default)s, the paper's tables)")
+    g.add_argument("--eval-batch-size", type=int, default=_default(data.perplexity, "batch_size"),
+                   help="windows per forward (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, help="use only the first N tokens of each eval set, for quick runs "
                    "(default: all)")
-    p.add_argument("--tasks", help="comma list of lm-eval tasks scored before and after pruning, e.g. the paper's "
+    g.add_argument("--tasks", help="comma list of lm-eval tasks scored before and after pruning, e.g. the paper's "
                    "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (needs the eval extra: "
                    "pip install -e '.[eval]'; lm-eval downloads the data sets; default: none)")
-    p.add_argument("--tasks-batch-size", type=int, default=16, help="lm-eval requests per forward (default "
+    g.add_argument("--tasks-batch-size", type=int, default=16, help="lm-eval requests per forward (default "
                    "%(default)s)")
-    p.add_argument("--tasks-fewshot", type=int, default=0, help="examples in each prompt (default %(default)s; "
+    g.add_argument("--tasks-fewshot", type=int, default=0, help="examples in each prompt (default %(default)s; "
                    "the paper's MMLU is 5)")
-    p.add_argument("--tasks-limit", type=int, help="score only the first N documents of each task, for quick runs "
+    g.add_argument("--tasks-limit", type=int, help="score only the first N documents of each task, for quick runs "
                    "(default: all)")
-    p.add_argument("--tasks-include-path", help="folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
-    # what else the pruned model is written as
-    p.add_argument("--gguf", metavar="TYPE", help="also write OUT/model.gguf for llama.cpp / Ollama, matrices as "
+    g.add_argument("--tasks-include-path", help="folder of your own lm-eval task YAMLs (lm-eval's --include_path)")
+
+    g = p.add_argument_group("export (what else the pruned model is written as)")
+    g.add_argument("--gguf", metavar="TYPE", help="also write OUT/model.gguf for llama.cpp / Ollama, matrices as "
                    "TYPE: " + ", ".join(formats.GGUF_TYPES) + " (with --ratio 0 --steps 0: a plain conversion)")
-    p.add_argument("--hf", action="store_true", help="also write OUT/hf/, a Hugging Face LlamaForCausalLM folder "
+    g.add_argument("--hf", action="store_true", help="also write OUT/hf/, a Hugging Face LlamaForCausalLM folder "
                    "(every layer must end with one shape: --ratio 0, or --uniform over all layers with --head-unit kv)")
-    # sampling (instead of a run)
-    p.add_argument("--sample", metavar="PROMPT", help="print PROMPT and a continuation sampled from --ckpt, then "
+
+    g = p.add_argument_group("sampling (instead of a run)")
+    g.add_argument("--sample", metavar="PROMPT", help="print PROMPT and a continuation sampled from --ckpt, then "
                    "stop (no pruning, nothing written)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens --sample generates at most, fewer at "
+    g.add_argument("--max-new-tokens", type=int, default=100, help="tokens --sample generates at most, fewer at "
                    "EOS or at the model's max_seq_len (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="--sample's softmax temperature; 0 = greedy "
+    g.add_argument("--temperature", type=float, default=0.8, help="--sample's softmax temperature; 0 = greedy "
                    "(default %(default)s)")
-    p.add_argument("--top-k", type=int, default=200, help="--sample from the k most likely tokens only (default "
+    g.add_argument("--top-k", type=int, default=200, help="--sample from the k most likely tokens only (default "
                    "%(default)s; 0 = all)")
-    p.add_argument("--top-p", type=float, help="--sample from the smallest set of tokens whose probability "
+    g.add_argument("--top-p", type=float, help="--sample from the smallest set of tokens whose probability "
                    "reaches p (nucleus sampling; default: off)")
-    # run management
-    p.add_argument("--out", default="out", help="output folder: model/, report.json, log.txt, resume.pt "
+
+    g = p.add_argument_group("run management")
+    g.add_argument("--out", default="out", help="output folder: model/, report.json, log.txt, resume.pt "
                    "(default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
-    p.add_argument("--save-every", type=int, default=50, help="write out/resume.pt every this many steps and at the "
-                   "end of training (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order, dropout and the random "
-                   "criterion (default %(default)s)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
+    g.add_argument("--save-every", type=int, default=_default(train.TrainArgs, "save_every"), help="write "
+                   "out/resume.pt every this many steps and at the end of training (default %(default)s)")
+    g.add_argument("--seed", type=int, default=_default(train.TrainArgs, "seed"), help="seed of LoRA init, data "
+                   "order, dropout and the random criterion (default %(default)s)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
+    g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward to save memory (default: on with cuda)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block "
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block "
                    "(llama.compile_blocks): about 2x faster LoRA steps on a GPU after a first step that compiles "
                    "(~30 s at 7B; the progress line and report.json show this warm-up); with --sample, decode each "
                    "token as one CUDA graph (llama.decode_graph; pays off for long generations) (default: on with "
