@@ -149,6 +149,31 @@ def test_many_runs_on_one_model_equal_fresh_runs():
     assert shared[0]["losses"] != shared[1]["losses"] != shared[2]["losses"]  # three different runs
 
 
+def test_a_compiled_model_runs_many_configurations_without_compiling_again():
+    """One model, its blocks compiled once ('eager' backend: Dynamo's guards and recompiles, the same as with
+    Inductor): the first configuration compiles its graphs (training, the distillation teacher, the masks alone under
+    adapters_off); new adapters, a new Pruner and new settings after it compile nothing more, and every run equals
+    the same run uncompiled on a freshly loaded model."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = loaded_model()
+    llama.compile_blocks(model, backend="eager")
+    counters.clear()
+    graphs = []
+    for criterion, seed, settings in (("lora", 0, {"distill": 0.5}), ("magnitude", 1, {"lr": 1e-3}), ("lora", 2, {})):
+        t, args = start_run(model, criterion, seed, **settings)
+        compiled = train_run(t, args)
+        with torch.no_grad(), train.adapters_off(model):
+            model.eval()(ROWS[:2, :-1])  # the masks alone
+        t.close()
+        graphs.append(counters["stats"]["unique_graphs"])
+        eager = train_run(*start_run(loaded_model(), criterion, seed, **settings))
+        assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(compiled["masks"], eager["masks"]))
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
+    torch._dynamo.reset()
+
+
 def test_resume_in_process_equals_uninterrupted(tmp_path):
     """Six steps in one go, or three (as if killed: `until`), then a resume on a fresh model: the same run."""
     config = {"run": "test"}
