@@ -39,6 +39,7 @@ from torch import Tensor
 
 import data
 import formats
+import generate
 import llama
 import loraprune
 import train
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block "
                    "(llama.compile_blocks): about 2x faster LoRA steps on a GPU after a first step that compiles "
                    "(~30 s at 7B; the progress line and report.json show this warm-up); with --sample, decode each "
-                   "token as one CUDA graph (llama.decode_graph; pays off for long generations) (default: on with "
+                   "token as one CUDA graph (generate.decode_graph; pays off for long generations) (default: on with "
                    "cuda, off on cpu and with --sample)")
     return p
 
@@ -359,7 +360,7 @@ def check_tasks(args) -> Optional[dict]:
 
 
 def sample(args, device: torch.device, log: train.Log) -> int:
-    """--sample: print the prompt and a continuation sampled from --ckpt (llama.generate, KV cache, stops at EOS),
+    """--sample: print the prompt and a continuation sampled from --ckpt (generate.generate, KV cache, stops at EOS),
     decoded whole, so a SentencePiece word boundary between prompt and continuation keeps its space."""
     model = formats.load(args.ckpt, device=device, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = data.Tokenizer(Path(args.tokenizer) if args.tokenizer
@@ -369,10 +370,10 @@ def sample(args, device: torch.device, log: train.Log) -> int:
     if room < 1:
         raise ValueError(f"--sample: the prompt is {len(prompt)} tokens, the model's max_seq_len "
                          f"{model.args.max_seq_len} leaves no room to generate")
-    new = llama.generate(model, prompt, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                         top_k=args.top_k or None, top_p=args.top_p,
-                         eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
-                         generator=torch.Generator(device).manual_seed(args.seed), compiled=args.compile)
+    new = generate.generate(model, prompt, max_new_tokens=min(args.max_new_tokens, room),
+                            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                            eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+                            generator=torch.Generator(device).manual_seed(args.seed), compiled=args.compile)
     log(tokenizer.decode(prompt + new))
     return 0
 

@@ -7,7 +7,7 @@ second call with --only runs what was skipped):
            --micro-batch-size 2 --seq-len 2048 --eval "" --out ...` in a subprocess: report.json's
            peak_gpu_memory_gib against the training peak (the last step's progress line), and the process's host RSS
            sampled every 20 ms, split at run.py's 'training' and 'saved' lines (loading / training / slice + save)
-  decode   tokens/s of llama.generate(model, [BOS], N, temperature=0) for the dense model and models pruned 20% /
+  decode   tokens/s of generate.generate(model, [BOS], N, temperature=0) for the dense model and models pruned 20% /
            50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate of the
            same length first
   exact    one pruning step (bench_7b.train_step: checkpointing, T=2048, criterion every step) with
@@ -15,11 +15,11 @@ second call with --only runs what was skipped):
            sampled-columns variant), beside criterion 'lora', eager
   distill  the micro-step (train.backward_batch, T=2048, checkpointing) with distill=0 and distill=0.5 (one more
            no-grad forward of the frozen teacher + the chunked distillation loss), eager, then compiled
-  decode-compiled  generate(compiled=True): each one-token step is llama.decode_graph, the whole model as one
+  decode-compiled  generate(compiled=True): each one-token step is generate.decode_graph, the whole model as one
            graph replayed as a CUDA graph, on one set of caches (kv_caches, 256 positions) for the warm-up and the
            timed runs; recompiles during the timed runs counted
   exact-compiled   the 'exact' / 'lora' step with compiled blocks
-Code that is not merged yet (llama.generate, train.backward_batch with distill, criterion 'exact') is logged as
+Code that is not merged yet (generate.generate, train.backward_batch with distill, criterion 'exact') is logged as
 'not available', and the other parts run.
 
 Writes $OUT (--out-dir): results.jsonl (as it goes), run_report.json and run_log.txt of the mission run,
@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repo root: llama, loraprune, train
 import llama  # noqa: E402
 import loraprune  # noqa: E402
+from generate import kv_caches  # noqa: E402
 from bench_7b import Device, pruned_args, random_model, train_step, write_meta_checkpoint  # noqa: E402
 from bench_scale import Run, chosen_parts, read_results, table  # noqa: E402
 
@@ -176,13 +177,13 @@ def graph_count() -> int:
 
 
 def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
-    generate = optional("llama", "generate")
+    generate = optional("generate", "generate")
     new_tokens, reps = (16, 2) if small else (128, 3)
     for ratio in (0.0, 0.2, 0.5):
         a = args if ratio == 0 else pruned_args(args, ratio, 1 if small else 64)
         tag = dict(part="decode", ratio=ratio, compiled=compiled, new_tokens=new_tokens)
         if generate is None:
-            run.log(**tag, error="not available: llama.generate is not in this checkout (issue 15 item 3)")
+            run.log(**tag, error="not available: generate.generate is not in this checkout (issue 15 item 3)")
             return
         if not run.fits(need_s):
             run.skip("decode", need_s, **tag)
@@ -190,7 +191,7 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
         dev.reset()
         model = random_model(a, dev.type).eval()
         # one set of caches for every call: the CUDA graph replays on their addresses
-        kw = dict(compiled=True, caches=llama.kv_caches(model, 256)) if compiled else {}
+        kw = dict(compiled=True, caches=kv_caches(model, 256)) if compiled else {}
         t0 = time.perf_counter()
         generate(model, [1], new_tokens, temperature=0, **kw)  # warm-up (compiled: compiles the decode graph)
         dev.sync()
@@ -330,7 +331,7 @@ def summary(results: list, device: str, command: str) -> str:
                          r["ms_per_token"], round(r["tokens_per_s"] / d["tokens_per_s"], 2) if d else None,
                          r["recompiles_in_timed"], r["warmup_s"], r["peak_gib"]])
     if rows:
-        out.append("Decode, greedy, 1-token prompt, llama.generate:\n\n" + table(
+        out.append("Decode, greedy, 1-token prompt, generate.generate:\n\n" + table(
             ["ratio", "compiled", "params B", "tok/s", "ms/token", "/ dense tok/s", "recompiles (timed)",
              "warm-up s", "peak GiB"], rows))
         for c in (False, True):

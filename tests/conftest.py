@@ -215,8 +215,21 @@ def write_tokenizer_gguf(path, tok, pre: str = "gpt-2", add_bos: bool = True):
     return path
 
 
-# tiny models with gradients, and brute-force group sums (test_loraprune.py; llama and loraprune are imported
-# inside each helper, as data is above)
+# tiny models (test_llama, test_generate), tiny models with gradients, and brute-force group sums (test_loraprune.py;
+# llama and loraprune are imported inside each helper, as data is above)
+
+
+def tiny_args(**overrides):
+    """dim 64, 2 layers, 4 heads over 2 kv heads (GQA), MLP 96, vocab 128."""
+    import llama
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, max_seq_len=64)
+    return llama.ModelArgs(**{**kw, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A tiny_args model with randomize_'s weights, in eval mode, no LoRA."""
+    import llama
+    return randomize_(llama.Transformer(tiny_args(**overrides)), seed).eval()
 
 
 def random_model(args, r=4, seed=0, lora_b=0.1):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import formats
+import generate
 import llama
 from conftest import (ROPE_THETA, greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, meta_to_hf_rows, our_logits,
                       shared_file, tokens, train_bpe, write_llama_gguf)
@@ -205,7 +206,7 @@ def test_stories260k_greedy_story():
     assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (64, 172, 5, 8, 4, 512)
     assert a.tie_embeddings and model.output.weight is model.tok_embeddings.weight
     assert llama.count_params(model) == 260032  # MANIFEST: parameters without the two RoPE tables
-    ids = llama.generate(model, [1], 40, temperature=0)  # from BOS, with the KV cache
+    ids = generate.generate(model, [1], 40, temperature=0)  # from BOS, with the KV cache
     assert ids == STORIES_GREEDY  # MANIFEST.md: llama2.c's run.c -t 0 gives the same story
     sentencepiece = pytest.importorskip("sentencepiece")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_file("tok512.model")))

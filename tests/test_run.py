@@ -350,7 +350,7 @@ def test_hf_export_of_uneven_layers_is_refused_before_training(tmp_path, capsys)
 @pytest.mark.parametrize("compile", [False, True])
 def test_sample_prints_the_published_greedy_story(capsys, compile):
     argv = ["--ckpt", str(shared_file("stories260K.bin")), "--sample", "Once upon a time", "--temperature", "0",
-            "--max-new-tokens", "30"] + (["--compile"] if compile else [])  # compiled: llama.decode_graph
+            "--max-new-tokens", "30"] + (["--compile"] if compile else [])  # compiled: generate.decode_graph
     assert run.main(argv) == 0
     assert "Once upon a time, there was a little girl named Lily. She loved to play outside in the park." in \
         capsys.readouterr().out  # stories260K.md's greedy sample (MANIFEST.md)
