@@ -1,10 +1,12 @@
-"""Checkpoint formats at the edge of the project, as llama2.c keeps export.py beside model.py: readers for
-Hugging Face folders, llama2.c legacy exports and llama.cpp GGUF files (weights and tokenizer metadata), `load`
-that reads every format we know, and the exporters. llama.py itself reads only Meta's original folders and our own.
+"""Every byte on disk, at the edge of the project as llama2.c keeps export.py beside model.py. Readers for Meta's
+original shards, our own folders, Hugging Face folders, llama2.c legacy exports and llama.cpp GGUF files (weights
+and tokenizer metadata); `load`, the one entry that reads them all; the atomic writes every file and folder the
+project saves goes through (resume.pt and report.json too); our own format's writer, the pruned model folder with
+its tokenizer; and the exporters to Hugging Face and GGUF.
 
-Every reader returns (ModelArgs, {our tensor name: zero-argument reader}) for llama.build_from_readers, so tensors
-are read one at a time straight to the target dtype and device. Optional packages (safetensors, gguf, numpy) are
-imported inside the functions that need them.
+Every reader returns (ModelArgs, {our tensor name: zero-argument reader}) for build_from_readers, so tensors are
+read one at a time (from mmap or lazy safetensors reads) straight to the target dtype and device. Optional packages
+(safetensors, gguf, numpy, sentencepiece) are imported inside the functions that need them.
 """
 import json
 import math
@@ -12,13 +14,110 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 import llama
+import quant8
+
+# ----------------------------------------------------------------------------------------------
+# reading helpers
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+
+
+def _torch_load(path: Path) -> dict:
+    """Pickled weights, only ever with weights_only=True; mmap so the file is not copied into RAM."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a corrupt or non-torch file: say which one
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta's original folder (params.json + consolidated.*.pth)
+
+
+def meta_shard_dim(name: str) -> Optional[int]:
+    """The dim Meta's model-parallel layers split `name` on: 0 for column-parallel (wq wk wv w1 w3 output),
+    1 for row-parallel (wo w2) and the embedding (ParallelEmbedding splits the model dim), None if replicated."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.startswith("tok_embeddings.") or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def meta_readers(folder: Path):
+    """Meta's folder: each tensor is the concatenation of its shards on meta_shard_dim, read one layer at a time."""
+    params = _read_json(folder / "params.json")
+    shard_paths = sorted(folder.glob("consolidated.*.pth"))
+    if not shard_paths:
+        raise FileNotFoundError(f"{folder}: params.json found but no consolidated.*.pth shards")
+    shards = [_torch_load(p) for p in shard_paths]  # mmap: nothing is read until a tensor is used
+    for p, s in zip(shard_paths, shards):
+        if set(s) - {"rope.freqs"} != set(shards[0]) - {"rope.freqs"}:
+            raise ValueError(f"{p}: holds different tensor names than {shard_paths[0]}")
+    mapped = {"layer": None}
+
+    def current_shards(name):
+        # Re-map the shards when the reader moves to the next layer: dropping the old mappings returns the file
+        # pages read so far, so the host holds at most one layer of the files on top of the model itself.
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        if layer != mapped["layer"]:
+            mapped["layer"] = layer
+            shards[:] = [None] * len(shards)
+            shards[:] = [_torch_load(p) for p in shard_paths]
+        return shards
+
+    def reader(name):
+        dim = meta_shard_dim(name)
+
+        def read():
+            parts = [s[name] for s in current_shards(name)]
+            return parts[0].clone() if dim is None else torch.cat(parts, dim=dim)  # a copy: no mapping kept
+        return read
+
+    readers = {name: reader(name) for name in shards[0] if name != "rope.freqs"}  # rope.freqs: recomputed
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    if params.get("vocab_size", -1) not in (-1, vocab):
+        raise ValueError(f"{folder}/params.json: vocab_size {params['vocab_size']} but the embedding has {vocab} rows")
+    params["vocab_size"] = vocab  # Meta leaves -1 here and takes it from the tokenizer; the tensor is the truth
+    args = llama.ModelArgs.from_dict(params, source=str(folder / "params.json"))
+    hidden = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
+    if hidden != args.hidden_dim:
+        raise ValueError(f"{folder}: MLP width from params.json (dim {args.dim}, multiple_of {args.multiple_of}, "
+                         f"ffn_dim_multiplier {args.ffn_dim_multiplier}) is {args.hidden_dim}, the tensors have {hidden}")
+    return args, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# our own folder: model.safetensors + params.json {"format": "loraprune", "version", "kind", "dtype", "int8", "args"}
+
+
+def own_readers(folder: Path):
+    """Our own folder (written by save_checkpoint): tensors as saved, int8 stores with their scales."""
+    meta = _read_json(folder / "params.json")
+    if meta.get("format") != "loraprune" or meta.get("version") != 1:
+        raise ValueError(f"{folder}/params.json: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                         "expected 'loraprune' version 1")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder}: params.json found but no model.safetensors")
+    from safetensors import safe_open
+    handle = safe_open(str(weights), framework="pt")
+    readers = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+    return llama.ModelArgs.from_dict(meta["args"], source=str(folder / "params.json")), readers
+
 
 # ----------------------------------------------------------------------------------------------
 # Hugging Face folder (config.json + *.safetensors or pytorch_model*.bin)
@@ -65,7 +164,7 @@ def hf_config_to_args(cfg: dict, source: str) -> llama.ModelArgs:
 
 
 def hf_readers(folder: Path):
-    args = hf_config_to_args(llama._read_json(folder / "config.json"), str(folder / "config.json"))
+    args = hf_config_to_args(_read_json(folder / "config.json"), str(folder / "config.json"))
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"{folder}: config.json found but no *.safetensors or pytorch_model*.bin")
@@ -76,7 +175,7 @@ def hf_readers(folder: Path):
             handle = safe_open(str(f), framework="pt")  # lazy: a tensor is read when asked for
             sources.update({k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
         else:
-            sd = llama._torch_load(f)
+            sd = _torch_load(f)
             sources.update({k: (lambda sd=sd, k=k: sd[k]) for k in sd})
     rename = {}
     for i in range(args.n_layers):
@@ -283,15 +382,22 @@ FORMATS = ("our own (params.json with format 'loraprune' + model.safetensors)",
 
 def load(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = False) -> llama.Transformer:
     """Read a checkpoint of any format in FORMATS into a Transformer on `device`, chosen by what the path is: a folder
-    with params.json (ours or Meta's, through llama.load_checkpoint), a folder with config.json (Hugging Face), a
-    *.gguf file, a *.bin file (llama2.c). Weights go to `dtype` (None: as stored; GGUF dequantizes to float32);
-    int8=True quantizes the seven projections of every block on the way in (quant8.py)."""
+    with params.json (ours, or Meta's), a folder with config.json (Hugging Face), a *.gguf file, a *.bin file
+    (llama2.c). Weights go to `dtype` (None: as stored, except Meta's shards, which become bfloat16; GGUF dequantizes
+    to float32); int8=True quantizes the seven projections of every block on the way in (quant8.py), one tensor at a
+    time. Our own int8 folders load as int8 whatever int8 says."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "params.json").exists():
-        return llama.load_checkpoint(path, device=device, dtype=dtype, int8=int8)
-    if path.is_dir() and (path / "config.json").exists():
+        params = _read_json(path / "params.json")
+        if "format" in params:  # our own; its params.json says whether the projections are int8
+            args, readers = own_readers(path)
+            int8 = int8 or params.get("int8", False)
+        else:  # Meta's
+            args, readers = meta_readers(path)
+            dtype = dtype or torch.bfloat16
+    elif path.is_dir() and (path / "config.json").exists():
         args, readers = hf_readers(path)
     elif path.is_file() and path.suffix == ".gguf":
         args, readers = gguf_readers(path)
@@ -299,7 +405,164 @@ def load(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = F
         args, readers = llama2c_readers(path)
     else:
         raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
-    return llama.build_from_readers(args, readers, device, dtype, int8, source=str(path))
+    return build_from_readers(args, readers, device, dtype, int8, source=str(path))
+
+
+def build_from_readers(args: llama.ModelArgs, readers: dict, device, dtype: Optional[torch.dtype], int8: bool,
+                       source: str) -> llama.Transformer:
+    """Build on the meta device, read each tensor once, check its shape, cast, place (and quantize), assign."""
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    if int8:
+        llama.quantize_model(model)  # on meta: empty int8 stores for the projections
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(".scales")}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    scales = {k for k in readers if k.endswith(".scales")}  # present only in our own int8 files
+    missing, unexpected = sorted(set(expected) - set(readers)), sorted(set(readers) - set(expected) - scales)
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    state = {}
+    for name, meta in expected.items():
+        t = readers[name]()
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
+        if meta.dtype == torch.int8 and t.is_floating_point():  # quantize from the file's precision, not bf16
+            state[name], state[name[: -len("weight")] + "scales"] = quant8.quantize(t.to(device))
+        else:
+            state[name] = t.to(device, dtype or t.dtype) if t.is_floating_point() else t.to(device)  # None: as saved
+    state.update({k: readers[k]().to(device) for k in scales})
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():  # assign=True takes the loaded tensors' flags: the base weights are frozen
+        p.requires_grad_(False)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# writing: a file or a folder appears whole or not at all, with the modes the umask gives
+
+
+def file_mode(folder: bool = False) -> int:
+    """The mode open() gives a new file (mkdir a new folder with folder=True): 0o666 (0o777) less the umask."""
+    umask = os.umask(0)  # the only way to read it: set it, then put it back
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
+def atomic_write(path, write: Callable) -> Path:
+    """write(tmp_path) into a temporary file beside `path`, then os.replace: a reader sees the old file or the new
+    one, whole. The file gets file_mode() (mkstemp makes it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_folder(folder, write: Callable) -> Path:
+    """write(tmp) fills a temporary folder beside `folder`, which then takes its place by renames: a reader sees the
+    old folder or the new one, whole. The folder and its files get file_mode() (mkdtemp makes the folder 0700)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            os.chmod(f, file_mode())
+        os.chmod(tmp, file_mode(folder=True))
+        if folder.exists():
+            old = folder.with_name(folder.name + f".old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# our own format: save (what own_readers reads), and the pruned model folder with its tokenizer
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int8: "I8"}
+
+
+def write_safetensors(path: Path, specs: dict, read) -> None:
+    """A safetensors file written as a stream: the header from specs {name: (shape, dtype)}, then read(name) for one
+    tensor at a time, so the host never holds more than one tensor of the model (the format: 8-byte little-endian
+    header length, a JSON header of dtype, shape and byte offsets, then the raw little-endian bytes)."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:  # plain open(): the file follows the umask
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in specs.items():
+            t = read(name).detach().to("cpu").contiguous()
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, tuple(t.shape), dtype, shape)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t  # before the next read: one tensor at a time
+
+
+def _write_own(model: llama.Transformer, folder: Path, kind: str) -> None:
+    """model.safetensors and params.json into `folder`: LoRA merged into W on the way out, one tensor at a time;
+    int8 stores as int8 + scales. `kind` tags what the weights are ('dense' or 'pruned')."""
+    state = {name: t for name, t in model.state_dict().items()
+             if ".lora_" not in name and not (name == "output.weight" and model.args.tie_embeddings)}
+    merged = {name + ".weight": m for name, m in model.named_modules() if isinstance(m, llama.LoRALinear) and m.r}
+    int8 = any(t.dtype == torch.int8 for t in state.values())
+    if int8 and merged:
+        raise ValueError(f"{next(iter(merged))}: an int8 model with unmerged LoRA; make a float model with "
+                         "loraprune.slice_model (and llama.quantize_model for int8) first")
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}  # a merged W keeps W's shape and dtype
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in specs.values() if dtype != torch.int8})
+    args = asdict(model.args)
+    if args["layer_q_per_kv"] is None:  # written only when uneven: a uniform model's params.json stays as it was
+        del args["layer_q_per_kv"]
+    meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes), "args": args}
+    write_safetensors(folder / "model.safetensors", specs,
+                      lambda name: merged[name].merged_weight() if name in merged else state[name])
+    (folder / "params.json").write_text(json.dumps(meta, indent=2))
+
+
+def save_checkpoint(model: llama.Transformer, out_dir, kind: str = "dense") -> Path:
+    """Our own folder at out_dir (what load reads back), written atomically (atomic_write_folder)."""
+    return atomic_write_folder(out_dir, lambda tmp: _write_own(model, tmp, kind))
+
+
+def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder) -> Path:
+    """The pruned model in our own format plus its tokenizer, atomically. The tokenizer keeps a name
+    data.find_tokenizer looks for, and its suffix, which says how to read it (a GGUF tokenizer is the whole source
+    .gguf: its vocabulary lives in the metadata)."""
+    name = tokenizer_path.name
+    if not (name in ("tokenizer.model", "tokenizer.json", "tokenizer.gguf")
+            or (name.startswith("tok") and name.endswith(".model"))):
+        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(tokenizer_path.suffix, "tokenizer.model")
+
+    def write(tmp: Path) -> None:
+        _write_own(sliced, tmp, kind="pruned")
+        shutil.copyfile(tokenizer_path, tmp / name)
+        if name == "tokenizer.json" and (tokenizer_path.parent / "tokenizer_config.json").is_file():  # BOS/EOS
+            shutil.copyfile(tokenizer_path.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    return atomic_write_folder(folder, write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,12 +576,6 @@ def _check_exportable(model: llama.Transformer, target: str) -> None:
         if layer.attention.head_mask is not None or layer.feed_forward.channel_mask is not None:
             raise ValueError(f"{target}: layer {l} still has pruning masks set; slice the model first "
                              "(loraprune.slice_model) so the file holds only the kept heads and channels")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _float32(t: Tensor) -> Tensor:
@@ -406,10 +663,8 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         return qtype
 
     tokenizer_fields = gguf_tokenizer_fields(tokenizer_path, a.vocab_size)  # refused before anything is written
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(out_path.stem)
         writer.add_file_type(file_type)
@@ -446,12 +701,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
             assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} != {shape}"
             writer.write_tensor_data(gguf.quants.quantize(w.numpy(), type_of(shape)))
         writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file follows the umask
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    return atomic_write(out_path, write)
 
 
 def _varint(n: int) -> bytes:
@@ -650,23 +900,14 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
               "rope_theta": a.rope_theta, "rope_scaling": None, "max_position_embeddings": a.max_seq_len,
               "vocab_size": a.vocab_size, "tie_word_embeddings": a.tie_embeddings, "attention_bias": False,
               "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."), **special}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         for name, content in tokenizer_files.items():
             (tmp / name).write_bytes(content)
-        mask = _umask()
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a saved folder follows the umask
-        llama.replace_folder(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+    return atomic_write_folder(out_dir, write)
 
 
 def hf_tokenizer_files(tokenizer_path) -> tuple:

@@ -1,17 +1,13 @@
-"""LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes (so a pruned model is an ordinary
-model), and loading of Meta's original shards and our own format (Hugging Face, GGUF and llama2.c: formats.py;
-text generation with a KV cache: generate.py).
+"""LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes, so a pruned model is an ordinary
+model: config, RMSNorm and RoPE, LoRALinear, the KV cache attention writes into, attention, MLP, blocks, the
+transformer, and the LoRA / int8 helpers. Generation is in generate.py; every checkpoint format, reading and
+writing, in formats.py.
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
 Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
 """
-import json
 import math
-import os
-import shutil
-import struct
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -386,7 +382,7 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> int:
     and residual adds around the matmuls. Returns the number of distinct block shapes. Blocks of one shape share a
     graph, compiled once per mode (train or eval, grad or not, masks or none; with grad block 0 once more, as its
     input needs no grad); new mask values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static
-    shapes, as dynamic-shape kernels were slower than eager in our measurements: hence the raised recompile limit."""
+    shapes (dynamic=False): each shape and mode is a graph of its own, hence the raised recompile limit."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
@@ -437,217 +433,3 @@ def quantize_model(model: Transformer) -> Transformer:
         for lin in projections(model, l).values():
             lin.quantize_()
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# loading: Meta's original folders and our own. Each becomes (ModelArgs, {our name: zero-argument reader}) and goes
-# through one builder, so tensors are read one at a time (from mmap or safetensors' lazy reads) straight to the
-# target dtype/device. Hugging Face, GGUF and llama2.c files are read by formats.py (formats.load reads them all).
-
-
-def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = False) -> Transformer:
-    """Read our own folder or Meta's original folder (both hold params.json) into a Transformer on `device`. Weights
-    go to `dtype` (None: our own folders keep their saved dtype, Meta's become bfloat16); with int8=True the seven
-    projections of every block are quantized on the way in (quant8.py), one tensor at a time."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not (path / "params.json").is_file():
-        raise ValueError(f"{path}: llama.load_checkpoint reads folders with params.json (our own: format 'loraprune' "
-                         "+ model.safetensors; Meta's: consolidated.*.pth); for Hugging Face folders, GGUF and "
-                         "llama2.c files use formats.load")
-    if "format" in _read_json(path / "params.json"):
-        return load_own(path, device, dtype, int8)
-    args, readers = meta_readers(path)
-    return build_from_readers(args, readers, device, dtype or torch.bfloat16, int8, source=str(path))
-
-
-def build_from_readers(args: ModelArgs, readers: dict, device, dtype: Optional[torch.dtype], int8: bool,
-                       source: str) -> Transformer:
-    """Build on the meta device, read each tensor once, check its shape, cast, place (and quantize), assign."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    if int8:
-        quantize_model(model)  # on meta: empty int8 stores for the projections
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(".scales")}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    scales = {k for k in readers if k.endswith(".scales")}  # present only in our own int8 files
-    missing, unexpected = sorted(set(expected) - set(readers)), sorted(set(readers) - set(expected) - scales)
-    if missing or unexpected:
-        raise ValueError(f"{source}: tensors do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    state = {}
-    for name, meta in expected.items():
-        t = readers[name]()
-        if tuple(t.shape) != tuple(meta.shape):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
-        if meta.dtype == torch.int8 and t.is_floating_point():  # quantize from the file's precision, not bf16
-            state[name], state[name[: -len("weight")] + "scales"] = quant8.quantize(t.to(device))
-        else:
-            state[name] = t.to(device, dtype or t.dtype) if t.is_floating_point() else t.to(device)  # None: as saved
-    state.update({k: readers[k]().to(device) for k in scales})
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    for p in model.parameters():  # assign=True takes the loaded tensors' flags: the base weights are frozen
-        p.requires_grad_(False)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
-
-
-def _torch_load(path: Path) -> dict:
-    """Pickled weights, only ever with weights_only=True; mmap so the file is not copied into RAM."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # a corrupt or non-torch file: say which one
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-
-
-# --- Meta's original folder
-
-
-def meta_shard_dim(name: str) -> Optional[int]:
-    """The dim Meta's model-parallel layers split `name` on: 0 for column-parallel (wq wk wv w1 w3 output),
-    1 for row-parallel (wo w2) and the embedding (ParallelEmbedding splits the model dim), None if replicated."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.startswith("tok_embeddings.") or name.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return 0
-
-
-def meta_readers(folder: Path):
-    params = _read_json(folder / "params.json")
-    shard_paths = sorted(folder.glob("consolidated.*.pth"))
-    if not shard_paths:
-        raise FileNotFoundError(f"{folder}: params.json found but no consolidated.*.pth shards")
-    shards = [_torch_load(p) for p in shard_paths]  # mmap: nothing is read until a tensor is used
-    for p, s in zip(shard_paths, shards):
-        if set(s) - {"rope.freqs"} != set(shards[0]) - {"rope.freqs"}:
-            raise ValueError(f"{p}: holds different tensor names than {shard_paths[0]}")
-    mapped = {"layer": None}
-
-    def current_shards(name):
-        # Re-map the shards when the reader moves to the next layer: dropping the old mappings returns the file
-        # pages read so far, so the host holds at most one layer of the files on top of the model itself.
-        layer = name.split(".")[1] if name.startswith("layers.") else None
-        if layer != mapped["layer"]:
-            mapped["layer"] = layer
-            shards[:] = [None] * len(shards)
-            shards[:] = [_torch_load(p) for p in shard_paths]
-        return shards
-
-    def reader(name):
-        dim = meta_shard_dim(name)
-
-        def read():
-            parts = [s[name] for s in current_shards(name)]
-            return parts[0].clone() if dim is None else torch.cat(parts, dim=dim)  # a copy: no mapping kept
-        return read
-
-    readers = {name: reader(name) for name in shards[0] if name != "rope.freqs"}  # rope.freqs: recomputed
-    vocab = shards[0]["tok_embeddings.weight"].shape[0]
-    if params.get("vocab_size", -1) not in (-1, vocab):
-        raise ValueError(f"{folder}/params.json: vocab_size {params['vocab_size']} but the embedding has {vocab} rows")
-    params["vocab_size"] = vocab  # Meta leaves -1 here and takes it from the tokenizer; the tensor is the truth
-    args = ModelArgs.from_dict(params, source=str(folder / "params.json"))
-    hidden = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
-    if hidden != args.hidden_dim:
-        raise ValueError(f"{folder}: MLP width from params.json (dim {args.dim}, multiple_of {args.multiple_of}, "
-                         f"ffn_dim_multiplier {args.ffn_dim_multiplier}) is {args.hidden_dim}, the tensors have {hidden}")
-    return args, readers
-
-
-# ----------------------------------------------------------------------------------------------
-# our own format: model.safetensors + params.json {"format": "loraprune", "kind", "dtype", "int8", "args"}
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int8: "I8"}
-
-
-def write_safetensors(path: Path, specs: dict, read) -> None:
-    """A safetensors file written as a stream: the header from specs {name: (shape, dtype)}, then read(name) for one
-    tensor at a time, so the host never holds more than one tensor of the model (the format: 8-byte little-endian
-    header length, a JSON header of dtype, shape and byte offsets, then the raw little-endian bytes)."""
-    header, offset = {}, 0
-    for name, (shape, dtype) in specs.items():
-        n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:  # plain open(): the file follows the umask
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, (shape, dtype) in specs.items():
-            t = read(name).detach().to("cpu").contiguous()
-            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, tuple(t.shape), dtype, shape)
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            del t  # before the next read: one tensor at a time
-
-
-def replace_folder(tmp: Path, out_dir: Path) -> None:
-    """Put the complete folder `tmp` at `out_dir` by renames, so a reader sees the old folder or the new one."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def save_checkpoint(model: Transformer, out_dir, kind: str = "dense") -> Path:
-    """Write the model (LoRA merged into W on the way out, one tensor at a time) atomically: a temporary folder,
-    then a rename. `kind` tags what the weights are ('dense' or 'pruned'); int8 stores are written as int8 + scales.
-    Files and folder follow the umask."""
-    out_dir = Path(out_dir)
-    state = {name: t for name, t in model.state_dict().items()
-             if ".lora_" not in name and not (name == "output.weight" and model.args.tie_embeddings)}
-    merged = {name + ".weight": m for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.r}
-    int8 = any(t.dtype == torch.int8 for t in state.values())
-    if int8 and merged:
-        raise ValueError(f"{next(iter(merged))}: an int8 model with unmerged LoRA; make a float model with "
-                         "loraprune.slice_model (and llama.quantize_model for int8) first")
-    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}  # a merged W keeps W's shape and dtype
-    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in specs.values() if dtype != torch.int8})
-    args = asdict(model.args)
-    if args["layer_q_per_kv"] is None:  # written only when uneven: a uniform model's params.json stays as it was
-        del args["layer_q_per_kv"]
-    meta = {"format": "loraprune", "version": 1, "kind": kind, "int8": int8, "dtype": ",".join(dtypes), "args": args}
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this pid
-    tmp.mkdir(parents=True)  # not tempfile.mkdtemp: that makes the folder 0700 whatever the umask
-    try:
-        write_safetensors(tmp / "model.safetensors", specs,
-                          lambda name: merged[name].merged_weight() if name in merged else state[name])
-        (tmp / "params.json").write_text(json.dumps(meta, indent=2))
-        replace_folder(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
-
-
-def load_own(folder: Path, device, dtype: Optional[torch.dtype], int8: bool) -> Transformer:
-    """Our own folder; dtype None keeps each tensor's saved dtype."""
-    meta = _read_json(folder / "params.json")
-    if meta.get("format") != "loraprune" or meta.get("version") != 1:
-        raise ValueError(f"{folder}/params.json: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                         "expected 'loraprune' version 1")
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{folder}: params.json found but no model.safetensors")
-    from safetensors import safe_open
-    handle = safe_open(str(weights), framework="pt")
-    readers = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
-    args = ModelArgs.from_dict(meta["args"], source=str(folder / "params.json"))
-    return build_from_readers(args, readers, device, dtype, int8 or meta.get("int8", False), source=str(folder))

@@ -5,8 +5,8 @@ dense checkpoint and compare perplexity before and after.
     python run.py --ckpt ../shared/data/stories260K.bin --ratio 0.5 --steps 100 --batch-size 16 \
         --micro-batch-size 16 --seq-len 256 --lr 1e-3 --eval ../shared/data/tinystories-valid.txt --out out
 
-The method lives in loraprune.py, the model and checkpoints in llama.py, tokens and perplexity in data.py, the
-training loop (Sec. 4.1: AdamW, cosine decay, gradient accumulation; DDP; resume checkpoints) in train.py. This file
+The method lives in loraprune.py, the model in llama.py, checkpoints in formats.py, tokens and perplexity in data.py,
+the training loop (Sec. 4.1: AdamW, cosine decay, gradient accumulation; DDP; resume checkpoints) in train.py. This file
 holds the flags, in groups, and run(), a script of named steps: load, plan_pruning, evaluate_before, fine_tune,
 finish, write_report.
 Exit codes: 0 done; 2 bad input (one "error: ..." line on stderr, nothing half-written in --out); 1 the loss became
@@ -487,7 +487,7 @@ def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.R
     params_before, params_after = inputs.params, llama.count_params(sliced)
     out = Path(args.out)
     if ranks.main:
-        train.save_model(sliced, inputs.tokenizer_path, out / "model")
+        formats.save_model(sliced, inputs.tokenizer_path, out / "model")
         log(f"saved {out / 'model'}: {params_after:,} parameters ({params_before:,} before)")
         if args.gguf:
             formats.export_gguf(sliced, out / "model.gguf", ftype=args.gguf, tokenizer_path=inputs.tokenizer_path)
@@ -513,7 +513,7 @@ def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.R
 
 def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> None:
     """out/report.json, and the before/after table on the console."""
-    train.atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    formats.atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     log(f"\n{'eval set':<24}{'ppl before':>12}{'ppl after':>12}")
     for label in eval_sets:
         log(f"{label:<24}{report['ppl_before'][label]:>12.3f}{report['ppl_after'][label]:>12.3f}")

@@ -1,7 +1,7 @@
 """LoRAPrune's training loop (Algorithm 1 beside AdamW, Sec. 4.1) and what it needs: its settings, the learning-rate
 schedule and data order, forward + backward of a batch in micro-batches (with optional self-distillation from the
 frozen weights), the state a run advances with its resume checkpoint, evaluation, the torchrun / DDP helpers, and
-the log and files of an output folder.
+the log of an output folder (formats.py puts every file on disk: resume.pt through formats.atomic_write).
 
 run.py, bench/ and the studies call it; nothing here parses flags or reads sys.argv. A study can keep one loaded
 (and compiled) model and run many configurations on it one after another, each with fresh adapters and a fresh
@@ -19,9 +19,7 @@ import hashlib
 import inspect
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import formats
 import llama
 import loraprune
 
@@ -386,7 +385,7 @@ class Training:
         return [m for layer in self.pruner.masks for m in layer]
 
     def save(self, path: Path, config: dict, ranks: "Ranks", device: torch.device, **extra) -> None:
-        """Write the state to `path` (rank 0; atomic_write), with `config`, what a resume must match, and the
+        """Write the state to `path` (rank 0; formats.atomic_write), with `config`, what a resume must match, and the
         caller's `extra` values (run.py: the scores before training, the wall time so far). A collective under
         torchrun: every rank sends its dropout generator's state."""
         rng_per_rank = ranks.gather(rng_state(device))
@@ -397,7 +396,7 @@ class Training:
                  "pruner": self.pruner.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": rng_per_rank[0][0], "cuda_rng": rng_per_rank[0][1],
                  **({"rng_per_rank": rng_per_rank} if ranks.world > 1 else {})}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        formats.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def resume(self, path: Path, config: dict, ranks: "Ranks", device: torch.device, extra: tuple = ()) -> dict:
         """Continue from `path`, written by save() for the same `config` and as many processes; returns the saved
@@ -548,7 +547,7 @@ def score_tasks(model: llama.Transformer, tasks: Optional[dict], when: str, log:
 
 
 # ----------------------------------------------------------------------------------------------
-# the output folder: log, atomic writes, saved model
+# the output folder: log
 
 
 class Log:
@@ -612,46 +611,3 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise FileNotFoundError(f"--resume: expected {out / 'resume.pt'}, found no such file")
     if resume and (out / "report.json").exists():
         raise ValueError(f"--resume: the run in {out} has finished ({out / 'report.json'} exists); use another --out")
-
-
-def file_mode() -> int:
-    """The mode open() gives a new file: 0o666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) into a temporary file beside `path`, then os.replace: a reader sees the old or the new file.
-    The file gets the mode a plain open() would give (mkstemp makes it 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder: Path) -> None:
-    """The pruned checkpoint plus its tokenizer, under a temporary name first, so `folder` appears complete or not
-    at all. The tokenizer keeps a name data.find_tokenizer looks for, and its suffix, which says how to read it (a
-    GGUF tokenizer is the whole source .gguf: its vocabulary lives in the metadata)."""
-    name = tokenizer_path.name
-    if not (name in ("tokenizer.model", "tokenizer.json", "tokenizer.gguf")
-            or (name.startswith("tok") and name.endswith(".model"))):
-        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(tokenizer_path.suffix, "tokenizer.model")
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    try:
-        llama.save_checkpoint(sliced, tmp, kind="pruned")
-        shutil.copyfile(tokenizer_path, tmp / name)
-        if name == "tokenizer.json" and (tokenizer_path.parent / "tokenizer_config.json").is_file():  # BOS/EOS
-            shutil.copyfile(tokenizer_path.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
-        if folder.exists():  # only on --resume after a crash between saving and the report
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -7,7 +7,7 @@ Three parts, each selectable with --only:
   forward  2048-token forward (no grad) of the dense model, int8 W0, and models sliced at 20% / 50% with per-layer
            sizes from loraprune.prune_counts (channel_multiple 1, 8, 64, 128), against HF LlamaForCausalLM at the
            uniform mean shapes, plus our model at the anchor's uniform shapes (26 / 8806, 16 / 5504).
-  load     write a two-shard Meta checkpoint once, then time llama.load_checkpoint (bf16 and int8) in a fresh
+  load     write a two-shard Meta checkpoint once, then time formats.load (bf16 and int8) in a fresh
            subprocess each: wall time, host peak RSS over the pre-load baseline, GPU peak.
 
 Prints one JSON line per measurement and a markdown table at the end, which is also appended to --out.
@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune, quant8
+import formats  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import quant8  # noqa: E402
@@ -424,7 +425,7 @@ META_PARAMS_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32
 @torch.no_grad()
 def write_meta_checkpoint(args: llama.ModelArgs, folder: Path, dev: Device, n_shards: int = 2) -> dict:
     """Meta's layout from random bf16 weights: params.json and consolidated.0k.pth, each tensor split on
-    llama.meta_shard_dim (norms replicated). One shard at a time is held in host memory; every tensor is drawn on
+    formats.meta_shard_dim (norms replicated). One shard at a time is held in host memory; every tensor is drawn on
     the device from its own seed, so each shard redraws the same full tensor and keeps its slice."""
     folder.mkdir(parents=True, exist_ok=True)
     params = META_PARAMS_7B if args == llama.ModelArgs() else {
@@ -442,7 +443,7 @@ def write_meta_checkpoint(args: llama.ModelArgs, folder: Path, dev: Device, n_sh
                 full.fill_(1.0)
             else:
                 full.normal_(0, 0.02, generator=torch.Generator(dev.type).manual_seed(i))
-            dim = llama.meta_shard_dim(name)
+            dim = formats.meta_shard_dim(name)
             part = full if dim is None else full.chunk(n_shards, dim=dim)[s]
             shard[name] = part.contiguous().cpu()
         shard["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2)[: args.head_dim // 2]
@@ -491,7 +492,7 @@ def load_child(folder: str, device: str, int8: bool):
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     t0 = time.perf_counter()
-    model = llama.load_checkpoint(folder, device=device, dtype=torch.bfloat16, int8=int8)
+    model = formats.load(folder, device=device, dtype=torch.bfloat16, int8=int8)
     dev.sync()
     wall = time.perf_counter() - t0
     stop.set()

@@ -170,7 +170,7 @@ def convert(gguf: Path, folder: Path) -> Path:
     """The GGUF dequantized once (float32) into our own format, so no run repeats it."""
     t0 = time.time()
     model = formats.load(gguf, dtype=torch.float32)
-    llama.save_checkpoint(model, folder)
+    formats.save_checkpoint(model, folder)
     print(f"converted {gguf.name} to {folder} in {time.time() - t0:.1f}s: "
           f"{describe(model.args, llama.count_params(model))}", flush=True)
     return folder
@@ -219,7 +219,7 @@ def one_run(argv: list, out: Path, base, ev: dict) -> dict:
     t0 = time.time()
     result["run_py_ppl"] = {"before": result.pop("ppl_before"), "after": result.pop("ppl_after")}
     result["ppl_pruned"], result["note"] = pruned_perplexities(base, result["pruned"], ev)
-    sliced = llama.load_checkpoint(out / "model", device=ev["device"], dtype=ev["dtype"])
+    sliced = formats.load(out / "model", device=ev["device"], dtype=ev["dtype"])
     result["ppl_after"] = perplexities(sliced, ev["sets"], ev["seq_len"], ev["batch_size"], ev["device"])
     report = json.loads((out / "report.json").read_text())
     result["peak_gpu_gib"], result["run_s"] = report["peak_gpu_memory_gib"], result["wall_s"]

@@ -12,6 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `import data`, `import llama`
 
+import llama  # noqa: E402  (after the path above)
+
 
 def shared_file(name: str) -> Path:
     """data_dir()/name; if it is missing, fail under CI=true (never skip there), otherwise skip."""
@@ -215,26 +217,40 @@ def write_tokenizer_gguf(path, tok, pre: str = "gpt-2", add_bos: bool = True):
     return path
 
 
-# tiny models (test_llama, test_generate), tiny models with gradients, and brute-force group sums (test_loraprune.py;
-# llama and loraprune are imported inside each helper, as data is above)
+# tiny models (test_llama, test_generate, test_formats, test_loraprune) and brute-force group sums (test_loraprune;
+# loraprune is imported inside each helper, as data is above)
+
+GQA_UNIFORM = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40,
+                              max_seq_len=64)  # 6 heads over 3 kv heads (n_rep 2), every layer the same shape
 
 
-def tiny_args(**overrides):
+def tiny_args(**overrides) -> llama.ModelArgs:
     """dim 64, 2 layers, 4 heads over 2 kv heads (GQA), MLP 96, vocab 128."""
-    import llama
     kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, max_seq_len=64)
     return llama.ModelArgs(**{**kw, **overrides})
 
 
-def tiny_model(seed: int = 0, **overrides):
+def tiny_model(seed: int = 0, **overrides) -> llama.Transformer:
     """A tiny_args model with randomize_'s weights, in eval mode, no LoRA."""
-    import llama
     return randomize_(llama.Transformer(tiny_args(**overrides)), seed).eval()
+
+
+def lora_linears(model) -> dict:
+    """{module name: LoRALinear} of every projection."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, llama.LoRALinear)}
+
+
+def randomize_lora_B_(model, seed: int):
+    """Every adapter's B drawn N(0, 0.2^2) (fresh adapters have B = 0, which hides every LoRA term)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_linears(model).values():
+            if m.r:
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
 
 
 def random_model(args, r=4, seed=0, lora_b=0.1):
     """A model with random weights and LoRA whose B is nonzero (so every term of Eq. 10 is exercised)."""
-    import llama
     torch.manual_seed(seed)
     model = llama.Transformer(args)
     for p in model.parameters():
@@ -268,7 +284,6 @@ def loss_and_grads(model, seed=1, T=16, B=2):
 
 def full_importance(model, l, criterion):
     """Every projection's whole (out, in) importance map of layer l: Eq. 10 ('lora') or W^2 ('magnitude')."""
-    import llama
     import loraprune as lp
     full = {}
     for name, lin in llama.projections(model, l).items():

@@ -1,8 +1,12 @@
-"""Tests for formats.py: every reader gives transformers' logits (Hugging Face folders, GGUF files as llama.cpp
-writes them), the real files in shared/data (llama2.c's stories260K, tiny-random-llama-2), formats.load's choice of
-reader, and the readers' error messages. Tiny models on CPU, float32, seeded, no network."""
+"""Tests for formats.py: every reader gives transformers' logits (Meta's shards, Hugging Face folders, GGUF files as
+llama.cpp writes them), the real files in shared/data (llama2.c's stories260K, tiny-random-llama-2), formats.load's
+choice of reader, the readers' error messages, our own format's save -> load round trip, the atomic writes and the
+umask, and the GGUF and Hugging Face exports read back by llama.cpp and transformers. Tiny models on CPU, float32,
+seeded, no network."""
 import json
+import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +14,9 @@ import torch
 import formats
 import generate
 import llama
-from conftest import (ROPE_THETA, greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, meta_to_hf_rows, our_logits,
-                      shared_file, tokens, train_bpe, write_llama_gguf)
+from conftest import (GQA_UNIFORM, ROPE_THETA, greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, lora_linears,
+                      meta_to_hf_rows, our_logits, random_model, randomize_lora_B_, shared_file, tiny_model, tokens,
+                      train_bpe, write_llama_gguf)
 from data import Tokenizer
 from llama import Transformer
 
@@ -29,6 +34,118 @@ def gguf_hf_model(vocab: int, tied: bool, seed: int = 0):
 def logits_both(hf, ours, ids):
     with torch.no_grad():
         return hf(input_ids=ids).logits, ours(ids)  # (B, T, V) each
+
+
+# --- Hugging Face -> Meta, written independently of formats.py's tables
+
+HF_TO_META_PARTS = [  # substring replacements, applied in order
+    ("model.embed_tokens.", "tok_embeddings."), ("lm_head.", "output."), ("model.norm.", "norm."),
+    ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+    ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+    ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3"),
+    ("post_attention_layernorm", "ffn_norm"), ("input_layernorm", "attention_norm"),
+]
+
+# how Meta's model-parallel layers split each tensor (fairscale ColumnParallelLinear / RowParallelLinear /
+# ParallelEmbedding in meta-llama/llama model.py); None = replicated on every shard
+SHARD_DIM_BY_KIND = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+                     "wo": 1, "w2": 1, "tok_embeddings": 1,
+                     "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def expected_shard_dim(name: str):
+    return SHARD_DIM_BY_KIND[name.split(".")[-2]]  # 'layers.0.attention.wq.weight' -> 'wq'
+
+
+def hf_state_to_meta(hf, n_heads: int, n_kv_heads: int) -> dict:
+    meta = {}
+    for name, t in hf.state_dict().items():
+        for old, new in HF_TO_META_PARTS:
+            name = name.replace(old, new)
+        if name.endswith("wq.weight"):
+            t = hf_to_meta_rows_by_index(t, n_heads)
+        elif name.endswith("wk.weight"):
+            t = hf_to_meta_rows_by_index(t, n_kv_heads)
+        meta[name] = t.detach().clone()
+    return meta
+
+
+def write_meta_folder(folder, state: dict, n_shards: int, params: dict, rope_freqs: bool = False):
+    """consolidated.NN.pth shards split the way Meta's model-parallel ranks hold them, plus params.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank in range(n_shards):
+        shard = {}
+        for name, t in state.items():
+            dim = expected_shard_dim(name)
+            if dim is not None:
+                assert t.shape[dim] % n_shards == 0, f"test setup: {name} {tuple(t.shape)} does not split {n_shards}"
+            shard[name] = t.clone() if dim is None else t.chunk(n_shards, dim)[rank].clone()
+        if rope_freqs:  # LLaMA-1 shards carry this buffer; the loader recomputes RoPE instead
+            shard["rope.freqs"] = torch.zeros(8)
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def meta_params(dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier=None, rope_theta=10000.0):
+    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1,
+                multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=1e-5, rope_theta=rope_theta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta's original shards: logits equal transformers' LlamaForCausalLM
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
+def test_meta_two_shards_match_transformers(tmp_path, rope_theta):
+    # dim 64, multiple_of 32: int(2 * 256 / 3) = 170 -> 192, the MLP width Meta derives
+    hf = hf_model(seed=2, intermediate_size=192, rope_theta=rope_theta)
+    state = hf_state_to_meta(hf, n_heads=4, n_kv_heads=2)
+    write_meta_folder(tmp_path, state, 2, meta_params(64, 2, 4, 2, multiple_of=32, rope_theta=rope_theta),
+                      rope_freqs=True)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    assert (ours.args.hidden_dim, ours.args.vocab_size) == (192, 128)
+    ids = tokens(128, T=20)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_ffn_dim_multiplier_matches_transformers(tmp_path):
+    # int(0.5 * 170) = 85 -> 96 with multiple_of 32: the Llama-2-70B / Llama-3 path of Meta's derivation
+    hf = hf_model(seed=4, intermediate_size=96)
+    write_meta_folder(tmp_path, hf_state_to_meta(hf, 4, 2), 2,
+                      meta_params(64, 2, 4, 2, multiple_of=32, ffn_dim_multiplier=0.5))
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_three_shards_match_transformers(tmp_path):
+    # every split size divides by 3: dim 96, 6 heads / 3 kv heads of 16, vocab 126,
+    # MLP int(2 * 384 / 3) = 256 -> 288 with multiple_of 48
+    hf = hf_model(seed=5, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=288,
+                  vocab_size=126)
+    write_meta_folder(tmp_path, hf_state_to_meta(hf, 6, 3), 3, meta_params(96, 2, 6, 3, multiple_of=48))
+    ours = formats.load(tmp_path, dtype=torch.float32)
+    assert (ours.args.dim, ours.args.hidden_dim, ours.args.vocab_size) == (96, 288, 126)
+    ids = tokens(126, T=16)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_shard_dim_rule_and_fake_shards_concatenate_back(tmp_path):
+    model = tiny_model(seed=6, hidden_dim=192, multiple_of=32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in state:
+        assert formats.meta_shard_dim(name) == expected_shard_dim(name), name
+    write_meta_folder(tmp_path, state, 2, meta_params(64, 2, 4, 2, multiple_of=32))
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    assert shard["layers.0.attention.wo.weight"].shape == (64, 32)  # really split, on the right dim
+    assert shard["tok_embeddings.weight"].shape == (128, 32)
+    assert shard["output.weight"].shape == (64, 64)
+    loaded = formats.load(tmp_path, dtype=torch.float32).state_dict()
+    assert loaded.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(loaded[name], t), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,14 +345,6 @@ def test_folder_with_no_known_format(tmp_path):
         formats.load(tmp_path / "model.pt")  # a file is read by its extension: .gguf or .bin
 
 
-def test_llama_load_checkpoint_points_to_formats_load(tmp_path):
-    """llama.py reads only folders with params.json (ours, Meta's); for anything else it names formats.load."""
-    hf_model().save_pretrained(tmp_path / "hf", safe_serialization=True)
-    for path in (tmp_path / "hf", shared_file("stories260K.bin")):
-        with pytest.raises(ValueError, match="formats.load"):
-            llama.load_checkpoint(path)
-
-
 def test_truncated_llama2c_bin(tmp_path):
     # a valid legacy header: dim 8, hidden 16, 1 layer, 2 heads, 2 kv heads, shared vocab 10, seq_len 4
     header = struct.pack("7i", 8, 16, 1, 2, 2, 10, 4)
@@ -293,6 +402,283 @@ def test_gguf_errors(tmp_path):
         formats.load(broken)
 
 
+def meta_folder(tmp_path, **param_overrides):
+    """A valid two-shard Meta folder of the tiny model (MLP 192 = Meta's width for dim 64, multiple_of 32)."""
+    model = tiny_model(seed=15, hidden_dim=192)
+    params = {**meta_params(64, 2, 4, 2, multiple_of=32), **param_overrides}
+    return write_meta_folder(tmp_path / "meta", dict(model.state_dict()), 2, params)
+
+
+def test_meta_folder_fixture_loads(tmp_path):
+    formats.load(meta_folder(tmp_path), dtype=torch.float32)  # so the failures below are the edits
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        formats.load(tmp_path / "nowhere")
+
+
+def test_params_json_unknown_key(tmp_path):
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        formats.load(meta_folder(tmp_path, use_scaled_rope=True))
+    out = formats.save_checkpoint(tiny_model(), tmp_path / "own")
+    meta = json.loads((out / "params.json").read_text())
+    meta["args"]["n_experts"] = 8
+    (out / "params.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="n_experts"):
+        formats.load(out)
+
+
+def test_shard_with_wrong_shaped_tensor(tmp_path):
+    folder = meta_folder(tmp_path)
+    shard = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    shard["layers.1.attention.wo.weight"] = shard["layers.1.attention.wo.weight"][:, :24].clone()  # 32 -> 24 columns
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="layers.1.attention.wo.weight") as e:
+        formats.load(folder)
+    assert "(64, 56)" in str(e.value) and "(64, 64)" in str(e.value)
+
+
+def test_meta_hidden_dim_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="MLP width") as e:
+        formats.load(meta_folder(tmp_path, multiple_of=256))  # derives 256, the tensors have 192
+    assert "256" in str(e.value) and "192" in str(e.value)
+
+
+def test_meta_shards_with_different_names(tmp_path):
+    folder = meta_folder(tmp_path)
+    shard = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    del shard["norm.weight"]
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="consolidated.01.pth"):
+        formats.load(folder)
+
+
+def test_corrupt_pth(tmp_path):
+    folder = meta_folder(tmp_path)
+    (folder / "consolidated.00.pth").write_bytes(b"not a zip archive, not a pickle" * 10)
+    with pytest.raises(ValueError, match="consolidated.00.pth"):
+        formats.load(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# our own format: save -> load
+
+
+def assert_same_state(a: Transformer, b: Transformer):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "per_layer_sizes", "tied"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, dtype, variant):
+    extra = {"plain": {}, "tied": {"tie_embeddings": True},
+             "per_layer_sizes": {"layer_kv_heads": [2, 1], "layer_hidden_dims": [96, 40]}}[variant]
+    model = tiny_model(seed=7, **extra).to(dtype)
+    out = formats.save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((out / "params.json").read_text())
+    assert meta["format"] == "loraprune" and meta["kind"] == "dense"
+    loaded = formats.load(out, dtype=dtype).eval()
+    assert loaded.args == model.args
+    assert_same_state(model, loaded)
+    ids = tokens(128)
+    assert torch.equal(our_logits(loaded, ids), our_logits(model, ids))
+    if variant == "per_layer_sizes":
+        assert loaded.layers[1].attention.wq.weight.shape == (32, 64)  # 1 kv group of 2 query heads of 16
+        assert loaded.layers[1].feed_forward.w2.weight.shape == (64, 40)
+    if variant == "tied":
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+        from safetensors import safe_open
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            assert "output.weight" not in f.keys()  # stored once
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
+    first, second = tiny_model(seed=8), tiny_model(seed=9)
+    formats.save_checkpoint(first, tmp_path / "ckpt")
+    formats.save_checkpoint(second, tmp_path / "ckpt")  # overwrite an existing folder
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or .old folders left behind
+    assert_same_state(second, formats.load(tmp_path / "ckpt", dtype=torch.float32))
+
+    write = formats.write_safetensors
+
+    def disk_full_after_three_tensors(path, specs, read):
+        count = []
+        def read_or_fail(name):
+            count.append(name)
+            if len(count) > 3:
+                raise OSError("disk full")
+            return read(name)
+        write(path, specs, read_or_fail)
+
+    monkeypatch.setattr(formats, "write_safetensors", disk_full_after_three_tensors)
+    with pytest.raises(OSError, match="disk full"):
+        formats.save_checkpoint(first, tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the failed write left nothing behind...
+    assert_same_state(second, formats.load(tmp_path / "ckpt", dtype=torch.float32))  # ...and kept the old
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = formats.save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {"ckpt": 0o750, "model.safetensors": 0o640, "params.json": 0o640}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_streamed_safetensors_file_reads_back_with_the_safetensors_package(tmp_path):
+    """Our own writer against the reference reader: every dtype we store, tensors of odd byte sizes."""
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.randint(-127, 128, (2, 3), generator=g).to(torch.int8),
+               "d": torch.randn(1, 3, generator=g).to(torch.float16), "e": torch.randn(2, generator=g).double()}
+    formats.write_safetensors(tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                            tensors.__getitem__)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_own_checkpoint_keeps_its_dtype_unless_asked(tmp_path, dtype):
+    model = tiny_model(seed=7).to(dtype)
+    out = formats.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = formats.load(out)  # dtype=None: as saved
+    assert_same_state(model, loaded)
+    assert {t.dtype for t in loaded.state_dict().values()} == {dtype}
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    assert {t.dtype for t in formats.load(out, dtype=other).state_dict().values()} == {other}
+
+
+def test_other_formats_default_to_bfloat16(tmp_path):
+    folder = meta_folder(tmp_path)  # float32 shards
+    assert torch.load(folder / "consolidated.00.pth", weights_only=True)["norm.weight"].dtype == torch.float32
+    assert {t.dtype for t in formats.load(folder).state_dict().values()} == {torch.bfloat16}
+
+
+def test_lora_model_saves_merged(tmp_path):
+    model = tiny_model(seed=10)
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, llama.LoRALinear) and m.r:
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    wq = model.layers[0].attention.wq
+    by_hand = wq.weight.double() + 2.0 * wq.lora_B.double() @ wq.lora_A.double()  # s = alpha / r = 2
+    ids = tokens(128)
+    expected = our_logits(model, ids)
+    formats.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = formats.load(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert all(m.r == 0 and m.lora_A is None for m in loaded.modules() if isinstance(m, llama.LoRALinear))
+    torch.testing.assert_close(loaded.layers[0].attention.wq.weight.double(), by_hand, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(loaded.layers[0].attention.wq.weight, wq.weight)  # B mattered
+    torch.testing.assert_close(our_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_holds_one_merged_tensor_at_a_time(tmp_path, monkeypatch):
+    """Every merged LoRA weight is made when the writer asks for it and dropped before the next one is made."""
+    import weakref
+    model = tiny_model(seed=31)
+    llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
+    randomize_lora_B_(model, 7)
+    expected = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in lora_linears(model).items():
+        expected[name + ".weight"] = m.merged_weight()
+    write, made = formats.write_safetensors, []
+
+    def watching(path, specs, read):
+        def read_and_watch(name):
+            assert all(ref() is None for ref in made), "an earlier merged tensor is still alive"
+            t = read(name)
+            if name.endswith(".weight") and name.rsplit(".", 1)[0] in lora_linears(model):
+                made.append(weakref.ref(t.untyped_storage()))  # dies with the memory, not with this view
+            return t
+        write(path, specs, read_and_watch)
+
+    monkeypatch.setattr(formats, "write_safetensors", watching)
+    out = formats.save_checkpoint(model, tmp_path / "ckpt")
+    assert len(made) == 7 * 2
+    from safetensors.torch import load_file
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored.keys() == expected.keys()
+    for k, t in expected.items():
+        assert torch.equal(stored[k], t), k
+
+
+def test_old_params_json_without_the_field_loads(tmp_path):
+    model = random_model(GQA_UNIFORM, r=0)
+    out = formats.save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((out / "params.json").read_text())
+    assert "layer_q_per_kv" not in meta["args"]  # a uniform model writes params.json as before the field
+    # the params.json of the version before this field, written out key by key
+    meta["args"] = {"dim": 48, "n_layers": 4, "n_heads": 6, "n_kv_heads": 3, "vocab_size": 64, "hidden_dim": 40,
+                    "multiple_of": 256, "ffn_dim_multiplier": None, "head_dim": 8, "norm_eps": 1e-5,
+                    "rope_theta": 10000.0, "max_seq_len": 64, "tie_embeddings": False,
+                    "layer_kv_heads": [3, 3, 3, 3], "layer_hidden_dims": [40, 40, 40, 40]}
+    (out / "params.json").write_text(json.dumps(meta))
+    loaded = formats.load(out, dtype=torch.float32)
+    assert loaded.args == GQA_UNIFORM and loaded.args.layer_q_per_kv is None
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes and the umask (every file and folder the project saves)
+
+
+def test_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
+    """The file appears with the mode open() would give it (0o666 less the umask, not mkstemp's 0600), replaces an
+    older one, and a failed write leaves the older one and no temporary file; file_mode restores the umask it reads."""
+    path = tmp_path / "sub" / "report.json"
+    old = os.umask(0o027)
+    try:
+        assert (formats.file_mode(), formats.file_mode(folder=True)) == (0o640, 0o750)
+        assert os.umask(0o027) == 0o027  # file_mode put the umask back
+        formats.atomic_write(path, lambda tmp: Path(tmp).write_text("first"))
+        assert formats.atomic_write(path, lambda tmp: Path(tmp).write_text("second")) == path
+    finally:
+        os.umask(old)
+    assert path.read_text() == "second" and path.stat().st_mode & 0o777 == 0o640
+
+    def half_then_full_disk(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        formats.atomic_write(path, half_then_full_disk)
+    assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_atomic_write_folder_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    """A folder and its files get mkdir's and open()'s modes under the umask (mkdtemp makes the folder 0700); a new
+    write replaces the whole old folder; a failed one leaves the old folder as it was and nothing beside it."""
+    folder = tmp_path / "model"
+    old = os.umask(0o027)
+    try:
+        formats.atomic_write_folder(folder, lambda tmp: (tmp / "a.txt").write_text("a"))
+        assert formats.atomic_write_folder(folder, lambda tmp: (tmp / "b.txt").write_text("b")) == folder
+    finally:
+        os.umask(old)
+    assert [p.name for p in folder.iterdir()] == ["b.txt"] and (folder / "b.txt").read_text() == "b"
+    assert folder.stat().st_mode & 0o777 == 0o750 and (folder / "b.txt").stat().st_mode & 0o777 == 0o640
+
+    def half_then_full_disk(tmp):
+        (tmp / "c.txt").write_text("c")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        formats.atomic_write_folder(folder, half_then_full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["b.txt"]
+
+
 # ----------------------------------------------------------------------------------------------
 # GGUF export, run by a real llama.cpp (llama-cpp-python)
 
@@ -302,7 +688,6 @@ CPP_TYPE_TOLERANCE = {"f16": 0.1, "bf16": 0.5, "q8_0": 1.0}  # measured 0.03, 0.
 
 def llama_cpp_module():
     """llama_cpp, or a failure under CI=true (CI must run these tests), else a skip."""
-    import os
     try:
         import llama_cpp
     except ImportError as e:
@@ -470,7 +855,6 @@ def test_gguf_export_of_a_gguf_copies_its_tokenizer(tmp_path, tied):
 
 
 def test_gguf_export_is_atomic_and_follows_the_umask(tmp_path, monkeypatch):
-    import os
     model = stories("uniform")
     old = os.umask(0o027)
     try:
@@ -553,7 +937,6 @@ def test_hf_export_round_trips_through_transformers(tmp_path, source):
 def test_hf_export_refuses_per_layer_shapes_and_is_atomic(tmp_path):
     """A model whose layers differ gets a one-line ValueError naming the layer and pointing to GGUF; nothing is
     written, and an existing export is kept. The folder follows the umask."""
-    import os
     old = os.umask(0o027)
     try:
         out = formats.export_hf(stories("uniform"), tmp_path / "hf")

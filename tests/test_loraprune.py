@@ -13,14 +13,12 @@ import data
 import formats
 import llama
 import loraprune as lp
-from conftest import (brute_force_group_scores, full_importance, loss_and_grads, query_masks,
+from conftest import (GQA_UNIFORM, brute_force_group_scores, full_importance, loss_and_grads, query_masks,
                       random_model, shared_file)
 
 MHA = llama.ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=64)
 GQA = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40, max_seq_len=64,
                       layer_kv_heads=[3, 2, 1, 3], layer_hidden_dims=[40, 24, 7, 33])
-GQA_UNIFORM = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40,
-                              max_seq_len=64)
 UNEVEN = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40, max_seq_len=64,
                          layer_kv_heads=[3, 2, 1, 3], layer_q_per_kv=[[2, 1, 2], [1, 2], [1], [2, 2, 2]],
                          layer_hidden_dims=[40, 24, 7, 33])
@@ -715,11 +713,11 @@ def test_sliced_uneven_stories260k_saves_and_reloads_identically(tmp_path, int8)
         torch.testing.assert_close(sliced(x), masked, rtol=1e-5, atol=1e-5)
     if int8:
         llama.quantize_model(sliced)
-    out = llama.save_checkpoint(sliced, tmp_path / "uneven", kind="pruned")
+    out = formats.save_checkpoint(sliced, tmp_path / "uneven", kind="pruned")
     meta = json.loads((out / "params.json").read_text())
     assert meta["args"]["layer_q_per_kv"] == sliced.args.layer_q_per_kv
     assert any(len(set(c)) > 1 for c in meta["args"]["layer_q_per_kv"])
-    loaded = llama.load_checkpoint(out, dtype=torch.float32)
+    loaded = formats.load(out, dtype=torch.float32)
     assert loaded.args == sliced.args
     with torch.no_grad():
         assert torch.equal(loaded(x), sliced(x))

@@ -306,7 +306,7 @@ def test_quantize_model_merges_lora_in_float32(int8):
 
 def test_save_and_load_int8_checkpoint(tmp_path):
     model = _load(int8=True)
-    out = llama.save_checkpoint(model, tmp_path / "int8", kind="dense")
+    out = formats.save_checkpoint(model, tmp_path / "int8", kind="dense")
     meta = json.loads((out / "params.json").read_text())
     assert meta["int8"] is True
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -317,7 +317,7 @@ def test_save_and_load_int8_checkpoint(tmp_path):
     assert sum(t.dtype == torch.int8 for t in stored.values()) == n_proj
     assert sum(k.endswith(".scales") for k in stored) == n_proj
 
-    loaded = llama.load_checkpoint(out, dtype=torch.float32)
+    loaded = formats.load(out, dtype=torch.float32)
     assert _is_int8(loaded)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -329,7 +329,7 @@ def test_save_and_load_int8_checkpoint(tmp_path):
 
     llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)
     with pytest.raises(ValueError, match="int8"):
-        llama.save_checkpoint(model, tmp_path / "int8-lora")
+        formats.save_checkpoint(model, tmp_path / "int8-lora")
     assert not (tmp_path / "int8-lora").exists()
 
 

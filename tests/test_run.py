@@ -57,7 +57,7 @@ def finished(tmp_path_factory):
 
 def test_saved_model_reloads_and_matches_report(finished):
     out, report = finished
-    model = llama.load_checkpoint(out / "model", dtype=torch.float32)
+    model = formats.load(out / "model", dtype=torch.float32)
     assert llama.count_params(model) == report["params_after"]
     assert report["ratio_achieved"] == pytest.approx(1 - report["params_after"] / report["params_before"])
     assert abs(report["ratio_achieved"] - 0.5) < 0.01
@@ -160,7 +160,7 @@ def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsy
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # the report and the saved model agree, and the ratio counts the kv rows exactly
     assert ra["args"]["head_unit"] == "query" and abs(ra["ratio_achieved"] - 0.5) < 0.01
-    model = llama.load_checkpoint(a / "model", dtype=torch.float32)
+    model = formats.load(a / "model", dtype=torch.float32)
     assert llama.count_params(model) == ra["params_after"]
     assert [model.args.q_per_kv(l) for l in range(model.args.n_layers)] == ra["q_per_kv_per_layer"]
     assert model.args.layer_kv_heads == ra["kv_heads_per_layer"]
@@ -283,7 +283,7 @@ def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
     assert report["pruned_layers"] == [1, 3] and report["ppl_after"] == {}
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     assert report["kv_heads_per_layer"][0] == report["kv_heads_per_layer"][2] == 4
-    assert llama.count_params(llama.load_checkpoint(out / "model")) == report["params_after"]
+    assert llama.count_params(formats.load(out / "model")) == report["params_after"]
 
 
 @pytest.mark.parametrize("ckpt_format", ["gguf", "own"])
@@ -297,11 +297,11 @@ def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_form
     src = write_llama_gguf(tmp_path / "tiny.gguf", hf, tok, pre="smollm")
     argv = ["--ckpt", str(src)]
     if ckpt_format == "own":
-        argv = ["--ckpt", str(llama.save_checkpoint(formats.load(src, dtype=torch.float32), tmp_path / "own")),
+        argv = ["--ckpt", str(formats.save_checkpoint(formats.load(src, dtype=torch.float32), tmp_path / "own")),
                 "--tokenizer", str(src)]
     assert run.main(argv + ["--ratio", "0", "--steps", "0", "--eval", "", "--out", str(tmp_path / "out")]) == 0
     folder = tmp_path / "out" / "model"
-    found = data.find_tokenizer(folder, llama.load_checkpoint(folder).args.vocab_size)
+    found = data.find_tokenizer(folder, formats.load(folder).args.vocab_size)
     assert found == folder / "tokenizer.gguf"
     assert Tokenizer(found).encode(TEXT, eos=True) == Tokenizer(src).encode(TEXT, eos=True)
 
