@@ -249,6 +249,18 @@ def randomize_lora_B_(model, seed: int):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
 
 
+def saved_for_backward(fn):
+    """(fn(), [every tensor autograd saved for its backward, in order]): a saved_tensors_hooks probe."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
 def random_model(args, r=4, seed=0, lora_b=0.1):
     """A model with random weights and LoRA whose B is nonzero (so every term of Eq. 10 is exercised)."""
     torch.manual_seed(seed)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from conftest import lora_linears, our_logits, random_model, randomize_lora_B_, tiny_model, tokens
+from conftest import (lora_linears, our_logits, random_model, randomize_lora_B_, saved_for_backward, tiny_model,
+                      tokens)
 from llama import ModelArgs
 
 
@@ -267,15 +268,11 @@ def test_compiled_blocks_match_eager_and_checkpointing_drops_activations():
     F_dim = model.args.hidden_dim
 
     def run():
-        wide = []
-        def pack(t):
-            if t.dim() == 3 and t.shape[-1] == F_dim:
-                wide.append(tuple(t.shape))
-            return t
         for p in params:
             p.grad = None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss, saved = saved_for_backward(lambda: F.cross_entropy(model(ids)[:, :-1].flatten(0, 1),
+                                                                 ids[:, 1:].flatten()))
+        wide = [tuple(t.shape) for t in saved if t.dim() == 3 and t.shape[-1] == F_dim]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params], wide
 

@@ -10,7 +10,7 @@ import formats
 import llama
 import loraprune
 import quant8
-from conftest import shared_file
+from conftest import saved_for_backward, shared_file
 from llama import LoRALinear
 from quant8 import Int8Matmul, dequantize, int8_linear, int8_matmul, quantization_error, quantize
 
@@ -130,12 +130,7 @@ def test_int8_matmul_backward_saves_no_float_copy_of_w():
     x = torch.randn(2, 7, in_features, generator=g, requires_grad=True)
 
     def saved_by(fn):
-        saved = []
-        def pack(t):
-            saved.append(t)
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fn()
+        y, saved = saved_for_backward(fn)
         y.sum().backward()  # the saved tensors are usable
         return saved
 
@@ -352,19 +347,15 @@ def test_compiled_int8_model_matches_eager_and_saves_no_float_w():
     x = torch.randint(0, args.vocab_size, (3, 8))  # B*T = 21: no activation has a weight's shape
 
     def grads_and_saved():
-        saved, wide = [], []
-        def pack(t):
-            if t.is_floating_point() and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes):
-                saved.append(tuple(t.shape))
-            if t.dim() == 3 and t.shape[-1] == args.hidden_dim:
-                wide.append(tuple(t.shape))
-            return t
         for p in params:
             p.grad = None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss, saved = saved_for_backward(
+            lambda: torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()))
+        w_shaped = [tuple(t.shape) for t in saved
+                    if t.is_floating_point() and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes)]
+        wide = [tuple(t.shape) for t in saved if t.dim() == 3 and t.shape[-1] == args.hidden_dim]
         loss.backward()
-        return [p.grad.clone() for p in params], saved, wide
+        return [p.grad.clone() for p in params], w_shaped, wide
 
     eager, saved, wide = grads_and_saved()
     assert not saved and wide  # positive control: eager without checkpointing keeps the (B, T, F) activations
