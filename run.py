@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,6 +44,7 @@ import generate
 import llama
 import loraprune
 import train
+import variants
 
 # ----------------------------------------------------------------------------------------------
 # flags
@@ -51,6 +53,17 @@ import train
 def _default(fn, name):
     """A keyword default of a library function or dataclass, so the CLI does not restate it."""
     return inspect.signature(fn).parameters[name].default
+
+
+CRITERIA = {  # --criterion: one projection -> its row and column sums of per-weight importance (make_criterion)
+    "lora": loraprune.lora_sums,  # Eq. 10 as the paper writes it
+    "lora-directional": variants.directional_sums,
+    "exact": variants.GradientTap,  # built on the pruned layers, with its seed and --exact-sample
+    "vanilla": loraprune.vanilla_sums,  # Eq. 3; dL/dW switched on by loraprune.require_weight_grads
+    "magnitude": loraprune.magnitude_sums,
+    "random": loraprune.RandomSums,  # built with the run's seed
+}
+HEAD_UNITS = {"kv": loraprune.KVGroups(), "query": variants.QueryHeads()}  # --head-unit: the attention unit pruned
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,19 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pruning (loraprune.Pruner)")
     g.add_argument("--ratio", type=float, default=0.2, help="fraction of the model's parameters removed, in [0, 1) "
                    "(default %(default)s)")
-    g.add_argument("--criterion", choices=loraprune.CRITERIA, default=_default(loraprune.Pruner, "criterion"),
-                   help="importance: lora (Eq. 10 as written), lora-directional (rows from s*gB@A, columns from "
-                   "s*B@gA), exact (Eq. 3 from a backward hook, at LoRA's memory), vanilla (Eq. 3, needs dL/dW), "
-                   "magnitude or random (default %(default)s)")
+    g.add_argument("--criterion", choices=CRITERIA, default="lora",
+                   help="importance (default %(default)s: Eq. 10 as the paper writes it). lora-directional: rows "
+                   "from s*gB@A, columns from s*B@gA, for when Eq. 10 mixes other rows into a column's score. exact: "
+                   "Eq. 3 from a backward hook at LoRA's memory, for Eq. 3's ranking where dL/dW does not fit or W is "
+                   "int8. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, random: baselines")
     g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
                    "instead of summing each micro-batch's scores (default: the sum)")
-    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalise each projection's "
-                   "group scores before Eq. 4 adds them, as the official code does (default: on for lora and "
-                   "lora-directional, whose per-projection gain is arbitrary because A is random and fixed; off for "
-                   "the others)")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise each "
+                   "projection's group scores before Eq. 4 adds them, as the official code does, for when one "
+                   "projection's scale (with LoRA, its fixed random A) would decide a group's score (default: off)")
     power = g.add_mutually_exclusive_group()
-    power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.Pruner, "square"),
+    power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.lora_sums, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
     power.add_argument("--abs", dest="square", action="store_false",
                        help="score = |gradient x weight| as the official code computes it")
@@ -91,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raise the sparsity every this many optimizer steps (default %(default)s, official)")
     g.add_argument("--layers", help="comma list of layer ids to prune (default: all but the first 10%% and the last, "
                    "loraprune.default_pruned_layers)")
-    g.add_argument("--head-unit", choices=loraprune.HEAD_UNITS, default=_default(loraprune.Pruner, "head_unit"),
+    g.add_argument("--head-unit", choices=HEAD_UNITS, default="kv",
                    help="attention unit pruned: kv = a kv head with all its query heads (the paper's group), query = "
-                   "single query heads, a kv head going with its last one (default %(default)s)")
+                   "single query heads, a kv head going with its last one, for grouped-query attention where a kv "
+                   "group is too coarse a step (default %(default)s)")
     g.add_argument("--uniform", action="store_true", help="every pruned layer loses the same kv groups and channels "
                    "(no rounding carried between layers): with --layers covering all layers the pruned model has one "
                    "layer shape, which --hf needs")
@@ -378,21 +392,40 @@ def sample(args, device: torch.device, log: train.Log) -> int:
     return 0
 
 
+def make_criterion(name: str, model: llama.Transformer, layers: list, square: bool = True, seed: int = 0,
+                   exact_sample: Optional[int] = None):
+    """The Pruner's criterion for --criterion `name` on the pruned `layers`, with what it reads set up in the model:
+    dL/dW for vanilla (before any backward, and before DDP wraps the model), the backward taps for exact."""
+    if name == "exact":
+        return variants.GradientTap(model, layers, square, exact_sample, seed)
+    if name == "random":
+        return loraprune.RandomSums(seed, model.tok_embeddings.weight.device)
+    if name == "vanilla":
+        loraprune.require_weight_grads(model, layers)
+    return partial(CRITERIA[name], square=square)
+
+
 def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner]:
-    """LoRA on the seven projections, activation checkpointing and compilation as asked, and the Pruner; returns
-    the adapters' parameters and the pruner. They go on before the "before" perplexity: B = 0 and all-kept masks
-    leave every logit exactly as loaded, and the Pruner's checks (ratio vs heads, criterion vs int8) run before
-    --out exists."""
-    layers = parse_layers(args.layers, model.args.n_layers) if args.layers else None
+    """LoRA on the seven projections, activation checkpointing and compilation as asked, the criterion and the
+    Pruner; returns the adapters' parameters and the pruner. They go on before the "before" perplexity: B = 0 and
+    all-kept masks leave every logit exactly as loaded, and the checks (ratio vs heads, criterion vs int8 or compiled
+    blocks) run before --out exists."""
+    n_layers = model.args.n_layers
+    layers = parse_layers(args.layers, n_layers) if args.layers else loraprune.default_pruned_layers(n_layers)
+    if args.uniform and args.head_unit == "query":
+        raise ValueError("--uniform needs --head-unit kv: query heads empty kv heads layer by layer as the scores "
+                         "fall, so the layers would not keep one shape")
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                  seed=args.seed)
     model.checkpoint_activations = args.checkpoint_activations
     if args.compile:
         llama.compile_blocks(model)
-    pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=args.criterion,
-                              lam=args.lam, square=args.square, every=args.prune_every, layers=layers,
-                              channel_multiple=args.channel_multiple, seed=args.seed, head_unit=args.head_unit,
-                              normalize=args.normalize, exact_sample=args.exact_sample, uniform=args.uniform)
+    criterion = make_criterion(args.criterion, model, layers, square=args.square, seed=args.seed,
+                               exact_sample=args.exact_sample)
+    pruner = loraprune.Pruner(model, ratio=args.ratio, total_steps=args.steps, criterion=criterion,
+                              unit=HEAD_UNITS[args.head_unit], normalize=variants.l2_normalized if args.normalize
+                              else None, lam=args.lam, every=args.prune_every, layers=layers,
+                              channel_multiple=args.channel_multiple, uniform=args.uniform)
     return lora_params, pruner
 
 
@@ -426,7 +459,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "micro_batch_size": args.micro_batch_size, "seq_len": inputs.seq_len, "lr": args.lr,
         "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "int8": args.int8, "seed": args.seed,
-        "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": pruner.normalize,
+        "distill": args.distill, "distill_temperature": args.distill_temperature, "normalize": args.normalize,
         "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []),
         "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
