@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
+import variants  # noqa: E402
 from study_tiny import CKPT, TRAIN_FLAGS, TRAIN_TEXT, first_pruning_step, mean_std, spearman  # noqa: E402
 
 ESTIMATES = ("lora", "lora-directional", "exact")  # compared with vanilla; each also with L2 normalisation
@@ -45,12 +47,23 @@ def rank_agreement(x: torch.Tensor, y: torch.Tensor) -> float:
     return spearman(x, y)
 
 
-def group_scores(sums: dict, model_args, layer_id: int, normalize: bool) -> tuple:
-    """(K,) kv-group, (H,) query-head (with every head live) and (F,) channel scores from one layer's sums."""
-    heads, channels, kv = loraprune.unit_scores(sums, model_args.head_dim, normalize)
-    q_per_kv = model_args.q_per_kv(layer_id)
+def projection_parts(sums: dict, head_dim: int) -> dict:
+    """Each projection's share of Eq. 4 per unit, as Pruner.score forms it: wq and wo (columns) per query head, wk and
+    wv per kv head, w1, w3 and w2 (columns) per channel."""
+    def per_head(v):
+        return v.view(-1, head_dim).sum(1)
+    return {"wq": per_head(sums["wq"][0]), "wo": per_head(sums["wo"][1]), "wk": per_head(sums["wk"][0]),
+            "wv": per_head(sums["wv"][0]), "w1": sums["w1"][0], "w3": sums["w3"][0], "w2": sums["w2"][1]}
+
+
+def group_scores(pruner: loraprune.Pruner, layer_id: int) -> tuple:
+    """(K,) kv-group, (H,) query-head (with every head live) and (F,) channel scores from one Pruner.score of a
+    query-head pruner (its scores keep the query heads' and the kv heads' sums apart)."""
+    att, channels = pruner.score(layer_id)  # (H + K,), (F,)
+    q_per_kv = pruner.model.args.q_per_kv(layer_id)
+    heads, kv = att[:sum(q_per_kv)], att[sum(q_per_kv):]  # (H,), (K,)
     live = torch.ones_like(heads, dtype=torch.bool)
-    return (loraprune.kv_group_scores(heads, kv, q_per_kv), loraprune.query_head_scores(heads, kv, live, q_per_kv),
+    return (loraprune.KVGroups().scores(heads, kv, q_per_kv), variants.query_head_scores(heads, kv, live, q_per_kv),
             channels)
 
 
@@ -66,16 +79,24 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
     layers = loraprune.default_pruned_layers(margs.n_layers)
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)
     model.checkpoint_activations = bool(args.checkpoint_activations)
-    for l in layers:
-        for lin in llama.projections(model, l).values():
-            lin.weight.requires_grad_(True)  # dL/dW for the vanilla reference; the optimizer never sees W
-    tap = loraprune.GradientTap(model, layers, args.square)  # 'exact', from the same backward
-    sampled = loraprune.GradientTap(model, layers, args.square, sample, seed) if sample else None  # exact_sample
+    loraprune.require_weight_grads(model, layers)  # dL/dW for the vanilla reference; the optimizer never sees W
+    tap = variants.GradientTap(model, layers, args.square)  # 'exact', from the same backward
+    sampled = variants.GradientTap(model, layers, args.square, sample, seed) if sample else None  # exact_sample
     estimates = ESTIMATES + (("exact-sampled",) if sample else ())
+    criteria = {"vanilla": partial(loraprune.vanilla_sums, square=args.square),  # frees W.grad once read
+                "lora": partial(loraprune.lora_sums, square=args.square),
+                "lora-directional": partial(variants.directional_sums, square=args.square), "exact": tap,
+                **({"exact-sampled": sampled} if sample else {})}
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = train.RowSampler(rows.shape[0], seed)
     torch.manual_seed(seed)
     names = [(e, norm) for e in estimates for norm in (False, True)] + [("vanilla", False)]
+    # each criterion scores a projection once per step (recorded); every (estimate, normalisation) pair's Pruner.score
+    # reads the recorded sums
+    recorded = {}  # estimate -> {projection: (row sums (out,), column sums (in,))} of the current layer
+    pruners = {n: loraprune.Pruner(model, ratio=0.0, total_steps=args.steps, unit=variants.QueryHeads(), layers=layers,
+                                   normalize=variants.l2_normalized if n[1] else None,
+                                   criterion=lambda lin, e=n[0]: recorded[e][lin]) for n in names}
     ema = {n: [None] * len(layers) for n in names}
     out = {"parts": {}, "units": {}, "grad_norm": []}
     model.train()
@@ -87,19 +108,19 @@ def agreement(seed: int, flags: list, rows: torch.Tensor, ckpt: Path, shown: lis
         out["grad_norm"].append(float(norm))
         with torch.no_grad():
             for i, l in enumerate(layers):
-                sums = {"vanilla": loraprune.layer_sums(model, l, "vanilla", args.square),
-                        "lora": loraprune.layer_sums(model, l, "lora", args.square),
-                        "lora-directional": loraprune.layer_sums(model, l, "lora-directional", args.square),
-                        "exact": tap.take(l), **({"exact-sampled": sampled.take(l)} if sample else {})}
-                ref_parts = loraprune.unit_parts(sums["vanilla"], margs.head_dim)
-                groups = {n: group_scores(sums[n[0]], margs, l, n[1]) for n in names}
+                projections = llama.projections(model, l)
+                for e, criterion in criteria.items():
+                    recorded[e] = {lin: criterion(lin) for lin in projections.values()}
+                sums = {e: {name: recorded[e][lin] for name, lin in projections.items()} for e in criteria}
+                ref_parts = projection_parts(sums["vanilla"], margs.head_dim)
+                groups = {n: group_scores(pruners[n], l) for n in names}
                 for n in names:  # Eq. 11 from zero, as the Pruner starts
                     prev = ema[n][i] or tuple(torch.zeros_like(g) for g in groups[n])
                     ema[n][i] = tuple(loraprune.ema(p, g, args.lam) for p, g in zip(prev, groups[n]))
                 if step not in shown:
                     continue
                 for e in estimates:
-                    parts = loraprune.unit_parts(sums[e], margs.head_dim)
+                    parts = projection_parts(sums[e], margs.head_dim)
                     cell = out["parts"].setdefault((e, step), {p: 0.0 for p in PARTS})
                     for p in PARTS:
                         cell[p] += rank_agreement(parts[p], ref_parts[p]) / len(layers)

@@ -221,9 +221,11 @@ def timed_steps(model, pruner, opt, tokens: torch.Tensor, targets: torch.Tensor,
 
 
 def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: str, warm: int, timed: int,
-               compiled: bool = False, pruner_kwargs: dict = None) -> dict:
+               compiled: bool = False, exact_sample: int = None) -> dict:
     """Build a random model with LoRA r=8 alpha 16 on all seven projections (blocks compiled if asked), then run
-    warm + timed steps of forward, float32 cross-entropy, backward, pruner.update (timed on its own) and AdamW."""
+    warm + timed steps of forward, float32 cross-entropy, backward, pruner.update (timed on its own) and AdamW.
+    criterion: a run.py --criterion name (exact_sample: its --exact-sample)."""
+    from run import make_criterion  # run.py's names for the criteria
     model = random_model(args, dev.type, int8=int8)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
     model.checkpoint_activations = ckpt
@@ -232,8 +234,9 @@ def train_step(args, dev: Device, seq: int, int8: bool, ckpt: bool, criterion: s
         warm += 1
     # every=1 and a short schedule: each step lies in the cubic ramp, so the masks really change in timed steps
     total_steps = 100
-    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=criterion, every=1,
-                              **(pruner_kwargs or {}))
+    layers = loraprune.default_pruned_layers(args.n_layers)
+    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, every=1, layers=layers,
+                              criterion=make_criterion(criterion, model, layers, exact_sample=exact_sample))
     first_step = int(pruner.warmup * total_steps) + 1
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(dev.type).manual_seed(1)

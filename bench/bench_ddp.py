@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_7b: model_args
 import bench_7b  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
+import run  # noqa: E402
 import train  # noqa: E402
 
 GIB = 2**30
@@ -44,7 +45,9 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
     lora = llama.add_lora(model, r=8, alpha=16.0, dropout=opts.lora_dropout, seed=0)
     loraprune.apply_masks(model, loraprune.full_masks(model.args))  # the last phase's masks are still in the model
     total_steps = 100  # every=1 and a long ramp: each step lies inside the cubic schedule, so the masks change
-    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, criterion=opts.criterion, every=1)
+    layers = loraprune.default_pruned_layers(model.args.n_layers)
+    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=total_steps, every=1, layers=layers,
+                              criterion=run.make_criterion(opts.criterion, model, layers))
     first_step = int(pruner.warmup * total_steps) + 1
     if world > 1:  # built after the adapters and the Pruner, as in run.py
         net = train.data_parallel(model, device)

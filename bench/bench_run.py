@@ -219,27 +219,19 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
 
 
 def run_exact(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
-    """'lora', 'exact' and (if the Pruner has it) 'exact' with exact_sample=64, the sampled-columns variant for
-    accumulated micro-batches."""
-    import inspect
+    """'lora', 'exact' and 'exact' with exact_sample=64, the sampled-columns variant for accumulated micro-batches."""
     T = 32 if small else 2048
     warm, timed = (1, 1) if small else (2, 4)
-    variants = [("lora", {}), ("exact", {})]
-    if "exact_sample" in inspect.signature(loraprune.Pruner).parameters:
-        variants.append(("exact", {"exact_sample": 8 if small else 64}))
-    for criterion, kwargs in variants:
-        tag = dict(part="criterion", criterion=criterion + "".join(f" {k}={v}" for k, v in kwargs.items()),
+    for criterion, sample in (("lora", None), ("exact", None), ("exact", 8 if small else 64)):
+        tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""),
                    compiled=compiled, seq=T)
-        if criterion not in loraprune.CRITERIA:
-            run.log(**tag, error=f"not available: criterion {criterion!r} is not in loraprune.CRITERIA (issue 16)")
-            continue
         if not run.fits(need_s):
             run.skip("criterion", need_s, **tag)
             continue
         dev.reset()
         try:
             r = train_step(args, dev, T, int8=False, ckpt=True, criterion=criterion, warm=warm, timed=timed,
-                           compiled=compiled, pruner_kwargs=kwargs)
+                           compiled=compiled, exact_sample=sample)
             run.log(**tag, step_s=r["s_per_step_median"], microstep_s=r["microstep_s"],
                     criterion_s=r["criterion_s_median"], peak_gib=r["peak_gib"], weights_gib=r["weights_gib"],
                     tokens_per_s_paper=r["tokens_per_s_paper"], mask_updates=r["mask_updates"], steps=r["steps"])
@@ -269,7 +261,7 @@ def run_distill(run: Run, dev: Device, args: llama.ModelArgs, small: bool, need_
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
     model.checkpoint_activations = True
     # masks as in training (all-ones tensors from the Pruner): the teacher forward clears them, as it will in run.py
-    loraprune.Pruner(model, ratio=0.2, total_steps=100, criterion="lora", every=1)
+    loraprune.Pruner(model, ratio=0.2, total_steps=100, every=1)
     opt = torch.optim.AdamW(params, lr=1e-4)
     rows = torch.randint(0, args.vocab_size, (1, T + 1), device=dev.type,
                          generator=torch.Generator(dev.type).manual_seed(1))  # (1, T+1)

@@ -308,7 +308,7 @@ def big_model(run: Run, dev: Device, name: str, args: llama.ModelArgs, int8: boo
     phase("build")
     n_params = llama.count_params(model)
     total_steps = 100  # every step inside the cubic ramp with every=1: the masks change in each timed step
-    pruner = loraprune.Pruner(model, ratio=0.2, total_steps=total_steps, criterion="lora", every=1,
+    pruner = loraprune.Pruner(model, ratio=0.2, total_steps=total_steps, every=1,
                               channel_multiple=1 if small else 64)
     first = int(pruner.warmup * total_steps) + 1
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -1,4 +1,4 @@
-"""Does criterion 'exact' (loraprune.GradientTap, Eq. 3 from a backward hook) give vanilla's sums (from W.grad) on the
+"""Does criterion 'exact' (variants.GradientTap, Eq. 3 from a backward hook) give vanilla's sums (from W.grad) on the
 device it runs on, with and without compiled blocks and activation checkpointing? One micro-batch, so the two must
 agree. Prints the largest relative difference of the row and column sums per configuration.
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama  # noqa: E402
-import loraprune  # noqa: E402
+import variants  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
@@ -29,7 +29,7 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
             lin.lora_B.data.normal_(0, 0.05)
             lin.weight.requires_grad_(True)
     model.checkpoint_activations = ckpt
-    tap = loraprune.GradientTap(model, [1], square=True)
+    tap = variants.GradientTap(model, [1], square=True)  # before compiling: it refuses compiled blocks
     if compiled:
         llama.compile_blocks(model)
     worst = 0.0

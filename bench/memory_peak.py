@@ -93,7 +93,7 @@ def measure(config: str, seq: int, top: int) -> dict:
     model.checkpoint_activations = True
     if mode == "compiled":
         llama.compile_blocks(model)
-    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=100, criterion="lora", every=1)
+    pruner = loraprune.Pruner(model, ratio=0.5, total_steps=100, every=1)
     first = int(pruner.warmup * 100) + 1
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator("cuda").manual_seed(1)

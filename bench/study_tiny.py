@@ -52,6 +52,7 @@ import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
+import variants  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # settings: what every run shares
@@ -99,13 +100,15 @@ def first_pruning_step(model_args, ratio: float, steps: int, every: int, layers:
     return steps
 
 
-def unit_scores(model, layer_id: int, criterion: str, square: bool, generator) -> tuple:
-    """(K,) kv-group, (F,) channel and (H,) query-head scores of one unpruned layer from one set of projection sums
-    (one draw for the random criterion), as the Pruner computes them for either head unit."""
-    heads, channels, kv = loraprune.layer_scores(model, layer_id, criterion, square, generator)
-    q_per_kv = model.args.q_per_kv(layer_id)
-    query = loraprune.query_head_scores(heads, kv, torch.ones_like(heads, dtype=torch.bool), q_per_kv)  # (H,)
-    return loraprune.kv_group_scores(heads, kv, q_per_kv), channels, query
+def unit_scores(pruner: loraprune.Pruner, layer_id: int) -> tuple:
+    """(K,) kv-group, (F,) channel and (H,) query-head scores of one unpruned layer from one Pruner.score (one draw
+    for the random criterion) of a query-head pruner, whose scores keep the query heads' and the kv heads' sums
+    apart: a kv group adds them (loraprune.KVGroups), a query head takes its share with every head live."""
+    att, channels = pruner.score(layer_id)  # (H + K,), (F,)
+    q_per_kv = pruner.model.args.q_per_kv(layer_id)
+    heads, kv = att[:sum(q_per_kv)], att[sum(q_per_kv):]  # (H,), (K,)
+    query = variants.query_head_scores(heads, kv, torch.ones_like(heads, dtype=torch.bool), q_per_kv)  # (H,)
+    return loraprune.KVGroups().scores(heads, kv, q_per_kv), channels, query
 
 
 def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k: Optional[int] = None,
@@ -122,14 +125,15 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
     layers = loraprune.default_pruned_layers(model.args.n_layers)
     k = k or first_pruning_step(model.args, ratio, args.steps, args.prune_every, layers)
     lora_params = llama.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, seed=seed)
-    for l in layers:
-        for lin in llama.projections(model, l).values():
-            lin.weight.requires_grad_(True)  # dL/dW for Eq. 3; the optimizer never sees W
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = train.RowSampler(rows.shape[0], seed)  # run.py's data order for this seed
-    generator = torch.Generator(device).manual_seed(seed)  # the random criterion's, on the device as the Pruner's
     torch.manual_seed(seed)  # LoRA dropout, as run.py seeds it
     names = ("lora", "magnitude", "random")  # each is compared with vanilla
+    # one scorer per criterion, as run.py builds it (vanilla switches dL/dW on; the optimizer never sees W); vanilla
+    # last, as it frees W.grad once read
+    pruners = {c: loraprune.Pruner(model, ratio=0.0, total_steps=args.steps, unit=variants.QueryHeads(), layers=layers,
+                                   criterion=run.make_criterion(c, model, layers, square=args.square, seed=seed))
+               for c in names + ("vanilla",)}
     smoothed = {c: [(torch.zeros(model.args.layer_kv_heads[l], device=device),
                      torch.zeros(model.args.layer_hidden_dims[l], device=device),
                      torch.zeros(model.args.layer_n_heads[l], device=device)) for l in layers]
@@ -143,8 +147,7 @@ def score_agreement(seed: int, flags: list, rows: Tensor, ratio: float = 0.5, k:
         train.backward_batch(model, batch, args.micro_batch_size, device)  # run.py's forward and backward
         torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip or math.inf)  # as run.py, before the pruner
         with torch.no_grad():
-            scores = {c: [unit_scores(model, l, c, args.square, generator) for l in layers]
-                      for c in names + ("vanilla",)}
+            scores = {c: [unit_scores(pruners[c], l) for l in layers] for c in names + ("vanilla",)}
             for c, per_layer in scores.items():
                 smoothed[c] = [tuple(loraprune.ema(p, s, args.lam) for p, s in zip(prev, now))
                                for prev, now in zip(smoothed[c], per_layer)]
