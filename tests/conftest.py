@@ -217,11 +217,17 @@ def write_tokenizer_gguf(path, tok, pre: str = "gpt-2", add_bos: bool = True):
     return path
 
 
-# tiny models (test_llama, test_generate, test_formats, test_loraprune) and brute-force group sums (test_loraprune;
-# loraprune is imported inside each helper, as data is above)
+# tiny models (test_llama, test_generate, test_formats, test_loraprune, test_variants), brute-force group sums and
+# random masks (test_loraprune, test_variants; loraprune is imported inside each helper, as data is above)
 
+MHA = llama.ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=64)
+GQA = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40, max_seq_len=64,
+                      layer_kv_heads=[3, 2, 1, 3], layer_hidden_dims=[40, 24, 7, 33])  # per-layer sizes
 GQA_UNIFORM = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40,
                               max_seq_len=64)  # 6 heads over 3 kv heads (n_rep 2), every layer the same shape
+UNEVEN = llama.ModelArgs(dim=48, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=64, hidden_dim=40, max_seq_len=64,
+                         layer_kv_heads=[3, 2, 1, 3], layer_q_per_kv=[[2, 1, 2], [1, 2], [1], [2, 2, 2]],
+                         layer_hidden_dims=[40, 24, 7, 33])  # query heads per kv head differ within a layer
 
 
 def tiny_args(**overrides) -> llama.ModelArgs:
@@ -295,15 +301,18 @@ def loss_and_grads(model, seed=1, T=16, B=2):
 
 
 def full_importance(model, l, criterion):
-    """Every projection's whole (out, in) importance map of layer l: Eq. 10 ('lora') or W^2 ('magnitude')."""
+    """Every projection's whole (out, in) importance map of layer l: Eq. 10 ('lora'), Eq. 3 from W.grad ('vanilla',
+    of the merged weight) or (W + s B A)^2 ('magnitude')."""
     import loraprune as lp
     full = {}
     for name, lin in llama.projections(model, l).items():
         if criterion == "lora":
             full[name] = lp.lora_guided_importance(lin.weight, lin.lora_A, lin.lora_B, lin.lora_A.grad,
                                                    lin.lora_B.grad, lin.scaling)
+        elif criterion == "vanilla":
+            full[name] = lp.vanilla_importance(lin.merged_weight(), lin.weight.grad)
         else:
-            full[name] = lp.magnitude_importance(lin.merged_weight())
+            full[name] = lin.merged_weight().float().square()
     return full
 
 
@@ -321,6 +330,41 @@ def brute_force_group_scores(model, l, criterion):
     channels = torch.tensor([(full["w1"][c].sum() + full["w3"][c].sum() + full["w2"][:, c].sum()).item()
                              for c in range(Fw)], dtype=torch.float64)
     return heads, channels
+
+
+def group_scores(model, l, criterion=None, unit=None, normalize=None):
+    """Pruner.score(l) of a Pruner that prunes nothing (ratio 0) with this criterion (default: the Pruner's), unit
+    (default: the Pruner's) and normalisation: the group scores the Pruner forms from one backward."""
+    import loraprune as lp
+    kw = {k: v for k, v in (("criterion", criterion), ("unit", unit)) if v is not None}
+    return lp.Pruner(model, ratio=0.0, total_steps=1, normalize=normalize, **kw).score(l)
+
+
+def pruned_counts(pruner) -> list:
+    """[(units off, channels off)] per layer of a Pruner's masks."""
+    return [(int((~h).sum()), int((~c).sum())) for h, c in pruner.masks]
+
+
+def kept_query_heads(args) -> list:
+    """Keep-everything masks with one flag per query head: [((H_l,) bool, (F_l,) bool)] per layer."""
+    return [(torch.ones(h, dtype=torch.bool), torch.ones(f, dtype=torch.bool))
+            for h, f in zip(args.layer_n_heads, args.layer_hidden_dims)]
+
+
+def random_kv_masks(args, g, single_group_layer: int = 0):
+    """Random masks per kv group and channel, at least one of each kept per layer; `single_group_layer` keeps only its
+    last kv group."""
+    masks = []
+    for l, (K, Fw) in enumerate(zip(args.layer_kv_heads, args.layer_hidden_dims)):
+        heads = torch.rand(K, generator=g) > 0.5
+        channels = torch.rand(Fw, generator=g) > 0.5
+        heads[torch.randint(K, (1,), generator=g)] = True
+        channels[torch.randint(Fw, (1,), generator=g)] = True
+        if l == single_group_layer:
+            heads[:] = False
+            heads[K - 1] = True
+        masks.append((heads, channels))
+    return masks
 
 
 def query_masks(args, g, keep_whole_layer: int = 0):

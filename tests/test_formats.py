@@ -735,18 +735,20 @@ def stories(shape: str) -> Transformer:
     groups and 60 channels in every layer ('uniform-6-heads': one kv group); 'uniform-query' drops query heads 1, 4,
     5, 7 ([1, 2, 1]) and 60 channels in every layer."""
     import loraprune
+    import variants
     model = formats.load(shared_file("stories260K.bin"), dtype=torch.float32).eval()
     if shape == "uniform":
         return model
     g = torch.Generator().manual_seed(0)
     args = model.args
     layers = loraprune.default_pruned_layers(args.n_layers)
-    counts = loraprune.prune_counts(args, 0.5, layers, head_unit="kv" if shape == "pruned" else "query")
+    unit = loraprune.KVGroups() if shape == "pruned" else variants.QueryHeads()
+    counts = loraprune.prune_counts(args, 0.5, layers, unit=unit)
     if shape.startswith("uniform"):
         counts = [(1 if shape == "uniform-6-heads" else 2, 60)] * args.n_layers
     dropped_heads = {0: [1, 4, 5], 1: [1], 2: [0, 1, 2], 3: [3, 5, 7]}  # query heads; kv head j owns 2j, 2j + 1
     masks = []
-    for l, ((h, f), (heads, channels)) in enumerate(zip(counts, loraprune.full_masks(args, head_unit="kv"))):
+    for l, ((h, f), (heads, channels)) in enumerate(zip(counts, loraprune.full_masks(args))):
         if shape.endswith("query"):
             heads = torch.ones(args.n_heads, dtype=torch.bool)
             heads[[1, 4, 5, 7] if shape == "uniform-query" else dropped_heads.get(l, [])] = False

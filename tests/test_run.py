@@ -59,6 +59,8 @@ def test_saved_model_reloads_and_matches_report(finished):
     out, report = finished
     model = formats.load(out / "model", dtype=torch.float32)
     assert llama.count_params(model) == report["params_after"]
+    # no --criterion, no --normalize: the paper's method, Eq. 10 as written
+    assert report["args"]["criterion"] == "lora" and report["args"]["normalize"] is False
     assert report["ratio_achieved"] == pytest.approx(1 - report["params_after"] / report["params_before"])
     assert abs(report["ratio_achieved"] - 0.5) < 0.01
     # the per-layer sizes the pruner chose are the saved model's, and unpruned layers are whole
@@ -255,6 +257,7 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     "resume nothing": (lambda d: {"resume": True}, "resume.pt"),
     "bad layers": (lambda d: {"layers": "1,7"}, "expected ids in [0, 5)"),
     "int8 vanilla": (lambda d: {"int8": True, "criterion": "vanilla"}, "vanilla criterion needs dL/dW"),
+    "uniform query heads": (lambda d: {"uniform": True, "head_unit": "query"}, "--uniform needs --head-unit kv"),
     "distill range": (lambda d: {"distill": 1.5}, "--distill must be in [0, 1], found 1.5"),
     "missing eval set": (lambda d: {"eval": d / "valid.txt"}, "no file"),
 }
