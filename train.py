@@ -426,8 +426,8 @@ class Training:
         """Take off the model what the run put on it besides adapters and masks: the exact criterion's backward
         hooks, and the dL/dW the vanilla criterion switched on, with its gradients. The next run on the model then
         starts as on the model as loaded, once it has fresh adapters and a fresh Pruner."""
-        if self.pruner.tap is not None:
-            self.pruner.tap.remove()
+        if hasattr(self.pruner.criterion, "remove"):  # variants.GradientTap's hooks
+            self.pruner.criterion.remove()
         for m in self.model.modules():
             if isinstance(m, llama.LoRALinear):
                 m.weight.requires_grad_(False)

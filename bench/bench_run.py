@@ -11,7 +11,7 @@ second call with --only runs what was skipped):
            50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate of the
            same length first
   exact    one pruning step (bench_7b.train_step: checkpointing, T=2048, criterion every step) with
-           Pruner(criterion='exact') (the backward-hook criterion of issue 16), and with exact_sample=64 (its
+           criterion 'exact' (variants.GradientTap, the backward-hook criterion), and with exact_sample=64 (its
            sampled-columns variant), beside criterion 'lora', eager
   distill  the micro-step (train.backward_batch, T=2048, checkpointing) with distill=0 and distill=0.5 (one more
            no-grad forward of the frozen teacher + the chunked distillation loss), eager, then compiled
@@ -19,7 +19,7 @@ second call with --only runs what was skipped):
            graph replayed as a CUDA graph, on one set of caches (kv_caches, 256 positions) for the warm-up and the
            timed runs; recompiles during the timed runs counted
   exact-compiled   the 'exact' / 'lora' step with compiled blocks
-Code that is not merged yet (generate.generate, train.backward_batch with distill, criterion 'exact') is logged as
+Code that is not merged yet (generate.generate, train.backward_batch with distill) is logged as
 'not available', and the other parts run.
 
 Writes $OUT (--out-dir): results.jsonl (as it goes), run_report.json and run_log.txt of the mission run,

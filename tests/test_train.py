@@ -78,8 +78,9 @@ def start_run(model, criterion: str, seed: int, **settings):
     args = train.TrainArgs(**{"steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": seed,
                               "save_every": 2, **settings})
     lora = llama.add_lora(model, r=4, alpha=8, dropout=0.1, seed=seed)
+    criterion = run.make_criterion(criterion, model, [0, 1], seed=seed)  # run.py's --criterion names
     pruner = loraprune.Pruner(model, ratio=0.4, total_steps=args.steps, criterion=criterion, every=1, layers=[0, 1],
-                              channel_multiple=1, seed=seed)
+                              channel_multiple=1)
     return train.Training.start(model, lora, pruner, args, ROWS), args
 
 
