@@ -35,7 +35,13 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    tie_embeddings: bool = False  # output head shares the token embedding (llama2.c, small HF models)
+    tie_embeddings: bool = False  # output head shares the token embedding (llama2.c, Llama 3.2 1B/3B, small Qwen)
+    rope_scaling: Optional[dict] = None  # Llama 3.1's 'llama3' RoPE: factor, low_freq_factor, high_freq_factor,
+    #   original_max_position_embeddings (rope_frequencies); None: plain RoPE
+    qkv_bias: bool = False  # Qwen2: wq, wk and wv add a bias (out,)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over D on every query and key head, before RoPE
+    family: str = "llama"  # whose checkpoint this is: 'llama', 'mistral', 'qwen2' or 'qwen3'. The model never
+    #   reads it (the switches above say what it computes); formats.py writes this family's classes on export
     # per-layer sizes: a pruned layer keeps some kv heads and some MLP channels, and (after query-head pruning)
     # each kept kv head keeps 1..n_rep of its query heads. None means every layer has the full size.
     layer_kv_heads: Optional[list] = None
@@ -51,6 +57,11 @@ class ModelArgs:
             self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}; expected one of {FAMILIES}")
+        if self.rope_scaling is not None and set(self.rope_scaling) != set(LLAMA3_ROPE):
+            raise ValueError(f"rope_scaling must hold {sorted(LLAMA3_ROPE)} (Llama 3.1's 'llama3' scaling), "
+                             f"found {self.rope_scaling}")
         self.layer_kv_heads = list(self.layer_kv_heads or [self.n_kv_heads] * self.n_layers)
         self.layer_hidden_dims = list(self.layer_hidden_dims or [self.hidden_dim] * self.n_layers)
         for name in ("layer_kv_heads", "layer_hidden_dims"):
@@ -88,6 +99,11 @@ class ModelArgs:
         return cls(**d)
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,  # Meta's Llama 3.1 values
+               "original_max_position_embeddings": 8192}
+
+
 def check_q_per_kv(layer_q_per_kv, layer_kv_heads: list, n_rep: int) -> None:
     """ValueError unless layer_q_per_kv holds, for every layer, one count in [1, n_rep] per kv head."""
     if not isinstance(layer_q_per_kv, (list, tuple)) or len(layer_q_per_kv) != len(layer_kv_heads):
@@ -120,10 +136,27 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def rope_cos_sin(positions: Tensor, D: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the angles position * theta^(-2j/D), j < D/2 (Meta's freqs_cis as two real tables):
-    positions (T,) -> (T, D/2), (T, D/2), float32."""
-    freqs = 1.0 / theta ** (torch.arange(0, D, 2, device=positions.device)[: D // 2].float() / D)  # (D/2,), Meta's
+def rope_frequencies(D: int, theta: float, scaling: Optional[dict] = None) -> Tensor:
+    """The D/2 angular frequencies theta^(-2j/D) of RoPE (Meta's freqs_cis), float32. With `scaling` (Llama 3.1's
+    'llama3', ModelArgs.rope_scaling) the slow ones are stretched: a frequency whose wavelength 2*pi/f exceeds
+    L / low_freq_factor is divided by `factor`, one shorter than L / high_freq_factor is kept, and those between
+    are blended by how many of their wavelengths fit in L = original_max_position_embeddings (Meta's apply_scaling,
+    transformers' _compute_llama3_parameters)."""
+    freqs = 1.0 / theta ** (torch.arange(0, D, 2)[: D // 2].float() / D)  # (D/2,), Meta's
+    if scaling is None:
+        return freqs
+    factor, L = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / freqs  # (D/2,)
+    smooth = (L / wavelength - low) / (high - low)  # 0 at wavelength L / low, 1 at L / high
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return torch.where(wavelength > L / low, freqs / factor, torch.where(wavelength < L / high, freqs, blended))
+
+
+def rope_cos_sin(positions: Tensor, D: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles position * rope_frequencies(D, theta, scaling) (Meta's freqs_cis as two real
+    tables): positions (T,) -> (T, D/2), (T, D/2), float32."""
+    freqs = rope_frequencies(D, theta, scaling).to(positions.device)  # (D/2,)
     angles = torch.outer(positions.float(), freqs)  # (T, D/2)
     return angles.cos(), angles.sin()
 
@@ -159,14 +192,16 @@ class RMSNorm(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = x @ W.T + s * (dropout(x) @ A.T) @ B.T with W (out, in) frozen, A (r, in), B (out, r), s = alpha / r.
-    r = 0 is a plain frozen linear. B starts at zero, so a fresh adapter leaves the output unchanged.
-    W is a float `weight`, or an int8 `weight` with float32 `scales` (out,) (quant8.py; see `quantize_`)."""
+    """y = x @ W.T + b + s * (dropout(x) @ A.T) @ B.T with W (out, in) and the optional bias b (out,) frozen,
+    A (r, in), B (out, r), s = alpha / r. r = 0 is a plain frozen linear. B starts at zero, so a fresh adapter leaves
+    the output unchanged. W is a float `weight`, or an int8 `weight` with float32 `scales` (out,) (quant8.py; see
+    `quantize_`); b stays float either way (LoRA never touches it, merging neither)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None  # Qwen2's q/k/v
         self.register_buffer("scales", None)  # (out,) float32 when W is int8
         self.r, self.scaling = 0, 0.0
         self.lora_A = self.lora_B = None
@@ -193,10 +228,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Identity()
 
     def base(self, x: Tensor) -> Tensor:
-        """The frozen part x @ W.T."""
+        """The frozen part x @ W.T + b."""
         if self.int8:
-            return quant8.int8_matmul(x, self.weight, self.scales)
-        return F.linear(x, self.weight)
+            y = quant8.int8_matmul(x, self.weight, self.scales)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.weight, self.bias)
 
     def dense_weight(self, rows: slice = slice(None)) -> Tensor:
         """W[rows] in a float dtype: an int8 W is dequantized to float32 (the criterion asks a slice at a time)."""
@@ -240,7 +276,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         int8 = ", int8" if self.int8 else ""
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}{int8}"
+        bias = ", bias" if self.bias is not None else ""
+        return f"in={self.in_features}, out={self.out_features}{bias}, r={self.r}, scaling={self.scaling}{int8}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,10 +305,13 @@ class Attention(nn.Module):
         self.q_per_kv = tuple(q_per_kv)  # query heads of each kv head, in order: n_rep each unless query-pruned
         self.n_kv_heads, self.n_heads, self.head_dim = len(q_per_kv), sum(q_per_kv), args.head_dim
         self.uneven = len(set(q_per_kv)) > 1
-        self.wq = LoRALinear(args.dim, self.n_heads * self.head_dim)
-        self.wk = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
-        self.wv = LoRALinear(args.dim, self.n_kv_heads * self.head_dim)
+        self.wq = LoRALinear(args.dim, self.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = LoRALinear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = LoRALinear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = LoRALinear(self.n_heads * self.head_dim, args.dim)
+        # Qwen3: one RMSNorm weight (D,) for every query head, one for every key head (shared, so never pruned)
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (H,) 0/1 per query head (apply_masks)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
@@ -281,6 +321,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        if self.q_norm is not None:  # Qwen3: each query and key head normalised over D, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         mask = None
@@ -370,7 +412,7 @@ class Transformer(nn.Module):
             if start + T > self.args.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.args.max_seq_len}")
             positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)  # (T, D/2) each
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)  # (T, D/2)
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
             h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache, positions)
