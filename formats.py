@@ -130,37 +130,72 @@ HF_NAMES = {  # Hugging Face name -> ours ({} is the layer index)
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",  # Qwen2
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",  # Qwen3
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
 }
+ROTATED = ("wq.weight", "wk.weight", "wq.bias", "wk.bias", "q_norm.weight", "k_norm.weight")  # RoPE's row order
 
 
 def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
     """Undo HF's q/k row permutation: HF stores each head's rows as [evens..., odds...] for rotate-half RoPE,
-    Meta interleaves them as pairs. (out, in) -> (out, in)."""
-    out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+    Meta interleaves them as pairs. (out, ...) -> (out, ...): a weight, a bias, or a q/k norm (n_heads = 1)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rotated_heads(name: str, args: llama.ModelArgs, layer: int) -> int:
+    """The heads whose rows `name` (one of ROTATED) holds in RoPE's order: the layer's query or kv heads, or 1 for a
+    q/k norm (one head's D values)."""
+    if "norm" in name:
+        return 1
+    return args.layer_n_heads[layer] if ".wq." in name else args.layer_kv_heads[layer]
+
+
+def hf_rope(cfg: dict, source: str) -> tuple[float, Optional[dict]]:
+    """(rope_theta, ModelArgs.rope_scaling) of a Hugging Face config: transformers 5 nests both in rope_parameters,
+    4.x wrote rope_theta and rope_scaling at the top level. Scaling other than rope_type 'llama3' is refused."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"{source}: RoPE scaling {rope!r} is not supported (expected rope_type 'default' or "
+                         "'llama3')")
+    return theta, {key: rope.get(key, default) for key, default in llama.LLAMA3_ROPE.items()}
 
 
 def hf_config_to_args(cfg: dict, source: str) -> llama.ModelArgs:
-    if cfg.get("model_type", "llama") != "llama":
-        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r}, expected 'llama'")
-    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-        if cfg.get(key, ok) != ok:
+    """ModelArgs of a Hugging Face config.json of model_type 'llama', 'mistral', 'qwen2' or 'qwen3', each read as
+    transformers' modeling file for it computes: Qwen2 adds q/k/v biases, Qwen3 q/k norms. A sliding window is the
+    same model for sequences no longer than it, so max_seq_len is capped at the window."""
+    family = cfg.get("model_type", "llama")
+    if family not in llama.FAMILIES:
+        raise ValueError(f"{source}: model_type {family!r}, expected one of {', '.join(llama.FAMILIES)}")
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if cfg.get(key, ok) != ok:  # (Qwen2 has q/k/v biases whatever attention_bias says)
             raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
-    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta (and any scaling) in here
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{source}: rope_parameters={rope!r} is not supported (expected rope_type 'default')")
+    theta, scaling = hf_rope(cfg, source)
+    max_seq_len = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")  # Mistral v0.1: 4096; Qwen: used only with use_sliding_window
+    sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
+        cfg.get("use_sliding_window", False) if family.startswith("qwen") else window is not None)
+    if sliding and window:
+        max_seq_len = min(max_seq_len, window)
     return llama.ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                            n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
                            vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                           head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
-                           rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                           max_seq_len=cfg.get("max_position_embeddings", 2048),
-                           tie_embeddings=cfg.get("tie_word_embeddings", False))
+                           head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"], rope_theta=theta,
+                           rope_scaling=scaling, max_seq_len=max_seq_len,
+                           tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=family == "qwen2",
+                           qk_norm=family == "qwen3", family=family)
 
 
 def hf_readers(folder: Path):
@@ -187,8 +222,8 @@ def hf_readers(folder: Path):
         if hf not in rename:
             raise ValueError(f"{folder}: unexpected tensor {hf}")
         name = rename[hf]
-        if name.endswith(("wq.weight", "wk.weight")):
-            heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+        if name.endswith(ROTATED):
+            heads = rotated_heads(name, args, int(name.split(".")[1]))
             read = (lambda read=read, heads=heads: hf_to_meta_rows(read(), heads))
         readers[name] = read
     if args.tie_embeddings:
@@ -260,12 +295,37 @@ GGUF_NAMES = {  # GGUF name -> ours ({} is the layer index); no output.weight me
     "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
     "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
     "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.attn_q.bias": "layers.{}.attention.wq.bias",  # Qwen2
+    "blk.{}.attn_k.bias": "layers.{}.attention.wk.bias",
+    "blk.{}.attn_v.bias": "layers.{}.attention.wv.bias",
+    "blk.{}.attn_q_norm.weight": "layers.{}.attention.q_norm.weight",  # Qwen3
+    "blk.{}.attn_k_norm.weight": "layers.{}.attention.k_norm.weight",
     "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
     "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
     "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
     "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
     "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
 }
+
+
+GGUF_FAMILIES = {"llama": "llama", "deci": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # architecture -> family
+GGUF_NEOX = ("qwen2", "qwen3")  # llama.cpp's rotate-half RoPE (LLAMA_ROPE_TYPE_NEOX): q/k rows stay in HF's order
+
+
+def rope_factors(D: int, theta: float, scaling: dict) -> Tensor:
+    """What each RoPE frequency is divided by under `scaling` (D/2,) float32: llama.cpp's rope_freqs.weight, as its
+    converter writes it for rope_type 'llama3' (LlamaModel.generate_extra_tensors)."""
+    return llama.rope_frequencies(D, theta) / llama.rope_frequencies(D, theta, scaling)
+
+
+def llama3_rope_of_factors(factors: Tensor, D: int, theta: float, source: str) -> dict:
+    """ModelArgs.rope_scaling behind a GGUF's rope_freqs.weight (D/2,): the largest divisor is `factor`, the others
+    are Meta's Llama 3.1 values (LLAMA3_ROPE); ValueError unless that reproduces every divisor."""
+    scaling = {**llama.LLAMA3_ROPE, "factor": float(factors.max())}
+    if factors.shape != (D // 2,) or not torch.allclose(factors, rope_factors(D, theta, scaling), rtol=1e-4):
+        raise ValueError(f"{source}: rope_freqs.weight {factors.tolist()[:4]}... is not Llama 3's RoPE scaling with "
+                         f"low_freq_factor 1, high_freq_factor 4 and an original context of 8192")
+    return scaling
 
 
 def _open_gguf(path: Path):
@@ -290,11 +350,12 @@ def gguf_tokenizer(path) -> dict:
 
 
 def gguf_readers(path: Path):
-    """A llama.cpp GGUF file of architecture 'llama', or 'deci' (per-layer head counts and MLP widths, what
-    export_gguf writes for a pruned model): config from its metadata, each tensor dequantized to float32 when read
-    (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). q/k rows are used as stored: llama.cpp's converter
-    undoes HF's rotate-half permutation (LlamaModel.permute in convert_hf_to_gguf.py), which leaves Meta's
-    interleaved pairs, the convention of apply_rope."""
+    """A llama.cpp GGUF file of architecture 'llama' (Llama 1-3, Mistral), 'deci' (per-layer head counts and MLP
+    widths, what export_gguf writes for a pruned model), 'qwen2' or 'qwen3': config from its metadata, each tensor
+    dequantized to float32 when read (any type the `gguf` package knows: F16, Q8_0, Q4_1, ...). llama.cpp's converter
+    permutes q/k rows of 'llama' into Meta's interleaved pairs (LlamaModel.permute), the convention of apply_rope,
+    and leaves those of the rotate-half architectures (GGUF_NEOX) in HF's order, which is undone here. Llama 3.1's
+    rope_freqs.weight becomes ModelArgs.rope_scaling; q/k/v biases make a Qwen2, q/k norms a Qwen3."""
     import numpy as np
     gguf, reader = _open_gguf(path)
 
@@ -310,13 +371,12 @@ def gguf_readers(path: Path):
         return value
 
     arch = meta("general.architecture")
-    if arch not in ("llama", "deci"):
-        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected 'llama' or 'deci'")
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r}, expected one of {', '.join(GGUF_FAMILIES)}")
     tensors = {t.name: t for t in reader.tensors}
     scaling = meta(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensors:  # rope_freqs: Llama 3.1's per-frequency factors
-        raise ValueError(f"{path}: RoPE scaling (type {scaling!r}, rope_freqs.weight "
-                         f"{'present' if 'rope_freqs.weight' in tensors else 'absent'}) is not supported")
+    if scaling != "none":
+        raise ValueError(f"{path}: RoPE scaling type {scaling!r} is not supported (Llama 3's rope_freqs.weight is)")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
     dim, vocab = (int(n) for n in tensors["token_embd.weight"].shape)  # GGUF lists dims fastest first: (C, V)
@@ -343,16 +403,6 @@ def gguf_readers(path: Path):
     if meta(f"{arch}.rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"{path}: {arch}.rope.dimension_count {meta(f'{arch}.rope.dimension_count')}, expected "
                          f"RoPE over the whole head (head_dim {head_dim})")
-    n_rep, n_kv = max(rep), max(kv_heads)  # the unpruned shape that holds every layer
-    args = llama.ModelArgs(dim=meta(f"{arch}.embedding_length"), n_layers=n_layers, n_heads=n_kv * n_rep,
-                           n_kv_heads=n_kv, vocab_size=vocab, hidden_dim=max(widths), head_dim=head_dim,
-                           norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"),
-                           rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
-                           max_seq_len=meta(f"{arch}.context_length"), tie_embeddings="output.weight" not in tensors,
-                           layer_kv_heads=kv_heads, layer_hidden_dims=widths,
-                           layer_q_per_kv=[[r] * k for r, k in zip(rep, kv_heads)])
-    if args.dim != dim:
-        raise ValueError(f"{path}: {arch}.embedding_length {args.dim} but token_embd.weight has width {dim}")
 
     def reader_of(t):
         def read() -> Tensor:
@@ -361,13 +411,37 @@ def gguf_readers(path: Path):
             return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy off the mmap
         return read
 
+    theta = meta(f"{arch}.rope.freq_base", 10000.0)
+    rope_scaling = None
+    if "rope_freqs.weight" in tensors:  # Llama 3.1: what each RoPE frequency is divided by
+        rope_scaling = llama3_rope_of_factors(reader_of(tensors.pop("rope_freqs.weight"))(), head_dim, theta, path)
+    biases, norms = "blk.0.attn_q.bias" in tensors, "blk.0.attn_q_norm.weight" in tensors
+    family = "qwen2" if biases and arch != "qwen3" else GGUF_FAMILIES[arch]  # q/k/v biases: only Qwen2 has them
+    n_rep, n_kv = max(rep), max(kv_heads)  # the unpruned shape that holds every layer
+    args = llama.ModelArgs(dim=meta(f"{arch}.embedding_length"), n_layers=n_layers, n_heads=n_kv * n_rep,
+                           n_kv_heads=n_kv, vocab_size=vocab, hidden_dim=max(widths), head_dim=head_dim,
+                           norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"), rope_theta=theta,
+                           rope_scaling=rope_scaling, max_seq_len=meta(f"{arch}.context_length"),
+                           tie_embeddings="output.weight" not in tensors, qkv_bias=biases, qk_norm=norms,
+                           family=family, layer_kv_heads=kv_heads, layer_hidden_dims=widths,
+                           layer_q_per_kv=[[r] * k for r, k in zip(rep, kv_heads)])
+    if args.dim != dim:
+        raise ValueError(f"{path}: {arch}.embedding_length {args.dim} but token_embd.weight has width {dim}")
+
     rename = {}
     for i in range(args.n_layers):
         rename.update({g.format(i): ours.format(i) for g, ours in GGUF_NAMES.items()})
     unknown = sorted(set(tensors) - set(rename))
     if unknown:
         raise ValueError(f"{path}: unexpected GGUF tensor(s) {unknown[:8]} for a {arch} of {args.n_layers} layers")
-    return args, {rename[name]: reader_of(t) for name, t in tensors.items()}
+    readers = {}
+    for name, t in tensors.items():
+        ours, read = rename[name], reader_of(t)
+        if arch in GGUF_NEOX and ours.endswith(ROTATED):
+            heads_of = rotated_heads(ours, args, int(ours.split(".")[1]))
+            read = (lambda read=read, heads_of=heads_of: hf_to_meta_rows(read(), heads_of))
+        readers[ours] = read
+    return args, readers
 
 
 # ----------------------------------------------------------------------------------------------
