@@ -92,6 +92,9 @@ def meta_readers(folder: Path):
     if params.get("vocab_size", -1) not in (-1, vocab):
         raise ValueError(f"{folder}/params.json: vocab_size {params['vocab_size']} but the embedding has {vocab} rows")
     params["vocab_size"] = vocab  # Meta leaves -1 here and takes it from the tokenizer; the tensor is the truth
+    factor, high = params.pop("rope_scaling_factor", None), params.pop("rope_high_freq_factor", None)
+    if params.pop("use_scaled_rope", False):  # Llama 3.1+: Meta's apply_scaling (factor 8 unless params.json says)
+        params["rope_scaling"] = {**llama.LLAMA3_ROPE, "factor": factor or 8.0, "high_freq_factor": high or 4.0}
     args = llama.ModelArgs.from_dict(params, source=str(folder / "params.json"))
     hidden = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
     if hidden != args.hidden_dim:

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -74,10 +75,37 @@ def hf_model(seed: int = 0, **config):
     return randomize_(model, seed).float().eval()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # Llama 3.2 1B/3B's
+FAMILIES = {  # each family's real switches (transformers' config class + the fields that differ), on a tiny GQA shape
+    "llama3": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
+                                   max_position_embeddings=131072)),
+    "mistral": ("MistralConfig", dict(sliding_window=None, max_position_embeddings=32768,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6,
+                                  tie_word_embeddings=True, use_sliding_window=False, max_position_embeddings=32768)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                  rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960)),
+}  # qwen3: head_dim 32 with 4 heads over a width of 64, as Qwen3-0.6B has 16 heads of 128 over 1024
+FAMILY_T = {"llama3": 1024}  # tokens to compare over: llama3 scaling moves only the slow RoPE frequencies
+
+
+def family_model(family: str, seed: int = 0, **config):
+    """A randomly initialised float32 transformers model of `family` (FAMILIES), 2 layers of width 64, 4 query heads
+    over 2 kv heads, MLP 96, vocab 128 unless `config` says otherwise; biases and q/k norms random too."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, vocab_size=128)
+    name, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**{**kw, **fields, **config}))
+    return randomize_(model, seed).float().eval()
+
+
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """transformers' convert_llama_weights_to_hf permute: Meta's interleaved q/k rows -> rotate-half rows."""
-    d1, d2 = w.shape
-    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+    d1, *rest = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
 def hf_to_meta_rows_by_index(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -115,8 +143,9 @@ def gguf_name(hf_name: str) -> str:
     _, _, i, *rest = hf_name.split(".")
     part = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
-            "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    return f"blk.{i}.{part['.'.join(rest[:-1])]}.weight"
+            "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+            "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    return f"blk.{i}.{part['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
 
@@ -157,17 +186,23 @@ def add_bpe_metadata(writer, tok, pre: str, add_bos: bool):
 
 
 
-def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: bool = True, pre: str = "gpt-2",
-                     add_bos: bool = True, extra=None, rope_theta: float = ROPE_THETA):
-    """Write `hf` as llama.cpp would: q/k permuted, a mix of tensor types (Q8_0, Q4_1, F16, F32; norms F32;
-    a row length that is not a multiple of the 32-value block stays F32). Each matrix is also written back into
-    `hf` as the file holds it (dequantized), so transformers computes with the file's values."""
+def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: Optional[bool] = None, pre: str = "gpt-2",
+                     add_bos: bool = True, extra=None, rope_theta: Optional[float] = None):
+    """Write `hf` as llama.cpp's converter would: q/k rows (and biases) permuted for 'llama' (permute=None: for
+    'llama' only; Qwen's rotate-half architectures keep HF's rows), head_dim as key_length, Llama 3's rope_freqs
+    factors, a mix of tensor types (Q8_0, Q4_1, F16, F32; norms and biases F32; a row length that is not a multiple of
+    the 32-value block stays F32). Each tensor is also written back into `hf` as the file holds it (dequantized), so
+    transformers computes with the file's values. rope_theta: the config's unless given."""
     gguf = pytest.importorskip("gguf")
     Q = gguf.GGMLQuantizationType
     types = {"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0, "ffn_gate": Q.Q4_1,
              "attn_v": Q.F16, "ffn_up": Q.F16, "output": Q.F16}
     cfg = hf.config
+    permute = arch == "llama" if permute is None else permute
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope_theta = rope.get("rope_theta", 10000.0) if rope_theta is None else rope_theta
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -175,14 +210,31 @@ def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: bool = Tr
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(H)
     writer.add_head_count_kv(K)
+    writer.add_key_length(D)
+    writer.add_value_length(D)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(rope_theta)
-    writer.add_rope_dimension_count(cfg.hidden_size // H)
+    writer.add_rope_dimension_count(D)
     writer.add_vocab_size(cfg.vocab_size)
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
     if tok is not None:
         add_bpe_metadata(writer, tok, pre, add_bos)
+    if rope.get("rope_type") == "llama3":  # convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors
+        freqs = 1.0 / (rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        factor, L = rope["factor"], rope["original_max_position_embeddings"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < L / high:
+                factors.append(1)
+            elif wavelen > L / low:
+                factors.append(factor)
+            else:
+                smooth = (L / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     state = hf.state_dict()
     if hf.config.tie_word_embeddings:
         state.pop("lm_head.weight")
@@ -190,11 +242,13 @@ def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: bool = Tr
         for name, w in state.items():
             gname = gguf_name(name)
             qtype = types.get(gname.split(".")[-2], Q.F32) if w.ndim == 2 and w.shape[1] % 32 == 0 else Q.F32
+            if gname.endswith(".bias"):
+                qtype = Q.F32
             data = gguf.quants.quantize(w.numpy(), qtype)  # (out, in) floats, or (out, bytes per row) blocks
             w.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype)))  # transformers gets what the file holds
-            if permute and gname.endswith("attn_q.weight"):
+            if permute and gname.endswith(("attn_q.weight", "attn_q.bias")):
                 data = llama_cpp_permute(data, H, H)
-            elif permute and gname.endswith("attn_k.weight"):
+            elif permute and gname.endswith(("attn_k.weight", "attn_k.bias")):
                 data = llama_cpp_permute(data, H, K)
             writer.add_tensor(gname, data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
     writer.write_header_to_file()
@@ -202,7 +256,6 @@ def write_llama_gguf(path, hf, tok=None, arch: str = "llama", permute: bool = Tr
     writer.write_tensors_to_file()
     writer.close()
     return path
-
 
 
 def write_tokenizer_gguf(path, tok, pre: str = "gpt-2", add_bos: bool = True):

@@ -14,9 +14,9 @@ import torch
 import formats
 import generate
 import llama
-from conftest import (GQA_UNIFORM, ROPE_THETA, greedy, hf_logits, hf_model, hf_to_meta_rows_by_index, lora_linears,
-                      meta_to_hf_rows, our_logits, random_model, randomize_lora_B_, shared_file, tiny_model, tokens,
-                      train_bpe, write_llama_gguf)
+from conftest import (FAMILIES, FAMILY_T, GQA_UNIFORM, ROPE_THETA, family_model, greedy, hf_logits, hf_model,
+                      hf_to_meta_rows_by_index, lora_linears, meta_to_hf_rows, our_logits, random_model,
+                      randomize_lora_B_, shared_file, tiny_model, tokens, train_bpe, write_llama_gguf)
 from data import Tokenizer
 from llama import Transformer
 
@@ -206,6 +206,104 @@ def test_hf_tied_embeddings_match_transformers(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the families: Llama 3.1/3.2, Mistral, Qwen2, Qwen3, each against transformers' own modeling file
+
+
+SWITCHES = {"llama3": dict(rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}, tie_embeddings=True),
+            "mistral": dict(rope_theta=1e6, tie_embeddings=False),
+            "qwen2": dict(qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
+            "qwen3": dict(qk_norm=True, head_dim=32, tie_embeddings=True, norm_eps=1e-6)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_hf_folder_matches_transformers(tmp_path, family):
+    """Each family's Hugging Face folder gives transformers' logits in float32 (1e-4), with the family's switches
+    set: Llama 3.2's llama3 RoPE (compared over 1024 positions, where its slow frequencies turn) and tied head,
+    Qwen2's q/k/v biases, Qwen3's q/k norms and a head_dim that is not width / heads."""
+    hf = family_model(family)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = formats.load(tmp_path, dtype=torch.float32).eval()
+    a = ours.args
+    assert a.family == {"llama3": "llama"}.get(family, family)
+    for key, value in SWITCHES[family].items():
+        assert getattr(a, key) == value, key
+    ids = tokens(128, T=FAMILY_T.get(family, 24), B=1)
+    theirs = hf_logits(hf, ids)
+    assert theirs.std() > 0.5
+    torch.testing.assert_close(our_logits(ours, ids), theirs, atol=1e-4, rtol=0)
+    if family == "llama3":  # the scaling matters over these positions: plain RoPE is far off
+        ours.args.rope_scaling = None
+        assert (our_logits(ours, ids) - theirs).abs().max() > 0.05
+
+
+def test_mistral_sliding_window_caps_the_sequence_length(tmp_path):
+    """Mistral 7B v0.1's 4096-token window: within it the model is plain causal attention, so max_seq_len is the
+    window, and longer sequences are refused in one line."""
+    hf = family_model("mistral", sliding_window=16)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = formats.load(tmp_path, dtype=torch.float32).eval()
+    assert ours.args.max_seq_len == 16
+    ids = tokens(128, T=16, B=1)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than max_seq_len=16"):
+        ours(tokens(128, T=17, B=1))
+
+
+def test_meta_folder_with_scaled_rope(tmp_path):
+    """Meta's Llama 3.1 folder says use_scaled_rope (Meta's apply_scaling: factor 8 unless params.json says
+    rope_scaling_factor): the same logits as transformers' llama3 RoPE with those values."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    hf = family_model("llama3", rope_parameters=rope, tie_word_embeddings=False, intermediate_size=192)
+    c = hf.config
+    state = {}
+    for name, w in hf.state_dict().items():
+        ours = formats.HF_NAMES[name.replace(name.split(".")[2], "{}", 1) if ".layers." in name else name]
+        ours = ours.format(name.split(".")[2]) if "{}" in ours else ours
+        heads = {"wq.weight": 4, "wk.weight": 2}.get(".".join(ours.split(".")[-2:]))
+        state[ours] = hf_to_meta_rows_by_index(w, heads) if heads else w
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    torch.save(state, folder / "consolidated.00.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128, "multiple_of": 32,
+              "norm_eps": c.rms_norm_eps, "rope_theta": 500000.0, "use_scaled_rope": True}  # MLP: 2/3 * 4 * 64 -> 192
+    (folder / "params.json").write_text(json.dumps(params))
+    ours = formats.load(folder, dtype=torch.float32).eval()
+    assert ours.args.rope_scaling["factor"] == 8.0
+    ids = tokens(128, T=1024, B=1)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_gguf_matches_transformers(tmp_path, family):
+    """Each family's GGUF file as llama.cpp's converter writes it (architecture 'llama' with q/k rows permuted and
+    Llama 3's rope_freqs.weight, or Qwen's 'qwen2' / 'qwen3' with HF's rows, biases and q/k norms): transformers'
+    logits on the file's dequantized weights."""
+    hf = family_model(family)
+    arch = {"qwen2": "qwen2", "qwen3": "qwen3"}.get(family, "llama")
+    path = write_llama_gguf(tmp_path / "model.gguf", hf, arch=arch)
+    ours = formats.load(path, dtype=torch.float32).eval()
+    for key, value in SWITCHES[family].items():
+        assert getattr(ours.args, key) == pytest.approx(value), key  # GGUF holds norm_eps as float32
+    assert ours.args.family == ("llama" if family in ("llama3", "mistral") else family)
+    ids = tokens(128, T=FAMILY_T.get(family, 24), B=1)
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_gguf_rope_freqs_other_than_llama3_are_refused(tmp_path):
+    import gguf
+    hf = family_model("llama3")
+    path = write_llama_gguf(tmp_path / "model.gguf", hf)
+    reader = gguf.GGUFReader(path, "r+")
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    factors.data[1] = 3.0  # not on the llama3 curve
+    del reader
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight .* is not Llama 3's RoPE scaling"):
+        formats.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # GGUF: same logits as transformers on the same (dequantized) weights
 
 
@@ -361,9 +459,9 @@ def test_truncated_llama2c_bin(tmp_path):
 
 
 @pytest.mark.parametrize("edit, words", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope"),
-    ({"model_type": "mistral"}, "mistral"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "RoPE scaling.*'linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}}, "RoPE scaling.*'yarn'"),
+    ({"model_type": "gemma"}, "model_type 'gemma', expected one of llama, mistral, qwen2, qwen3"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
 ])
@@ -391,7 +489,7 @@ def test_hf_folder_with_unexpected_tensor(tmp_path):
 def test_gguf_errors(tmp_path):
     pytest.importorskip("gguf")
     hf = gguf_hf_model(300, tied=True)
-    with pytest.raises(ValueError, match=r"architecture 'gpt2', expected 'llama'"):
+    with pytest.raises(ValueError, match=r"architecture 'gpt2', expected one of llama, deci, qwen2, qwen3"):
         formats.load(write_llama_gguf(tmp_path / "gpt2.gguf", hf, arch="gpt2"))
     scaled = write_llama_gguf(tmp_path / "scaled.gguf", hf, extra={"llama.rope.scaling.type": "linear"})
     with pytest.raises(ValueError, match=r"RoPE scaling.*'linear'"):
