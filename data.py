@@ -142,10 +142,9 @@ class _SentencePiece:
 
 
 class _HFTokenizerJson:
-    """A Hugging Face tokenizer.json, read with the optional `tokenizers` package. BOS/EOS come from a
-    tokenizer_config.json beside it if there is one, else from the LLaMA 1/2 or Llama 3 special tokens."""
-
-    KNOWN_SPECIALS = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>")]  # (bos, eos)
+    """A Hugging Face tokenizer.json, read with the optional `tokenizers` package. BOS/EOS and whether BOS goes first
+    are read as transformers reads them (formats.hf_tokenizer_specials: the tokenizer_config.json beside it, the
+    tokenizer's own post-processor)."""
 
     def __init__(self, path: Path):
         try:
@@ -158,22 +157,7 @@ class _HFTokenizerJson:
             raise ValueError(f"{path}: expected a Hugging Face tokenizer.json, found {_looks_like(path)}"
                              f" ({e})") from e
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        bos, eos = self._special_names(path.parent / "tokenizer_config.json")
-        self.bos_id, self.eos_id = self._id(bos), self._id(eos)  # -1 where the vocab has no such token
-
-    def _special_names(self, config_path: Path) -> tuple[Optional[str], Optional[str]]:
-        if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            names = [config.get("bos_token"), config.get("eos_token")]
-            return tuple(n["content"] if isinstance(n, dict) else n for n in names)  # AddedToken or str
-        for bos, eos in self.KNOWN_SPECIALS:
-            if self.tok.token_to_id(bos) is not None:
-                return bos, eos
-        return None, None
-
-    def _id(self, token: Optional[str]) -> int:
-        token_id = self.tok.token_to_id(token) if token is not None else None
-        return -1 if token_id is None else token_id
+        self.bos_id, self.eos_id, self.add_bos = formats.hf_tokenizer_specials(path)  # -1 where there is none
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids  # BOS/EOS are added by Tokenizer
@@ -184,13 +168,9 @@ class _HFTokenizerJson:
 
 class _GGUFVocab:
     """A byte-level BPE vocabulary (tokenizer.ggml.model 'gpt2') in a llama.cpp GGUF file's metadata (read by
-    formats.gguf_tokenizer, optional `gguf`): its tokens (id = position) and merges become a `tokenizers` BPE
-    (optional extra too), split first the way llama.cpp splits for tokenizer.ggml.pre. Control tokens are
-    special: matched whole in the text and dropped on decode."""
-
-    GPT2_SPLIT = ("gpt-2",)  # GPT-2's regex (ByteLevel's own); also taken when tokenizer.ggml.pre is absent
-    DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp: \p{N} alone, then GPT-2's
-    CONTROL = 3  # llama.cpp's token type of special tokens (gguf.TokenType.CONTROL)
+    formats.gguf_tokenizer, optional `gguf`), as the `tokenizers` BPE formats.bpe_tokenizer makes of it (split the
+    way llama.cpp splits for tokenizer.ggml.pre; control tokens special: matched whole in the text, dropped on
+    decode). BOS goes first as tokenizer.ggml.add_bos_token says, else as llama.cpp defaults for that pre."""
 
     def __init__(self, path: Path, metadata: dict):
         meta = metadata.get  # tokenizer.ggml.* metadata (formats.gguf_tokenizer), the prefix dropped from the keys
@@ -198,28 +178,12 @@ class _GGUFVocab:
         if model != "gpt2":
             raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE) "
                              "or 'llama' (SentencePiece)")
-        if pre not in self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT:
-            raise ValueError(f"{path}: GGUF tokenizer.ggml.pre {pre!r} is not supported; known: "
-                             f"{list(self.GPT2_SPLIT + self.DIGITS_THEN_GPT2_SPLIT)}")
-        try:
-            import tokenizers
-        except ImportError as e:
-            raise ImportError(f"the GGUF BPE tokenizer in {path} needs the tokenizers extra: "
-                              "pip install tokenizers") from e
-        from tokenizers import decoders, pre_tokenizers
-        tokens = meta("tokens")
-        merges = [tuple(m.split(" ", 1)) for m in meta("merges")]  # "Ġ t" -> ("Ġ", "t"): byte-level has no spaces
-        self.tok = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-        split = pre_tokenizers.ByteLevel(add_prefix_space=False)  # bytes -> printable chars, GPT-2's regex
-        if pre in self.DIGITS_THEN_GPT2_SPLIT:
-            split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split])
-        self.tok.pre_tokenizer, self.tok.decoder = split, decoders.ByteLevel()
-        types = meta("token_type", [])
-        self.tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                     for t, kind in zip(tokens, types) if kind == self.CONTROL])
-        self.vocab_size = len(tokens)
+        if pre not in formats.BPE_PRE:
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.pre {pre!r} is not supported; known: {list(formats.BPE_PRE)}")
+        self.tok = formats.bpe_tokenizer(meta("tokens"), meta("merges"), meta("token_type", []), pre)
+        self.vocab_size = len(meta("tokens"))
         self.bos_id, self.eos_id = meta("bos_token_id", -1), meta("eos_token_id", -1)
-        self.add_bos: bool = meta("add_bos_token", True)  # llama.cpp's default when the key is absent
+        self.add_bos: bool = meta("add_bos_token", formats.BPE_PRE[pre].add_bos)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids  # BOS/EOS are added by Tokenizer

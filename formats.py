@@ -14,7 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -849,11 +849,142 @@ def sentencepiece_normalizer(proto: bytes) -> tuple[bool, bool]:
     return bool(spec.get(3, 1)), bool(spec.get(4, 1))
 
 
+# ----------------------------------------------------------------------------------------------
+# tokenizers on disk: byte-level BPE vocabularies as GGUF metadata (llama.cpp) and as tokenizer.json (Hugging Face)
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/2.5/3: digits one at a time
+
+
+@dataclass(frozen=True)
+class BpePre:
+    """How a byte-level BPE splits text before merging: what llama.cpp's tokenizer.ggml.pre names, written as
+    tokenizer.json spells it (llama-vocab.cpp keeps the same regexes, adapted to its engine)."""
+    split: Optional[str] = None  # a regex split first; None: byte-level's own GPT-2 regex
+    digits: bool = False  # every digit its own piece, then GPT-2's regex (SmolLM2, StarCoder)
+    nfc: bool = False  # NFC-normalise the text first (Qwen)
+    ignore_merges: bool = False  # a word that is a token is taken whole (Llama 3; llama.cpp: ignore_merges)
+    add_bos: bool = False  # llama.cpp's default when the GGUF has no tokenizer.ggml.add_bos_token
+
+
+BPE_PRE = {"gpt-2": BpePre(), "smollm": BpePre(digits=True), "llama-bpe": BpePre(LLAMA3_SPLIT, ignore_merges=True,
+                                                                                   add_bos=True),
+           "qwen2": BpePre(QWEN2_SPLIT, nfc=True), "llama3": BpePre(LLAMA3_SPLIT, ignore_merges=True, add_bos=True),
+           "starcoder": BpePre(digits=True), "refact": BpePre(digits=True), "codeshell": BpePre(digits=True)}
+GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 3, 4, 5  # gguf.TokenType (SentencePiece's numbering)
+
+
+def bpe_tokenizer(tokens: list, merges: list, types: list, pre: str, bos_id: int = -1, add_bos: bool = False):
+    """A `tokenizers` byte-level BPE from a vocabulary as GGUF holds it: tokens by id (byte-level strings), merges
+    ('a b'), token types (control tokens become special added tokens, user-defined ones added tokens: both matched
+    whole in the text), the split llama.cpp uses for `pre` (BPE_PRE) and, if add_bos, BOS put first by the
+    post-processor, as a tokenizer.json that adds BOS does."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError("a byte-level BPE vocabulary needs the tokenizers extra: pip install tokenizers") from e
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+    if pre not in BPE_PRE:
+        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; known: {list(BPE_PRE)}")
+    rule = BPE_PRE[pre]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)},
+                                                     [tuple(m.split(" ", 1)) for m in merges],
+                                                     ignore_merges=rule.ignore_merges))
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=rule.split is None)]  # bytes -> printable
+    if rule.split is not None:
+        steps.insert(0, pre_tokenizers.Split(tokenizers.Regex(rule.split), behavior="isolated"))
+    if rule.digits:
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    if rule.nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([tokenizers.AddedToken(t, special=kind == GGUF_CONTROL, normalized=False)
+                    for t, kind in zip(tokens, types) if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)])
+    if add_bos and bos_id >= 0:
+        bos = tokens[bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, bos_id)])
+    return tok
+
+
+def _split_signature(tokenizer_json: dict) -> tuple:
+    """What decides how a tokenizer.json splits text: normalizer, pre-tokenizer steps, ignore_merges."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return ((tokenizer_json.get("normalizer") or {}).get("type"),
+            tuple((p.get("type"), (p.get("pattern") or {}).get("Regex"), p.get("individual_digits"),
+                   p.get("use_regex")) for p in steps),
+            bool(tokenizer_json.get("model", {}).get("ignore_merges")))
+
+
+def bpe_pre_of(tokenizer_json: dict, source) -> str:
+    """The tokenizer.ggml.pre (BPE_PRE) that splits as a byte-level tokenizer.json does; ValueError if none."""
+    if tokenizer_json.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(
+            tokenizer_json.get("pre_tokenizer")):
+        raise ValueError(f"{source}: GGUF export reads a byte-level BPE tokenizer.json (Llama 3, Qwen, SmolLM2); "
+                         "this one is not (export a SentencePiece tokenizer.model instead)")
+    for name in BPE_PRE:
+        probe = json.loads(bpe_tokenizer(["a"], [], [1], name).to_str())
+        if _split_signature(probe) == _split_signature(tokenizer_json):
+            return name
+    raise ValueError(f"{source}: its pre-tokenizer {json.dumps(tokenizer_json.get('pre_tokenizer'))[:120]}... is "
+                     f"none of llama.cpp's {list(BPE_PRE)}")
+
+
+def hf_tokenizer_specials(path) -> tuple[int, int, bool]:
+    """(BOS id, EOS id, whether BOS is put first) of a tokenizer.json, as transformers reads them: the special
+    tokens named in the tokenizer_config.json beside it (else LLaMA's or Llama 3's names where the vocabulary has
+    them), and BOS first exactly when the tokenizer's own post-processor adds it (transformers 5 then encodes with
+    it, whatever add_bos_token says). -1 for a token the vocabulary lacks."""
+    import tokenizers
+    path = Path(path)
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    config_path = path.parent / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        names = [config.get("bos_token"), config.get("eos_token")]
+        names = [n["content"] if isinstance(n, dict) else n for n in names]  # AddedToken or str
+    else:
+        known = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>")]
+        names = next(([b, e] for b, e in known if tok.token_to_id(b) is not None), [None, None])
+    bos, eos = (-1 if n is None or tok.token_to_id(n) is None else tok.token_to_id(n) for n in names)
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    return bos, eos, bos >= 0 and full[:1] == [bos] and plain[:1] != [bos]
+
+
+def tokenizer_json_gguf_fields(path: Path, vocab_size: int) -> list:
+    """GGUF tokenizer metadata for a byte-level BPE tokenizer.json, as llama.cpp's converter writes it (model
+    'gpt2', its pre, tokens by id padded with unused [PAD<i>] up to the embedding's rows, 'a b' merges, control
+    and user-defined types, BOS/EOS ids, add_bos_token as the tokenizer adds BOS)."""
+    import gguf
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    pre = bpe_pre_of(spec, path)
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    if max(by_id) >= vocab_size:
+        raise ValueError(f"{path}: token id {max(by_id)}, but the model's embedding has only {vocab_size} rows")
+    added = {a["id"]: a["special"] for a in spec.get("added_tokens", [])}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [GGUF_UNUSED if i not in by_id else (GGUF_CONTROL if added[i] else GGUF_USER_DEFINED) if i in added
+             else 1 for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    bos, eos, add_bos = hf_tokenizer_specials(path)
+    K, V = gguf.Keys.Tokenizer, gguf.GGUFValueType
+    fields = [(K.MODEL, "gpt2", V.STRING, None), (K.PRE, pre, V.STRING, None),
+              (K.LIST, [t.encode("utf-8") for t in tokens], V.ARRAY, V.STRING),
+              (K.TOKEN_TYPE, types, V.ARRAY, V.INT32), (K.MERGES, [m.encode("utf-8") for m in merges], V.ARRAY, V.STRING)]
+    fields += [(key, i, V.UINT32, None) for key, i in ((K.BOS_ID, bos), (K.EOS_ID, eos)) if i >= 0]
+    return fields + [(K.ADD_BOS, add_bos, V.BOOL, None)]
+
+
 def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
     """The tokenizer.* metadata export_gguf writes, as [(key, value, GGUF value type, array item type or None)]:
-    copied from a GGUF file as it was (strings byte for byte), or built from a SentencePiece .model the way llama.cpp's
-    converter does (pieces, scores, token types, BOS/EOS/UNK/PAD ids; unused [PAD<i>] pieces up to a larger model
-    vocab). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary). Cheap: run.py can call it
+    copied from a GGUF file as it was (strings byte for byte), or built the way llama.cpp's converter does from a
+    SentencePiece .model (pieces, scores, token types, BOS/EOS/UNK/PAD ids; unused [PAD<i>] pieces up to a larger
+    model vocab) or a byte-level BPE tokenizer.json (tokenizer_json_gguf_fields). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary). Cheap: run.py can call it
     to refuse a tokenizer before any training."""
     try:
         import gguf
@@ -878,9 +1009,11 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
                 value = field.contents()
             fields.append((key, value, kind, item))
         return fields
+    if path.suffix == ".json":
+        return tokenizer_json_gguf_fields(path, vocab_size)
     if path.suffix != ".model":
-        raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model or a .gguf file, "
-                         f"found {path.suffix!r}")
+        raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model, a byte-level "
+                         f"tokenizer.json or a .gguf file, found {path.suffix!r}")
     try:
         import sentencepiece
     except ImportError as e:

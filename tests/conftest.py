@@ -149,19 +149,35 @@ def gguf_name(hf_name: str) -> str:
 
 
 
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # the "pattern" of Llama 3's tokenizer.json
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2.5's
+
+
 def train_bpe(pre: str):
-    """A small byte-level BPE (vocab 300) trained on CORPUS, with two special tokens; `pre` 'smollm' splits
-    digits one by one before GPT-2's regex, as SmolLM2's tokenizer.json does."""
+    """A small byte-level BPE (vocab 300) trained on CORPUS, with two special tokens, split as the tokenizer.json
+    of each kind does: 'gpt-2' GPT-2's regex, 'smollm' digits one by one first (SmolLM2), 'llama-bpe' Llama 3's regex
+    (and ignore_merges), 'qwen2' Qwen's regex after NFC."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, pre_tokenizers, trainers
+    from tokenizers import decoders, normalizers, pre_tokenizers, trainers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt-2", "smollm"))
     if pre == "smollm":
         split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split])
+    if pre in ("llama-bpe", "qwen2"):
+        regex = tokenizers.Regex(LLAMA3_REGEX if pre == "llama-bpe" else QWEN2_REGEX)
+        split = pre_tokenizers.Sequence([pre_tokenizers.Split(regex, behavior="isolated"), split])
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer, tok.decoder = split, decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
+    if pre == "llama-bpe":
+        spec = json.loads(tok.to_str())
+        spec["model"]["ignore_merges"] = True
+        tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
     return tok
 
 

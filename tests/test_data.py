@@ -125,15 +125,39 @@ def test_hf_tokenizer_json_specials_from_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer(path)
     assert (tok.bos_id, tok.eos_id) == (2, 4)
-    assert tok.encode("hello", eos=True) == [2, 1, 4]
+    assert tok.encode("hello", eos=True) == [1, 4]  # no post-processor puts BOS first: neither do we
+    assert tok.encode("hello", bos=True, eos=True) == [2, 1, 4]
+
+
+@pytest.mark.parametrize("post", [True, False])
+def test_hf_tokenizer_json_bos_as_transformers_adds_it(tmp_path, post):
+    """BOS goes first exactly when transformers' AutoTokenizer puts it first: when the tokenizer.json's own
+    post-processor adds it (SmolLM2 and Qwen have none; Llama 3's adds <|begin_of_text|>); add_bos_token in the
+    config does not change that for a byte-level tokenizer.json (transformers 5)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+    tok = train_bpe("smollm")
+    if post:
+        bos = tok.token_to_id("<|im_start|>")
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", bos)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>",
+         "add_bos_token": not post}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer(tmp_path / "tokenizer.json")
+    for text in ["The cat sat on the mat.", "It was 1234 degrees!"]:
+        assert ours.encode(text) == theirs(text)["input_ids"]
+    assert ours.add_bos == post and ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
 
 
 def test_hf_tokenizer_without_bos_refuses_to_add_one(tmp_path):
     tok = Tokenizer(_write_word_level_tokenizer(tmp_path, {"<unk>": 0, "hello": 1}))
     assert tok.bos_id == -1
-    assert tok.encode("hello", bos=False) == [1]
+    assert tok.encode("hello") == [1]
     with pytest.raises(ValueError, match="no BOS"):
-        tok.encode("hello")
+        tok.encode("hello", bos=True)
 
 
 def test_find_tokenizer(tmp_path):
@@ -376,14 +400,15 @@ def test_eval_tokens_one_bos_per_story():
 # the GGUF tokenizer (metadata read by formats.gguf_tokenizer) and tiktoken (Llama 3's tokenizer.model)
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_gguf_tokenizer_matches_its_source(tmp_path, pre):
     tok = train_bpe(pre)
     path = write_tokenizer_gguf(tmp_path / "tok.gguf", tok, pre=pre)
     ours = Tokenizer(path)
     bos, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|endoftext|>")
     assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (300, bos, eos)
-    for text in [TEXT, "  leading spaces, ümlauts and ünïcode: 東京 2024\t tabs", "<|endoftext|>the cat"]:
+    for text in [TEXT, "  leading spaces, ümlauts and ünïcode: 東京 2024\t tabs", "<|endoftext|>the cat",
+                 "It's 12345 o'CLOCK\n\n  indented\r\nline", "cafe\u0301 vs café"]:
         expected = tok.encode(text, add_special_tokens=False).ids
         assert ours.encode(text, bos=False) == expected
         assert ours.decode(expected) == tok.decode(expected, skip_special_tokens=True)
@@ -497,6 +522,6 @@ def test_gguf_tokenizer_errors(tmp_path):
     scaled = write_llama_gguf(tmp_path / "scaled.gguf", hf_model(vocab_size=300, tie_word_embeddings=True))
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model is None, expected 'gpt2'"):
         Tokenizer(scaled)  # a GGUF without tokenizer metadata
-    qwen = write_tokenizer_gguf(tmp_path / "qwen.gguf", train_bpe("gpt-2"), pre="qwen2")
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre 'qwen2' is not supported"):
-        Tokenizer(qwen)
+    other = write_tokenizer_gguf(tmp_path / "other.gguf", train_bpe("gpt-2"), pre="deepseek-llm")
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre 'deepseek-llm' is not supported"):
+        Tokenizer(other)
