@@ -673,15 +673,21 @@ def layer_shapes(model: llama.Transformer) -> list:
 
 
 def _layer_weights(model: llama.Transformer, l: int, dtype: torch.dtype = torch.float32) -> dict:
-    """{our projection name: zero-argument reader of its (out, in) weight in `dtype`, on the CPU} for layer l, LoRA
-    merged (W + s B@A, in float32), int8 stores dequantized, and wk / wv rows repeated per kv_repeat (q/k rows stay
-    in Meta's interleaved RoPE layout)."""
+    """{name: zero-argument reader of the tensor in `dtype`, on the CPU} for layer l: the seven projections' (out, in)
+    weights by our names ('wq', ...), LoRA merged (W + s B@A, in float32), int8 stores dequantized; Qwen2's biases
+    ('wq.bias', 'wk.bias', 'wv.bias') and Qwen3's 'q_norm' / 'k_norm'. wk / wv rows and biases are repeated per
+    kv_repeat; q/k rows stay in Meta's interleaved RoPE layout."""
     D = model.args.head_dim
     rows = torch.tensor([j * D + d for j in kv_repeat(model.args.q_per_kv(l)) for d in range(D)])  # (K' * D,)
-    readers = {}
+    attention, readers = model.layers[l].attention, {}
     for name, lin in llama.projections(model, l).items():
         pick = rows if name in ("wk", "wv") else slice(None)
         readers[name] = lambda lin=lin, pick=pick: lin.merged_weight(dtype).detach().cpu()[pick].contiguous()
+        if lin.bias is not None:
+            readers[name + ".bias"] = lambda lin=lin, pick=pick: lin.bias.detach().to("cpu", dtype)[pick].contiguous()
+    if attention.q_norm is not None:
+        for name in ("q_norm", "k_norm"):
+            readers[name] = lambda norm=getattr(attention, name): norm.weight.detach().to("cpu", dtype).contiguous()
     return readers
 
 
@@ -690,17 +696,42 @@ def _layer_weights(model: llama.Transformer, l: int, dtype: torch.dtype = torch.
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what export_gguf writes the matrices as; norms are always F32
 PROJECTION_GGUF = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
-                   "w2": "ffn_down", "w3": "ffn_up"}
+                   "w2": "ffn_down", "w3": "ffn_up", "wq.bias": "attn_q", "wk.bias": "attn_k", "wv.bias": "attn_v",
+                   "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+
+
+def gguf_architecture(args: llama.ModelArgs, shapes: list, target: str) -> str:
+    """The llama.cpp architecture export_gguf writes for a model of these per-layer (query heads, kv heads, MLP
+    width) shapes, as llama.cpp's loader and graph builder read them (src/models/*.cpp):
+    - Llama, Mistral: 'llama' for one shape (models/llama.cpp reads the sizes of layer 0 only), else 'deci'
+      (models/deci.cpp reads hparams.n_head(il), n_head_kv(il), n_ff(il) per layer, tensors and graph alike);
+    - Qwen2: 'qwen2' while every layer keeps its full attention width (models/qwen2.cpp sizes attn_q and
+      attn_output as n_embd x n_embd), else the same network as 'llama' / 'deci', whose loader takes q/k/v biases
+      (llama_model_base::create_tensor_qkv) and whose graph adds them (build_qkv);
+    - Qwen3: 'qwen3' (q/k norms; layer 0's sizes for every layer), so one shape only: else a one-line ValueError."""
+    uniform = len(set(shapes)) == 1
+    if args.family == "qwen3":
+        if not uniform:
+            l = next(l for l, shape in enumerate(shapes) if shape != shapes[0])
+            raise ValueError(f"{target}: layer {l} has {shapes[l][0]} query heads, {shapes[l][1]} kv heads and "
+                             f"{shapes[l][2]} MLP channels where layer 0 has {shapes[0][0]}, {shapes[0][1]} and "
+                             f"{shapes[0][2]}; llama.cpp's qwen3 holds one shape for every layer: prune with "
+                             "--uniform over every layer (--layers)")
+        return "qwen3"
+    if args.family == "qwen2" and uniform and shapes[0][0] * args.head_dim == args.dim:
+        return "qwen2"
+    return "llama" if uniform else "deci"
 
 
 def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenizer_path=None) -> Path:
-    """Write the model as a llama.cpp GGUF file at out_path (atomically: a temporary file, then a rename).
-    Architecture 'llama' when every layer has the same shape, else 'deci' (llama.cpp's per-layer arrays of
-    head_count, head_count_kv and feed_forward_length, as for Llama-3.1-Nemotron-51B). Matrices are written as
-    `ftype` (GGUF_TYPES; q8_0 keeps F16 for a matrix whose rows are not a multiple of 32), norms as F32. q/k rows go
-    as stored: Meta's interleaved RoPE pairs are the layout llama.cpp's converter writes for 'llama'. Uneven
-    query-head groups (--head-unit query) are written exactly by repeating kv heads (kv_repeat). The tokenizer:
-    a SentencePiece .model as tokenizer.ggml.model 'llama', a GGUF's tokenizer metadata copied as it was."""
+    """Write the model as a llama.cpp GGUF file at out_path (atomically: a temporary file, then a rename), of the
+    architecture gguf_architecture picks: 'llama' or, with per-layer sizes, 'deci' (llama.cpp's per-layer arrays of
+    head_count, head_count_kv and feed_forward_length, as for Llama-3.1-Nemotron-51B), 'qwen2', 'qwen3'. Matrices
+    are written as `ftype` (GGUF_TYPES; q8_0 keeps F16 for a matrix whose rows are not a multiple of 32), norms,
+    biases and Llama 3's rope_freqs as F32. q/k rows go as llama.cpp's converter writes them: Meta's interleaved
+    pairs for 'llama' / 'deci', HF's rotate-half rows for Qwen's architectures. Uneven query-head groups
+    (--head-unit query) are written exactly by repeating kv heads (kv_repeat). The tokenizer: a SentencePiece .model
+    as tokenizer.ggml.model 'llama', a byte-level tokenizer.json as 'gpt2', a GGUF's metadata copied as it was."""
     out_path = Path(out_path)
     if ftype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; expected one of {', '.join(GGUF_TYPES)}")
@@ -715,25 +746,34 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
                         "bf16": (Q.BF16, FT.MOSTLY_BF16), "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}[ftype]
     a = model.args
     shapes = layer_shapes(model)
-    arch = "llama" if len(set(shapes)) == 1 else "deci"
+    arch = gguf_architecture(a, shapes, str(out_path))
 
     # tensors: (GGUF name, torch shape, zero-argument reader of a float32 tensor), in llama.cpp's order
     tensors = [("token_embd.weight", tuple(model.tok_embeddings.weight.shape),
                 lambda: _float32(model.tok_embeddings.weight))]
+    if a.rope_scaling is not None:  # Llama 3.1: what each RoPE frequency is divided by, as llama.cpp's converter
+        tensors.append(("rope_freqs.weight", (a.head_dim // 2,),
+                        lambda: rope_factors(a.head_dim, a.rope_theta, a.rope_scaling)))
     for l, (H, K, F) in enumerate(shapes):
         weights = _layer_weights(model, l)
+        if arch in GGUF_NEOX:  # rotate-half RoPE: HF's q/k rows, as the converter leaves them for Qwen
+            for name, heads in (("wq", H), ("wk", K), ("wq.bias", H), ("wk.bias", K), ("q_norm", 1), ("k_norm", 1)):
+                if name in weights:
+                    weights[name] = lambda read=weights[name], heads=heads: meta_to_hf_rows(read(), heads)
         C, D = a.dim, a.head_dim
-        out_in = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (F, C),
-                  "w2": (C, F), "w3": (F, C)}
+        shape = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (F, C),
+                 "w2": (C, F), "w3": (F, C), "wq.bias": (H * D,), "wk.bias": (K * D,), "wv.bias": (K * D,),
+                 "q_norm": (D,), "k_norm": (D,)}
         tensors.append((f"blk.{l}.attn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].attention_norm.weight)))
-        tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.weight", out_in[n], weights[n]) for n in PROJECTION_GGUF]
+        tensors += [(f"blk.{l}.{PROJECTION_GGUF[n]}.{'bias' if n.endswith('bias') else 'weight'}", shape[n],
+                     weights[n]) for n in PROJECTION_GGUF if n in weights]
         tensors.append((f"blk.{l}.ffn_norm.weight", (C,), lambda l=l: _float32(model.layers[l].ffn_norm.weight)))
     tensors.append(("output_norm.weight", (a.dim,), lambda: _float32(model.norm.weight)))
     if not a.tie_embeddings:  # tied: no output.weight, and llama.cpp uses token_embd for the head
         tensors.append(("output.weight", tuple(model.output.weight.shape), lambda: _float32(model.output.weight)))
 
     def type_of(shape: tuple):
-        if len(shape) == 1:  # norms
+        if len(shape) == 1:  # norms, biases, rope_freqs
             return Q.F32
         if qtype == Q.Q8_0 and shape[-1] % 32:  # rows that do not split into Q8_0's blocks of 32 values
             return Q.F16
@@ -750,7 +790,7 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
         writer.add_embedding_length(a.dim)
         writer.add_block_count(a.n_layers)
         heads, kv_heads, widths = ([s[i] for s in shapes] for i in range(3))
-        uniform = arch == "llama"  # 'deci' reads these three as arrays of one value per layer (get_key_or_arr)
+        uniform = arch != "deci"  # 'deci' reads these three as arrays of one value per layer (get_key_or_arr)
         writer.add_head_count(heads[0] if uniform else heads)
         writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
         writer.add_feed_forward_length(widths[0] if uniform else widths)
@@ -1055,39 +1095,66 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
 
 def meta_to_hf_rows(w: Tensor, n_heads: int) -> Tensor:
     """Meta's interleaved q/k rows -> HF's rotate-half rows per head (transformers' convert_llama_weights_to_hf
-    permute; the inverse of hf_to_meta_rows). (out, in) -> (out, in)."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    permute; the inverse of hf_to_meta_rows). (out, ...) -> (out, ...): a weight, a bias, or a q/k norm."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-HF_PROJECTIONS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-                  "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+HF_PROJECTIONS = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+                  "wo": "self_attn.o_proj.weight", "w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj.weight",
+                  "w3": "mlp.up_proj.weight", "wq.bias": "self_attn.q_proj.bias", "wk.bias": "self_attn.k_proj.bias",
+                  "wv.bias": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
+                  "k_norm": "self_attn.k_norm.weight"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM"}  # model_type -> class
 
 
-def check_hf_shapes(shapes: list, dim: int, target: str) -> None:
-    """One-line ValueError unless LlamaForCausalLM holds these per-layer (query heads, kv heads, MLP width): one shape
-    for every layer, and a head count that divides the model width (transformers 5's LlamaConfig checks it). run.py
-    can call it with the shapes pruning will leave, before training."""
+def check_hf_shapes(shapes: list, args: llama.ModelArgs, target: str) -> str:
+    """The model_type export_hf writes for these per-layer (query heads, kv heads, MLP width) shapes, or a one-line
+    ValueError: Hugging Face's classes hold one shape for every layer. The family's own class, except for a Llama
+    whose head count does not divide the width: transformers' LlamaConfig (5.x) refuses that, while MistralConfig
+    (the same network when sliding_window is null) takes an explicit head_dim, and vLLM runs MistralForCausalLM with
+    its LlamaForCausalLM code, head_dim from the config. run.py calls it with the shapes pruning will leave."""
     for l, shape in enumerate(shapes):
         if shape != shapes[0]:
             raise ValueError(f"{target}: layer {l} has {shape[0]} query heads, {shape[1]} kv heads and {shape[2]} MLP "
                              f"channels where layer 0 has {shapes[0][0]}, {shapes[0][1]} and {shapes[0][2]}; Hugging "
-                             "Face's LlamaForCausalLM holds one shape for every layer: export GGUF instead (--gguf)")
-    if dim % shapes[0][0]:
-        raise ValueError(f"{target}: {shapes[0][0]} query heads do not divide the model width {dim}, which "
-                         "transformers' LlamaConfig (5.x) requires; export GGUF instead (--gguf)")
+                             f"Face's {HF_CLASSES[args.family]} holds one shape for every layer: export GGUF instead "
+                             "(--gguf)")
+    return "mistral" if args.family == "llama" and args.dim % shapes[0][0] else args.family
+
+
+def hf_config(args: llama.ModelArgs, model_type: str, shape: tuple, dtype: torch.dtype, special: dict) -> dict:
+    """config.json of a `model_type` (HF_CLASSES) model of one (query heads, kv heads, MLP width) shape. RoPE and
+    the window in transformers 4's spelling, which transformers 5 and vLLM read too; no sliding window anywhere."""
+    H, K, F = shape
+    rope_scaling = None if args.rope_scaling is None else {"rope_type": "llama3", **args.rope_scaling}
+    config = {"architectures": [HF_CLASSES[model_type]], "model_type": model_type, "hidden_size": args.dim,
+              "intermediate_size": F, "num_hidden_layers": args.n_layers, "num_attention_heads": H,
+              "num_key_value_heads": K, "head_dim": args.head_dim, "hidden_act": "silu", "rms_norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "rope_scaling": rope_scaling, "max_position_embeddings": args.max_seq_len,
+              "vocab_size": args.vocab_size, "tie_word_embeddings": args.tie_embeddings,
+              "torch_dtype": str(dtype).removeprefix("torch."), **special}
+    if model_type in ("llama", "qwen3"):
+        config.update(attention_bias=False)  # Llama: on all four projections; Qwen3: also o_proj
+    if model_type == "llama":
+        config.update(mlp_bias=False)
+    if model_type != "llama":
+        config.update(sliding_window=None)  # MistralConfig's default is 4096
+    if model_type.startswith("qwen"):
+        config.update(use_sliding_window=False, max_window_layers=args.n_layers)
+    return config
 
 
 def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
-    """Write the model as a Hugging Face LlamaForCausalLM folder (atomically: a temporary folder, then a rename):
-    config.json, model.safetensors (q/k rows permuted to HF's rotate-half layout, LoRA merged, the model's float
-    dtype), generation_config.json, and the tokenizer we have (tokenizer.model, or tokenizer.json with the
-    tokenizer_config.json beside it). LlamaForCausalLM holds one shape for every layer, with a head count that
-    divides the model width; other models are refused (GGUF holds them: export_gguf)."""
+    """Write the model as a Hugging Face folder (atomically: a temporary folder, then a rename) of its family's class
+    (check_hf_shapes: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM): config.json,
+    model.safetensors (q/k rows, biases and norms permuted to HF's rotate-half layout, LoRA merged, the model's
+    float dtype), generation_config.json, and the tokenizer (hf_tokenizer_files). One shape for every layer; other
+    models are refused (GGUF holds them: export_gguf)."""
     out_dir = Path(out_dir)
     _check_exportable(model, str(out_dir))
     shapes = layer_shapes(model)
-    check_hf_shapes(shapes, model.args.dim, str(out_dir))
+    model_type = check_hf_shapes(shapes, model.args, str(out_dir))
     tokenizer_files, special = hf_tokenizer_files(tokenizer_path)
     from safetensors.torch import save_file
     a = model.args
@@ -1099,17 +1166,14 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
         state["lm_head.weight"] = model.output.weight
     for l in range(a.n_layers):
         weights = {n: read() for n, read in _layer_weights(model, l, dtype).items()}
-        weights["wq"], weights["wk"] = meta_to_hf_rows(weights["wq"], H), meta_to_hf_rows(weights["wk"], K)
-        state.update({f"model.layers.{l}.{HF_PROJECTIONS[n]}.weight": w for n, w in weights.items()})
+        for name, heads in (("wq", H), ("wk", K), ("wq.bias", H), ("wk.bias", K), ("q_norm", 1), ("k_norm", 1)):
+            if name in weights:
+                weights[name] = meta_to_hf_rows(weights[name], heads)
+        state.update({f"model.layers.{l}.{HF_PROJECTIONS[n]}": w for n, w in weights.items()})
         state[f"model.layers.{l}.input_layernorm.weight"] = model.layers[l].attention_norm.weight
         state[f"model.layers.{l}.post_attention_layernorm.weight"] = model.layers[l].ffn_norm.weight
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
-              "intermediate_size": F, "num_hidden_layers": a.n_layers, "num_attention_heads": H,
-              "num_key_value_heads": K, "head_dim": a.head_dim, "hidden_act": "silu", "rms_norm_eps": a.norm_eps,
-              "rope_theta": a.rope_theta, "rope_scaling": None, "max_position_embeddings": a.max_seq_len,
-              "vocab_size": a.vocab_size, "tie_word_embeddings": a.tie_embeddings, "attention_bias": False,
-              "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."), **special}
+    config = hf_config(a, model_type, shapes[0], dtype, special)
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -1122,8 +1186,10 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
 
 def hf_tokenizer_files(tokenizer_path) -> tuple:
     """({file name in the export: its bytes}, {bos_token_id, eos_token_id} where known) for a SentencePiece .model
-    (with a tokenizer_config.json written for it) or a tokenizer.json (with the tokenizer_config.json beside it).
-    Cheap: run.py can call it to refuse a tokenizer before any training."""
+    (with a tokenizer_config.json written for it), a tokenizer.json (with the tokenizer_config.json beside it), or a
+    GGUF file's vocabulary: a byte-level one as tokenizer.json (bpe_tokenizer, BOS first where the GGUF adds it), a
+    SentencePiece one as the tokenizer.model it came from (sentencepiece_proto). Cheap: run.py can call it to
+    refuse a tokenizer before any training."""
     if tokenizer_path is None:
         return {}, {}
     path = Path(tokenizer_path)
@@ -1131,15 +1197,23 @@ def hf_tokenizer_files(tokenizer_path) -> tuple:
         files = {"tokenizer.json": path.read_bytes()}
         if (path.parent / "tokenizer_config.json").is_file():
             files["tokenizer_config.json"] = (path.parent / "tokenizer_config.json").read_bytes()
-        return files, {}
+        bos, eos, _ = hf_tokenizer_specials(path)
+        return files, {f"{k}_token_id": i for k, i in (("bos", bos), ("eos", eos)) if i >= 0}
+    if path.suffix == ".gguf":
+        return _gguf_hf_tokenizer_files(path)
     if path.suffix != ".model":
-        raise ValueError(f"{path}: Hugging Face export copies a SentencePiece .model or a tokenizer.json, found "
-                         f"{path.suffix!r}")
+        raise ValueError(f"{path}: Hugging Face export takes a SentencePiece .model, a tokenizer.json or a GGUF "
+                         f"file's vocabulary, found {path.suffix!r}")
+    return _sentencepiece_hf_files(path.read_bytes(), path)
+
+
+def _sentencepiece_hf_files(proto: bytes, source) -> tuple:
+    """tokenizer.model and a LlamaTokenizer tokenizer_config.json for a serialized SentencePiece model."""
     import sentencepiece
     try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
-        raise ValueError(f"{path}: Hugging Face export needs a SentencePiece model here ({e})") from None
+        raise ValueError(f"{source}: Hugging Face export needs a SentencePiece model here ({e})") from None
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
     special = {}
     for key, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
@@ -1147,5 +1221,30 @@ def hf_tokenizer_files(tokenizer_path) -> tuple:
             config[f"{key}_token"] = sp.id_to_piece(token_id)
             if key != "unk":
                 special[f"{key}_token_id"] = token_id
-    files = {"tokenizer.model": path.read_bytes(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    files = {"tokenizer.model": proto, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
     return files, special
+
+
+def _gguf_hf_tokenizer_files(path: Path) -> tuple:
+    """hf_tokenizer_files of a GGUF file's vocabulary (gguf_tokenizer)."""
+    meta = gguf_tokenizer(path)
+    model = meta.get("model")
+    if model == "llama":
+        tokens = [t.encode("utf-8") for t in meta["tokens"]]
+        return _sentencepiece_hf_files(sentencepiece_proto(
+            tokens, meta["scores"], meta["token_type"], meta.get("bos_token_id", -1), meta.get("eos_token_id", -1),
+            meta.get("unknown_token_id", -1), meta.get("add_space_prefix", True),
+            meta.get("remove_extra_whitespaces", False)), path)
+    if model != "gpt2":
+        raise ValueError(f"{path}: Hugging Face export reads a GGUF vocabulary of tokenizer.ggml.model 'gpt2' or "
+                         f"'llama', found {model!r}")
+    pre = meta.get("pre", "gpt-2")
+    bos, eos = meta.get("bos_token_id", -1), meta.get("eos_token_id", -1)
+    add_bos = bool(meta.get("add_bos_token", BPE_PRE[pre].add_bos if pre in BPE_PRE else False))
+    tok = bpe_tokenizer(meta["tokens"], meta["merges"], meta.get("token_type", []), pre, bos, add_bos)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
+              "bos_token": meta["tokens"][bos] if bos >= 0 else None,
+              "eos_token": meta["tokens"][eos] if eos >= 0 else None}
+    special = {f"{k}_token_id": i for k, i in (("bos", bos), ("eos", eos)) if i >= 0}
+    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}, \
+        special

@@ -431,22 +431,25 @@ def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner
 
 def check_exports(args, inputs: Inputs, pruner: loraprune.Pruner) -> None:
     """--gguf / --hf: refuse, before any training, what the target format cannot hold (a tokenizer it cannot carry;
-    for Hugging Face, layers that will end with different shapes)."""
+    layers that will end with shapes the family's class or llama.cpp architecture cannot hold)."""
     a = inputs.model.args
+    planned = None  # per layer (query heads, kv heads, MLP width) after pruning; None: known only after pruning
+    if args.ratio == 0:
+        planned = formats.layer_shapes(inputs.model)
+    elif args.head_unit != "query":
+        kept = [(a.layer_kv_heads[l] - h, a.layer_hidden_dims[l] - c) for l, (h, c) in enumerate(pruner.final_counts)]
+        planned = [(k * a.n_rep, k, c) for k, c in kept]
+    for flag, needs_one_shape in (("--gguf", a.family == "qwen3"), ("--hf", True)):
+        if getattr(args, flag[2:]) and needs_one_shape and planned is None:
+            raise ValueError(f"{flag} with --head-unit query: which kv heads are left is known only after pruning, "
+                             f"and {flag} holds one shape for every layer here; use --head-unit kv")
     if args.gguf:
         formats.gguf_tokenizer_fields(inputs.tokenizer_path, a.vocab_size)
+        if planned is not None:
+            formats.gguf_architecture(a, planned, "--gguf")
     if args.hf:
         formats.hf_tokenizer_files(inputs.tokenizer_path)
-        if args.ratio > 0 and args.head_unit == "query":
-            raise ValueError("--hf with --head-unit query: which kv heads are left is known only after pruning; "
-                             "use --gguf")
-        if args.ratio == 0:
-            shapes = formats.layer_shapes(inputs.model)
-        else:
-            kept = [(a.layer_kv_heads[l] - h, a.layer_hidden_dims[l] - c)
-                    for l, (h, c) in enumerate(pruner.final_counts)]
-            shapes = [(k * a.n_rep, k, c) for k, c in kept]
-        formats.check_hf_shapes(shapes, a.dim, "--hf")
+        formats.check_hf_shapes(planned, a, "--hf")
 
 
 def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> dict:
