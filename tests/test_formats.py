@@ -799,9 +799,9 @@ def llama_cpp_module():
 class CppModel:
     """A GGUF file opened in llama.cpp: every position's logits, float32 KV cache, 2 threads."""
 
-    def __init__(self, path):
+    def __init__(self, path, n_ctx: int = 64):
         llama_cpp = llama_cpp_module()
-        self.lm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+        self.lm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False,
                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
     def __enter__(self):
@@ -1049,10 +1049,115 @@ def test_hf_export_refuses_per_layer_shapes_and_is_atomic(tmp_path):
     with pytest.raises(ValueError, match=words) as e:
         formats.export_hf(stories("pruned"), out)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"6 query heads do not divide the model width 64.*export GGUF instead"):
-        formats.export_hf(stories("uniform-6-heads"), out)
-    with pytest.raises(ValueError, match=r"found '\.gguf'"):
-        formats.export_hf(stories("uniform"), tmp_path / "other", tokenizer_path=tmp_path / "tok.gguf")
+    with pytest.raises(ValueError, match=r"found '\.tiktoken'"):
+        formats.export_hf(stories("uniform"), tmp_path / "other", tokenizer_path=tmp_path / "tok.tiktoken")
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
+
+
+def test_hf_export_of_heads_that_do_not_divide_the_width_is_a_mistral(tmp_path):
+    """stories260K with 6 of its 8 query heads in every layer: transformers' LlamaConfig refuses 64 / 6, so the
+    export is a MistralForCausalLM (explicit head_dim, no sliding window), which transformers loads with our logits."""
+    transformers = pytest.importorskip("transformers")
+    model = stories("uniform-6-heads")
+    out = formats.export_hf(model, tmp_path / "hf", tokenizer_path=shared_file("tok512.model"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["num_attention_heads"], config["head_dim"]) == (["MistralForCausalLM"], 6, 8)
+    assert config["sliding_window"] is None
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):  # what we measured
+        transformers.LlamaConfig(hidden_size=64, num_attention_heads=6, head_dim=8)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MistralForCausalLM"
+    ids = tokens(512, T=40)
+    torch.testing.assert_close(hf_logits(hf, ids), our_logits(model, ids), atol=HF_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_export_writes_tie_word_embeddings_as_it_is(tmp_path, tied):
+    """tie_word_embeddings says what the file holds: an untied head written as tied would make transformers drop
+    lm_head.weight and use the embedding (different logits), a tied one written as untied would miss lm_head."""
+    transformers = pytest.importorskip("transformers")
+    hf = hf_model(seed=2, tie_word_embeddings=tied)
+    hf.save_pretrained(tmp_path / "src", safe_serialization=True)
+    model = formats.load(tmp_path / "src", dtype=torch.float32).eval()
+    out = formats.export_hf(model, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
+    from safetensors import safe_open
+    assert ("lm_head.weight" in safe_open(str(out / "model.safetensors"), "pt").keys()) is not tied
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tokens(128, T=16)
+    torch.testing.assert_close(hf_logits(back, ids), hf_logits(hf, ids), atol=HF_TOLERANCE, rtol=0)
+
+
+FAMILY_PRE = {"llama3": "llama-bpe", "mistral": "gpt-2", "qwen2": "qwen2", "qwen3": "qwen2"}  # tokenizers to pair
+
+
+def family_folder(tmp_path, family: str):
+    """A family_model (vocab 300) saved with a byte-level tokenizer.json split as the family's is: (model, folder)."""
+    hf = family_model(family, vocab_size=300)
+    folder = tmp_path / family
+    hf.save_pretrained(folder, safe_serialization=True)
+    train_bpe(FAMILY_PRE[family]).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>",
+                                                              "eos_token": "<|endoftext|>"}))
+    return hf, folder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_hf_export_round_trips_through_transformers(tmp_path, family):
+    """Read from a Hugging Face folder, written again: the family's class, transformers' logits, the tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    hf, folder = family_folder(tmp_path, family)
+    model = formats.load(folder, dtype=torch.float32).eval()
+    out = formats.export_hf(model, tmp_path / "hf", tokenizer_path=folder / "tokenizer.json")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    ids = tokens(300, T=FAMILY_T.get(family, 24), B=1)
+    torch.testing.assert_close(hf_logits(back, ids), hf_logits(hf, ids), atol=HF_TOLERANCE, rtol=0)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs("The cat sat 1234")["input_ids"] == Tokenizer(folder / "tokenizer.json").encode("The cat sat 1234")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_gguf_export_runs_in_llama_cpp(tmp_path, family):
+    """Read from a Hugging Face folder, exported as f32 GGUF with its tokenizer.json: llama.cpp's logits on every
+    position (float32 KV cache; Llama 3 over 1024 positions, so that its rope_freqs matter) and 20 greedy tokens
+    equal ours, the family's architecture, and llama.cpp tokenizes as the tokenizer.json does."""
+    import gguf
+    hf, folder = family_folder(tmp_path, family)
+    model = formats.load(folder, dtype=torch.float32).eval()
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f32", tokenizer_path=folder / "tokenizer.json")
+    assert gguf_arch(path) == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(family, "llama")
+    assert ("rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}) == (family == "llama3")
+    T = FAMILY_T.get(family, 40)
+    ids = tokens(300, T=T, B=1)[0].tolist()
+    ours = our_logits(model, torch.tensor([ids]))[0]  # (T, V)
+    with CppModel(path, n_ctx=T + 32) as cpp:
+        torch.testing.assert_close(cpp.logits(ids), ours, atol=CPP_TOLERANCE, rtol=0)
+        assert cpp.greedy(ids[:8], 20) == greedy(model, ids[:8], 20)
+        text = "The cat sat on the mat. It's 1234 degrees!\n  Indented"
+        assert cpp.lm.tokenize(text.encode(), add_bos=False) == Tokenizer(folder / "tokenizer.json").encode(text, bos=False)
+    back = formats.load(path)  # our reader of what we wrote
+    torch.testing.assert_close(our_logits(back, torch.tensor([ids]))[0], ours, atol=1e-5, rtol=0)
+
+
+def test_sentencepiece_without_dummy_prefix_through_gguf(tmp_path):
+    """A SentencePiece model trained with add_dummy_prefix = false, exported to GGUF (add_space_prefix false):
+    llama.cpp and our reader of the GGUF tokenize as sentencepiece does (with the prefix, 'The' would gain a '▁')."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The cat sat on the mat.", "Once upon a time there was a dog.",
+                                  "The dog and the cat are friends."] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=320,
+                                   model_type="bpe", add_dummy_prefix=False, byte_fallback=True,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert not sp.id_to_piece(sp.encode("The cat")[0]).startswith("▁")  # no dummy prefix before the first word
+    model = stories("uniform")
+    path = formats.export_gguf(model, tmp_path / "model.gguf", ftype="f32", tokenizer_path=tmp_path / "sp.model")
+    assert formats.gguf_tokenizer(path)["add_space_prefix"] is False
+    ours = Tokenizer(path)
+    with CppModel(path) as cpp:
+        for text in ["The cat sat on the mat.", "Once upon a time", "dog"]:
+            assert cpp.lm.tokenize(text.encode(), add_bos=False) == sp.encode(text) == ours.encode(text, bos=False)
