@@ -343,6 +343,15 @@ def _open_gguf(path: Path):
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+def gguf_quantized(path) -> bool:
+    """Whether a file is a GGUF whose matrices are stored in a block type (Q8_0, Q4_K, ...), not F32/F16/BF16."""
+    if Path(path).suffix != ".gguf":
+        return False
+    gguf, reader = _open_gguf(Path(path))
+    Q = gguf.GGMLQuantizationType
+    return any(t.tensor_type not in (Q.F32, Q.F16, Q.BF16) for t in reader.tensors if len(t.shape) == 2)
+
+
 def gguf_tokenizer(path) -> dict:
     """The tokenizer metadata of a GGUF file as {key: value} with the 'tokenizer.ggml.' prefix dropped, e.g.
     'model' ('gpt2', 'llama'), 'pre', 'tokens', 'merges', 'scores', 'token_type', 'bos_token_id', 'add_bos_token'.
@@ -626,19 +635,11 @@ def save_checkpoint(model: llama.Transformer, out_dir, kind: str = "dense") -> P
 
 
 def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder) -> Path:
-    """The pruned model in our own format plus its tokenizer, atomically. The tokenizer keeps a name
-    data.find_tokenizer looks for, and its suffix, which says how to read it (a GGUF tokenizer is the whole source
-    .gguf: its vocabulary lives in the metadata)."""
-    name = tokenizer_path.name
-    if not (name in ("tokenizer.model", "tokenizer.json", "tokenizer.gguf")
-            or (name.startswith("tok") and name.endswith(".model"))):
-        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(tokenizer_path.suffix, "tokenizer.model")
-
+    """The pruned model in our own format plus its tokenizer (save_tokenizer: a name data.find_tokenizer looks for,
+    a GGUF's vocabulary without the source's weights), atomically."""
     def write(tmp: Path) -> None:
         _write_own(sliced, tmp, kind="pruned")
-        shutil.copyfile(tokenizer_path, tmp / name)
-        if name == "tokenizer.json" and (tokenizer_path.parent / "tokenizer_config.json").is_file():  # BOS/EOS
-            shutil.copyfile(tokenizer_path.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        save_tokenizer(tokenizer_path, tmp)
     return atomic_write_folder(folder, write)
 
 
@@ -1087,6 +1088,31 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
     add_prefix, remove_spaces = sentencepiece_normalizer(sp.serialized_model_proto())  # as llama.cpp's converter
     return fields + [(K.ADD_BOS, True, V.BOOL, None), (K.ADD_EOS, False, V.BOOL, None),
                      (K.ADD_PREFIX, add_prefix, V.BOOL, None), (K.REMOVE_EXTRA_WS, remove_spaces, V.BOOL, None)]
+
+
+def save_tokenizer(tokenizer_path, folder) -> Path:
+    """Put a model's tokenizer into `folder` under a name data.find_tokenizer looks for, keeping the suffix that says
+    how to read it: a .model copied (tokenizer.model or tok*.model), a tokenizer.json with its tokenizer_config.json,
+    a GGUF's vocabulary as tokenizer.gguf, a GGUF file of its tokenizer metadata alone (megabytes, not the weights).
+    Returns the tokenizer's path in `folder`."""
+    src, folder = Path(tokenizer_path), Path(folder)
+    name = src.name
+    if not (name in ("tokenizer.model", "tokenizer.json") or (name.startswith("tok") and name.endswith(".model"))):
+        name = {".json": "tokenizer.json", ".gguf": "tokenizer.gguf"}.get(src.suffix, "tokenizer.model")
+    if src.suffix != ".gguf":
+        shutil.copyfile(src, folder / name)
+        if name == "tokenizer.json" and (src.parent / "tokenizer_config.json").is_file():  # BOS/EOS
+            shutil.copyfile(src.parent / "tokenizer_config.json", folder / "tokenizer_config.json")
+        return folder / name
+    import gguf
+    writer = gguf.GGUFWriter(str(folder / name), "llama")  # every GGUF names an architecture; no tensors follow
+    for key, value, kind, item in gguf_tokenizer_fields(src, 0):
+        writer.add_key_value(key, value, kind, sub_type=item)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return folder / name
 
 
 # ----------------------------------------------------------------------------------------------

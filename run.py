@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "order, dropout and the random criterion (default %(default)s)")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu; the pruned model of a "
+                   "quantized GGUF is sliced and saved in bfloat16 unless --dtype is given)")
     g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward to save memory (default: on with cuda)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block "
@@ -259,7 +260,9 @@ def resolve_defaults(args, device: torch.device) -> None:
     cuda, float32 on cpu; --compile (but not with --criterion exact or --sample) and --checkpoint-activations on with
     cuda, off on cpu (CPU stays eager)."""
     cuda = device.type == "cuda"
+    quantized = args.dtype is None and Path(args.ckpt).is_file() and formats.gguf_quantized(args.ckpt)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.save_dtype = "bfloat16" if quantized else args.dtype  # Q4 weights saved as float32 would quadruple
     if args.compile is None:  # criterion exact reads gradients in Python backward hooks, which compiled blocks skip;
         # --sample's compiled decode takes longer to compile (~1 min at 7B) than 100 tokens take eager
         args.compile = cuda and args.criterion != "exact" and args.sample is None
@@ -466,7 +469,7 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []),
         "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
-        "dtype": args.dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
+        "dtype": args.dtype, "save_dtype": args.save_dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
                                       for n in args.eval.split(",") if n],
         "eval_seq_len": inputs.eval_seq_len, "eval_tokens": args.eval_tokens,
         **({"world_size": world} if world > 1 else {})}  # each rank's dropout stream is its own: resume with as many
@@ -519,7 +522,7 @@ def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.R
         return sum(units[l] + a.layer_hidden_dims[l] for l in t.pruner.layers)
     full_groups = groups(t.model.args)
     # in place: each block is freed as soon as its sliced copy exists, so the run never holds two models
-    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, args.dtype), in_place=True)
+    sliced = loraprune.slice_model(t.model, t.pruner.masks, dtype=getattr(torch, args.save_dtype), in_place=True)
     params_before, params_after = inputs.params, llama.count_params(sliced)
     out = Path(args.out)
     if ranks.main:

@@ -292,7 +292,8 @@ def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
 @pytest.mark.parametrize("ckpt_format", ["gguf", "own"])
 def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_format):
     """run.py with a GGUF checkpoint (its own tokenizer), or our own format with the GGUF passed as --tokenizer:
-    the saved model's folder holds tokenizer.gguf, which find_tokenizer picks and which reads as the original."""
+    the saved model's folder holds tokenizer.gguf (the vocabulary alone, not a copy of the weights), which
+    find_tokenizer picks and which reads as the original."""
     from conftest import ROPE_THETA, TEXT, hf_model, train_bpe, write_llama_gguf
     from data import Tokenizer
     tok = train_bpe("smollm")
@@ -307,6 +308,11 @@ def test_run_on_a_gguf_saves_a_tokenizer_that_is_found_again(tmp_path, ckpt_form
     found = data.find_tokenizer(folder, formats.load(folder).args.vocab_size)
     assert found == folder / "tokenizer.gguf"
     assert Tokenizer(found).encode(TEXT, eos=True) == Tokenizer(src).encode(TEXT, eos=True)
+    assert formats.gguf_tokenizer(found) == formats.gguf_tokenizer(src)
+    import gguf
+    assert not gguf.GGUFReader(found).tensors and found.stat().st_size < src.stat().st_size / 2
+    saved = json.loads((folder / "params.json").read_text())["dtype"]  # a quantized GGUF's weights go out as bf16
+    assert saved == ("bfloat16" if ckpt_format == "gguf" else "float32")
 
 
 
