@@ -1161,3 +1161,22 @@ def test_sentencepiece_without_dummy_prefix_through_gguf(tmp_path):
     with CppModel(path) as cpp:
         for text in ["The cat sat on the mat.", "Once upon a time", "dog"]:
             assert cpp.lm.tokenize(text.encode(), add_bos=False) == sp.encode(text) == ours.encode(text, bos=False)
+
+
+@pytest.mark.parametrize("pre, add_bos", [("smollm", False), ("qwen2", False), ("llama-bpe", True)])
+def test_hf_export_of_a_gguf_writes_its_vocabulary_as_tokenizer_json(tmp_path, pre, add_bos):
+    """--hf from a GGUF source: its byte-level vocabulary becomes a tokenizer.json that transformers' AutoTokenizer
+    reads into the same ids as our reader of the GGUF, BOS first where the GGUF says so; the weights match too."""
+    transformers = pytest.importorskip("transformers")
+    tok = train_bpe(pre)
+    hf = gguf_hf_model(tok.get_vocab_size(), tied=True)
+    src = write_llama_gguf(tmp_path / "src.gguf", hf, tok, pre=pre, add_bos=add_bos)
+    out = formats.export_hf(formats.load(src), tmp_path / "hf", tokenizer_path=src)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(out), Tokenizer(src)
+    for text in ["The cat sat on the mat. 1234 degrees!", "  ümlauts, 東京\n\nnew lines<|endoftext|>"]:
+        assert theirs(text)["input_ids"] == ours.encode(text)
+    assert ours.add_bos == add_bos and theirs.eos_token_id == ours.eos_id
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tokens(300, T=24)
+    torch.testing.assert_close(hf_logits(back, ids), hf_logits(hf, ids), atol=HF_TOLERANCE, rtol=0)

@@ -175,6 +175,32 @@ def test_local_task_accuracy_matches_hflm(models, tmp_path):
     assert scores["tiny_mc"]["acc"] == pytest.approx(correct / len(DOCS))
 
 
+def test_tokenizer_json_without_bos_matches_hflm(hf_folder, tmp_path):
+    """A tokenizer.json whose post-processor adds no BOS (SmolLM2's, Qwen's), with a bos_token in its config: HFLM
+    (transformers) puts no BOS first, and neither do we: the same splits and log-likelihoods (1e-4), which a BOS
+    first would move (checked: forcing BOS changes them)."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = tmp_path / "no-bos"
+    shutil.copytree(hf_folder, folder)
+    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = None
+    tok.save(str(folder / "tokenizer.json"))
+    tokenizer = data.Tokenizer(folder / "tokenizer.json")
+    assert tokenizer.bos_id == 1 and not tokenizer.add_bos
+    ours = harness.HarnessLM(formats.load(folder, dtype=torch.float32), tokenizer, batch_size=3)
+    hf = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=3)
+    pairs = [(d["question"], c) for d in DOCS for c in d["choices"]][:9]
+    for context, continuation in pairs:
+        assert ours.encode_pair(context, continuation) == tuple(hf._encode_pair(context, continuation))
+    got = ours.loglikelihood(requests("loglikelihood", pairs))
+    want = hf.loglikelihood(requests("loglikelihood", pairs))
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    with_bos = harness.HarnessLM(ours.model, tokenizer, batch_size=3, add_bos_token=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(with_bos.loglikelihood(requests("loglikelihood", pairs)), want)) > 1e-3
+
+
 def test_generate_until_is_greedy_and_stops(shared):
     """On stories260K, greedy generation reproduces the published greedy sample (MANIFEST.md), cut before the
     stop string; max_gen_toks caps it; sampling is refused."""
