@@ -194,8 +194,10 @@ def count_base_params(args: ModelArgs, heads: list, channels: list, query_heads:
     per_head, per_channel = head_params(args), group_params(args)[1]
     query_heads = [h * args.n_rep for h in heads] if query_heads is None else query_heads
     head_out = args.dim * args.vocab_size * (1 if args.tie_embeddings else 2)
-    return head_out + args.dim * (2 * args.n_layers + 1) + sum(
-        (k + q) * per_head + c * per_channel for k, q, c in zip(heads, query_heads, channels))
+    bias = args.head_dim if args.qkv_bias else 0  # Qwen2: D bias rows per query head, 2D per kv head (k and v)
+    norms = (2 * args.dim + (2 * args.head_dim if args.qk_norm else 0)) * args.n_layers + args.dim  # Qwen3: q/k norms
+    return head_out + norms + sum(
+        (k + q) * per_head + (q + 2 * k) * bias + c * per_channel for k, q, c in zip(heads, query_heads, channels))
 
 
 def round_channels(exact: float, width: int, channel_multiple: int = 1, least: int = 0) -> int:
@@ -337,6 +339,8 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
                "attention.wo": (None, q_rows), "feed_forward.w1": (ch, None), "feed_forward.w3": (ch, None),
                "feed_forward.w2": (None, ch)}
         for name, (rows, cols) in cut.items():
+            if p[name.split(".")[1]].bias is not None:  # Qwen2's q/k/v biases go with their rows (Eq. 4's groups)
+                state[prefix + name + ".bias"] = p[name.split(".")[1]].bias[rows].to(dtype)
             W = p[name.split(".")[1]].merged_weight(torch.float32 if int8 else dtype)
             W = (W[rows] if rows is not None else W[:, cols]).contiguous()
             if int8:  # scales are per row, so a column cut (wo, w2) needs new ones: quantize the float slice
@@ -344,7 +348,8 @@ def slice_model(model: Transformer, masks: list, dtype: Optional[torch.dtype] = 
             else:
                 state[prefix + name + ".weight"] = W
             del W
-        for norm in ("attention_norm.weight", "ffn_norm.weight"):
+        qk_norms = ("attention.q_norm.weight", "attention.k_norm.weight") if args.qk_norm else ()  # shared by all heads
+        for norm in ("attention_norm.weight", "ffn_norm.weight") + qk_norms:
             state[prefix + norm] = model.layers[l].get_parameter(norm).to(dtype)
         if in_place:
             model.layers[l].to_empty(device="meta")  # frees the old block before the next is sliced

@@ -1180,3 +1180,84 @@ def test_hf_export_of_a_gguf_writes_its_vocabulary_as_tokenizer_json(tmp_path, p
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = tokens(300, T=24)
     torch.testing.assert_close(hf_logits(back, ids), hf_logits(hf, ids), atol=HF_TOLERANCE, rtol=0)
+
+
+def family_masks(args, uneven: bool, seed: int = 0) -> list:
+    """Masks that drop one of the 2 kv groups and a third of the channels in every layer, or (uneven) a different
+    number of channels per layer and one kv group in layer 0 only."""
+    import loraprune
+    g = torch.Generator().manual_seed(seed)
+    masks = loraprune.full_masks(args)
+    for l, (heads, channels) in enumerate(masks):
+        if not uneven or l == 0:
+            heads[torch.randint(len(heads), (1,), generator=g)] = False
+        channels[torch.randperm(len(channels), generator=g)[: len(channels) // 3 + (l if uneven else 0)]] = False
+    return masks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_pruned_sliced_equals_masked_and_exports(tmp_path, family):
+    """Pruned by kv groups and channels: the sliced model (Qwen2's biases cut with their rows, Qwen3's q/k norms
+    kept) gives the masked model's logits; its HF export (one shape per layer) loads in transformers and its GGUF
+    export (llama.cpp's architecture for the family: Qwen2 with fewer heads than its width holds goes out as
+    'llama') runs in llama.cpp, both with those logits. With uneven layers, GGUF holds Llama, Mistral and Qwen2
+    ('deci') and refuses Qwen3 in one line."""
+    import loraprune
+    transformers = pytest.importorskip("transformers")
+    hf, folder = family_folder(tmp_path, family)
+    ids = tokens(300, T=FAMILY_T.get(family, 40), B=1)
+    for uneven in (False, True):
+        model = formats.load(folder, dtype=torch.float32).eval()
+        masks = family_masks(model.args, uneven)
+        loraprune.apply_masks(model, masks)
+        masked = our_logits(model, ids)
+        sliced = loraprune.slice_model(model, masks).eval()
+        assert llama.count_params(sliced) == loraprune.masked_param_count(model.args, masks)
+        torch.testing.assert_close(our_logits(sliced, ids), masked, atol=1e-5, rtol=0)
+        if family == "qwen3" and uneven:
+            with pytest.raises(ValueError, match="llama.cpp's qwen3 holds one shape for every layer") as e:
+                formats.export_gguf(sliced, tmp_path / "uneven.gguf")
+            assert "\n" not in str(e.value) and not (tmp_path / "uneven.gguf").exists()
+            continue
+        path = formats.export_gguf(sliced, tmp_path / f"{uneven}.gguf", ftype="f32",
+                                   tokenizer_path=folder / "tokenizer.json")
+        arch = gguf_arch(path)
+        assert arch == ("deci" if uneven else {"qwen3": "qwen3"}.get(family, "llama"))
+        with CppModel(path, n_ctx=ids.shape[1] + 8) as cpp:
+            torch.testing.assert_close(cpp.logits(ids[0].tolist()), masked[0], atol=CPP_TOLERANCE, rtol=0)
+        if not uneven:
+            out = formats.export_hf(sliced, tmp_path / "hf", tokenizer_path=folder / "tokenizer.json")
+            back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            assert type(back).__name__ == type(hf).__name__
+            torch.testing.assert_close(hf_logits(back, ids), masked, atol=HF_TOLERANCE, rtol=0)
+
+
+def test_qwen2_biases_through_lora_int8_and_our_format(tmp_path):
+    """Qwen2's biases: LoRA adapts W only, so merging (slice_model) leaves the biases and the logits as they were;
+    in int8 mode W is int8 and the biases stay float (the logits within int8's error of float); our own format
+    saves and reloads both exactly."""
+    import loraprune
+    hf, folder = family_folder(tmp_path, "qwen2")
+    model = formats.load(folder, dtype=torch.float32).eval()
+    llama.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ids = tokens(300, T=24, B=1)
+    adapted = our_logits(model, ids)
+    assert (adapted - hf_logits(hf, ids)).abs().max() > 1e-3  # the adapters do something
+    merged = loraprune.slice_model(model, loraprune.full_masks(model.args)).eval()
+    assert merged.layers[0].attention.wq.r == 0 and merged.layers[0].attention.wq.bias is not None
+    torch.testing.assert_close(our_logits(merged, ids), adapted, atol=1e-5, rtol=0)
+    q8 = formats.load(folder, dtype=torch.float32, int8=True).eval()
+    wq = q8.layers[0].attention.wq
+    assert wq.weight.dtype == torch.int8 and wq.bias.dtype == torch.float32
+    assert (our_logits(q8, ids) - hf_logits(hf, ids)).abs().max() < 0.1  # measured 0.054
+    no_bias = formats.load(folder, dtype=torch.float32, int8=True).eval()
+    for layer in no_bias.layers:
+        layer.attention.wv.bias.data.zero_()
+    assert (our_logits(no_bias, ids) - hf_logits(hf, ids)).abs().max() > 0.2  # the biases are in use
+    saved = llama.save_checkpoint(q8, tmp_path / "own")
+    back = formats.load(saved).eval()
+    assert back.layers[0].attention.wq.weight.dtype == torch.int8
+    torch.testing.assert_close(our_logits(back, ids), our_logits(q8, ids), atol=0, rtol=0)
