@@ -356,6 +356,51 @@ def test_hf_export_of_uneven_layers_is_refused_before_training(tmp_path, capsys)
     assert "--gguf must be one of" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
+def test_family_folder_pruned_by_one_command_runs_in_transformers_and_llama_cpp(tmp_path, family):
+    """A Qwen2 / Qwen3 / Llama 3.2 Hugging Face folder (tiny, random, the family's switches, a byte-level
+    tokenizer.json) pruned by run.py with --hf and --gguf: the saved model, transformers' reading of out/hf and
+    llama.cpp's of out/model.gguf give the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import CORPUS, family_model, train_bpe
+    from test_formats import CppModel
+    folder = tmp_path / family
+    family_model(family, vocab_size=300).save_pretrained(folder, safe_serialization=True)
+    train_bpe({"llama3": "llama-bpe"}.get(family, "qwen2")).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+    (tmp_path / "train.txt").write_text("\n".join(CORPUS * 4))
+    out = tmp_path / "out"
+    assert run.main(cli(out, ckpt=folder, data=tmp_path / "train.txt", eval="", ratio=0.3, steps=2, batch_size=4,
+                        micro_batch_size=4, seq_len=32, prune_every=1, uniform=True, layers="0,1", hf=True,
+                        gguf="f32", dtype="float32")) == 0
+    model = formats.load(out / "model").eval()
+    assert model.args.family == {"llama3": "llama"}.get(family, family)
+    assert model.args.layer_kv_heads == [1, 1]  # one of the two kv groups went in both layers
+    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(x)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours, rtol=0, atol=1e-4)
+    with CppModel(out / "model.gguf") as cpp:
+        torch.testing.assert_close(cpp.logits(x[0].tolist()), ours[0], rtol=0, atol=1e-3)
+
+
+def test_qwen3_gguf_of_uneven_layers_is_refused_before_training(tmp_path, capsys):
+    from conftest import CORPUS, family_model, train_bpe
+    folder = tmp_path / "qwen3"
+    family_model("qwen3", vocab_size=300, num_hidden_layers=3).save_pretrained(folder, safe_serialization=True)
+    train_bpe("qwen2").save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+    (tmp_path / "train.txt").write_text("\n".join(CORPUS * 4))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run.main(cli(out, ckpt=folder, data=tmp_path / "train.txt", eval="", ratio=0.3, steps=2, batch_size=4,
+                        micro_batch_size=4, seq_len=32, layers="0,1", gguf="f32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama.cpp's qwen3 holds one shape for every layer" in err[0] and not out.exists()
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_sample_prints_the_published_greedy_story(capsys, compile):
     argv = ["--ckpt", str(shared_file("stories260K.bin")), "--sample", "Once upon a time", "--temperature", "0",
