@@ -308,7 +308,8 @@ def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> P
     tok*.model (sorted), tokenizer.json, tokenizer.tiktoken, tokenizer.gguf (what run.py saves beside a model whose
     tokenizer came from a GGUF). A .gguf checkpoint is its own tokenizer.
     Given the model's vocab_size, the first candidate whose vocabulary fits it exactly wins (a data folder may hold
-    several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model)."""
+    several tokenizers, e.g. stories260K.bin's tok512.model beside LLaMA's tokenizer.model), else the first with
+    fewer tokens than the embedding has rows (Qwen pads its embedding)."""
     ckpt_path = Path(ckpt_path)
     if ckpt_path.suffix == ".gguf" and ckpt_path.is_file():
         return ckpt_path  # a GGUF file carries its own tokenizer in its metadata
@@ -325,11 +326,15 @@ def find_tokenizer(ckpt_path: str | Path, vocab_size: Optional[int] = None) -> P
             raise ValueError(f"several tokenizers beside {ckpt_path}: {[p.name for p in toks]};"
                              f" expected one, pass the one you mean explicitly")
         return candidates[0]
+    sizes = {path: Tokenizer(path).vocab_size for path in candidates}
     for path in candidates:
-        if Tokenizer(path).vocab_size == vocab_size:
+        if sizes[path] == vocab_size:
             return path
-    raise ValueError(f"no tokenizer beside {ckpt_path} has the model's vocab size {vocab_size}: "
-                     + ", ".join(f"{p.name} has {Tokenizer(p).vocab_size}" for p in candidates))
+    for path in candidates:  # a padded embedding (Qwen: 151936 rows for 151665 tokens)
+        if sizes[path] < vocab_size:
+            return path
+    raise ValueError(f"no tokenizer beside {ckpt_path} fits the model's vocab size {vocab_size}: "
+                     + ", ".join(f"{p.name} has {n}" for p, n in sizes.items()))
 
 
 # ----------------------------------------------------------------------------------------------

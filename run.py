@@ -327,7 +327,7 @@ def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inpu
     t0 = time.time()
     model = formats.load(args.ckpt, device=device, dtype=dtype, int8=args.int8)
     a, params = model.args, llama.count_params(model)
-    log(f"loaded {args.ckpt} in {time.time() - t0:.1f}s: {params:,} parameters, {a.n_layers} "
+    log(f"loaded {args.ckpt} ({a.family}) in {time.time() - t0:.1f}s: {params:,} parameters, {a.n_layers} "
         f"layers, dim {a.dim}, {a.n_heads} heads / {a.n_kv_heads} kv heads, MLP {a.hidden_dim}, vocab "
         f"{a.vocab_size}, {'int8 projections + ' if args.int8 else ''}{str(dtype).removeprefix('torch.')} on {device}")
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else data.find_tokenizer(args.ckpt, a.vocab_size)

@@ -357,15 +357,16 @@ def test_hf_export_of_uneven_layers_is_refused_before_training(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
-def test_family_folder_pruned_by_one_command_runs_in_transformers_and_llama_cpp(tmp_path, family):
+def test_family_folder_pruned_by_one_command_runs_in_transformers_and_llama_cpp(tmp_path, capsys, family):
     """A Qwen2 / Qwen3 / Llama 3.2 Hugging Face folder (tiny, random, the family's switches, a byte-level
-    tokenizer.json) pruned by run.py with --hf and --gguf: the saved model, transformers' reading of out/hf and
-    llama.cpp's of out/model.gguf give the same logits."""
+    tokenizer.json; Qwen's embedding padded past the tokenizer, as Qwen's is) pruned by run.py with --hf and --gguf:
+    the saved model, transformers' reading of out/hf and llama.cpp's of out/model.gguf give the same logits, and
+    --sample decodes greedily what the saved model predicts."""
     transformers = pytest.importorskip("transformers")
     from conftest import CORPUS, family_model, train_bpe
     from test_formats import CppModel
     folder = tmp_path / family
-    family_model(family, vocab_size=300).save_pretrained(folder, safe_serialization=True)
+    family_model(family, vocab_size=300 if family == "llama3" else 320).save_pretrained(folder, safe_serialization=True)
     train_bpe({"llama3": "llama-bpe"}.get(family, "qwen2")).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
     (tmp_path / "train.txt").write_text("\n".join(CORPUS * 4))
@@ -384,6 +385,15 @@ def test_family_folder_pruned_by_one_command_runs_in_transformers_and_llama_cpp(
         torch.testing.assert_close(hf(x).logits, ours, rtol=0, atol=1e-4)
     with CppModel(out / "model.gguf") as cpp:
         torch.testing.assert_close(cpp.logits(x[0].tolist()), ours[0], rtol=0, atol=1e-3)
+    tokenizer = data.Tokenizer(out / "model" / "tokenizer.json")
+    ids = tokenizer.encode("The cat")
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    capsys.readouterr()
+    assert run.main(["--ckpt", str(out / "model"), "--sample", "The cat", "--temperature", "0",
+                     "--max-new-tokens", "6", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip().endswith(tokenizer.decode(ids))
 
 
 def test_qwen3_gguf_of_uneven_layers_is_refused_before_training(tmp_path, capsys):
