@@ -517,8 +517,8 @@ def test_missing_path(tmp_path):
 
 
 def test_params_json_unknown_key(tmp_path):
-    with pytest.raises(ValueError, match="use_scaled_rope"):
-        formats.load(meta_folder(tmp_path, use_scaled_rope=True))
+    with pytest.raises(ValueError, match="use_qk_norm"):  # Llama 4's; Llama 3.1's use_scaled_rope is read
+        formats.load(meta_folder(tmp_path, use_qk_norm=True))
     out = formats.save_checkpoint(tiny_model(), tmp_path / "own")
     meta = json.loads((out / "params.json").read_text())
     meta["args"]["n_experts"] = 8

@@ -392,3 +392,20 @@ def test_uneven_attention_equals_per_head_reference(q_per_kv):
     with torch.no_grad():
         torch.testing.assert_close(att(x, cos, sin), reference_attention(att, x, cos, sin, q_per_kv), rtol=1e-10,
                                    atol=1e-10)
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    """Llama 3.1's frequency scaling at the real head dim (128, theta 500000) for Llama 3.1's factor 8 and 3.2's 32:
+    transformers' own llama3 RoPE initialisation is the oracle; the slow frequencies do move."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for factor in (8.0, 32.0):
+        scaling = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+        config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling})
+        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        ours = llama.rope_frequencies(128, 500000.0, scaling)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        plain = llama.rope_frequencies(128, 500000.0)
+        assert (ours < plain).sum() > 20 and torch.equal(ours[:10], plain[:10])
