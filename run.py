@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("export (what else the pruned model is written as)")
     g.add_argument("--gguf", metavar="TYPE", help="also write OUT/model.gguf for llama.cpp / Ollama, matrices as "
                    "TYPE: " + ", ".join(formats.GGUF_TYPES) + " (with --ratio 0 --steps 0: a plain conversion)")
-    g.add_argument("--hf", action="store_true", help="also write OUT/hf/, a Hugging Face LlamaForCausalLM folder "
-                   "(every layer must end with one shape: --ratio 0, or --uniform over all layers with --head-unit kv)")
+    g.add_argument("--hf", action="store_true", help="also write OUT/hf/, a Hugging Face folder of the family's class "
+                   "(Llama, Mistral, Qwen2, Qwen3; every layer must end with one shape: --ratio 0, or --uniform over "
+                   "all layers with --head-unit kv)")
 
     g = p.add_argument_group("sampling (instead of a run)")
     g.add_argument("--sample", metavar="PROMPT", help="print PROMPT and a continuation sampled from --ckpt, then "
@@ -530,10 +531,12 @@ def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.R
         log(f"saved {out / 'model'}: {params_after:,} parameters ({params_before:,} before)")
         if args.gguf:
             formats.export_gguf(sliced, out / "model.gguf", ftype=args.gguf, tokenizer_path=inputs.tokenizer_path)
-            log(f"saved {out / 'model.gguf'} ({args.gguf}, for llama.cpp)")
+            arch = formats.gguf_architecture(sliced.args, formats.layer_shapes(sliced), "--gguf")
+            log(f"saved {out / 'model.gguf'} ({args.gguf}, llama.cpp architecture '{arch}')")
         if args.hf:
             formats.export_hf(sliced, out / "hf", tokenizer_path=inputs.tokenizer_path)
-            log(f"saved {out / 'hf'} (Hugging Face LlamaForCausalLM)")
+            model_type = formats.check_hf_shapes(formats.layer_shapes(sliced), sliced.args, str(out / "hf"))
+            log(f"saved {out / 'hf'} (Hugging Face {formats.HF_CLASSES[model_type]})")
     if inputs.eval_sets:
         log("perplexity after:")
     ppl_after = train.evaluate(sliced, inputs.eval_sets, inputs.eval_seq_len, args.eval_batch_size, device, log)
