@@ -480,9 +480,13 @@ def test_hf_folder_with_unexpected_tensor(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     from safetensors.torch import load_file, save_file
     state = load_file(str(tmp_path / "model.safetensors"))
-    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)  # a bias a Llama does not have (Qwen2's name)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="q_proj.bias"):
+    with pytest.raises(ValueError, match=r"unexpected \['layers.0.attention.wq.bias'\]"):
+        formats.load(tmp_path)
+    state["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(96)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.0.mlp.gate_proj.bias"):
         formats.load(tmp_path)
 
 
