@@ -994,11 +994,14 @@ def test_gguf_export_bad_input(tmp_path):
         formats.export_gguf(model, out)
     loraprune.apply_masks(model, loraprune.full_masks(model.args))
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"SentencePiece \.model or a \.gguf file, found '\.json'"):
+    with pytest.raises(ValueError, match=r"GGUF export reads a byte-level BPE tokenizer\.json"):
         formats.export_gguf(model, out, tokenizer_path=tmp_path / "tokenizer.json")
+    (tmp_path / "tok.tiktoken").write_text("")
+    with pytest.raises(ValueError, match=r"a byte-level tokenizer\.json or a \.gguf file, found '\.tiktoken'"):
+        formats.export_gguf(model, out, tokenizer_path=tmp_path / "tok.tiktoken")
     with pytest.raises(ValueError, match=r"32000 tokens, but the model's embedding has only 512 rows"):
         formats.export_gguf(model, out, tokenizer_path=shared_file("tokenizer.model"))
-    assert list(tmp_path.iterdir()) == [tmp_path / "tokenizer.json"]
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "tok.tiktoken", tmp_path / "tokenizer.json"]
 
 
 # ----------------------------------------------------------------------------------------------
