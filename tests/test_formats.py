@@ -1264,7 +1264,7 @@ def test_qwen2_biases_through_lora_int8_and_our_format(tmp_path):
     for layer in no_bias.layers:
         layer.attention.wv.bias.data.zero_()
     assert (our_logits(no_bias, ids) - hf_logits(hf, ids)).abs().max() > 0.2  # the biases are in use
-    saved = llama.save_checkpoint(q8, tmp_path / "own")
+    saved = formats.save_checkpoint(q8, tmp_path / "own")
     back = formats.load(saved).eval()
     assert back.layers[0].attention.wq.weight.dtype == torch.int8
     torch.testing.assert_close(our_logits(back, ids), our_logits(q8, ids), atol=0, rtol=0)
