@@ -59,9 +59,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r}; expected one of {FAMILIES}")
-        if self.rope_scaling is not None and set(self.rope_scaling) != set(LLAMA3_ROPE):
-            raise ValueError(f"rope_scaling must hold {sorted(LLAMA3_ROPE)} (Llama 3.1's 'llama3' scaling), "
-                             f"found {self.rope_scaling}")
+        if self.rope_scaling is not None and set(self.rope_scaling) != set(LLAMA3_ROPE):  # Llama 3.1's 'llama3'
+            raise ValueError(f"rope_scaling must hold {sorted(LLAMA3_ROPE)}, found {self.rope_scaling}")
         self.layer_kv_heads = list(self.layer_kv_heads or [self.n_kv_heads] * self.n_layers)
         self.layer_hidden_dims = list(self.layer_hidden_dims or [self.hidden_dim] * self.n_layers)
         for name in ("layer_kv_heads", "layer_hidden_dims"):
@@ -137,11 +136,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rope_frequencies(D: int, theta: float, scaling: Optional[dict] = None) -> Tensor:
-    """The D/2 angular frequencies theta^(-2j/D) of RoPE (Meta's freqs_cis), float32. With `scaling` (Llama 3.1's
-    'llama3', ModelArgs.rope_scaling) the slow ones are stretched: a frequency whose wavelength 2*pi/f exceeds
-    L / low_freq_factor is divided by `factor`, one shorter than L / high_freq_factor is kept, and those between
-    are blended by how many of their wavelengths fit in L = original_max_position_embeddings (Meta's apply_scaling,
-    transformers' _compute_llama3_parameters)."""
+    """RoPE's D/2 frequencies theta^(-2j/D), float32. Llama 3.1's `scaling` (Meta's apply_scaling): a wavelength
+    2*pi/f above L / low_freq_factor is divided by `factor`, below L / high_freq_factor kept, blended between, by
+    how many wavelengths fit in L = original_max_position_embeddings."""
     freqs = 1.0 / theta ** (torch.arange(0, D, 2)[: D // 2].float() / D)  # (D/2,), Meta's
     if scaling is None:
         return freqs
