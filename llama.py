@@ -359,13 +359,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.layer_hidden_dims[layer_id])
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.checkpoint = False  # keep only x for backward and recompute the rest (Transformer.checkpoint_activations)
+        self.checkpoint = False  # recompute activations in backward instead of keeping them (checkpoint_activations)
+        self.compiled = None  # compile_blocks: {recompute: _forward compiled}
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
                 positions: Optional[Tensor] = None) -> Tensor:
-        # the checkpoint call sits inside forward so that a compiled block (compile_blocks) sees it and recomputes
-        # inside the compiled graph; wrapped around a compiled block from outside it saves no memory
-        if self.checkpoint and torch.is_grad_enabled():
+        recompute = self.checkpoint and torch.is_grad_enabled()
+        if self.compiled is not None:  # compiled: what to recompute is Inductor's choice under a memory budget
+            return self.compiled[recompute](x, cos, sin, cache, positions)
+        if recompute:  # eager: keep only x, recompute the whole block in backward
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, cache, positions, use_reentrant=False)
         return self._forward(x, cos, sin, cache, positions)
 
@@ -416,18 +418,44 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
 
-def compile_blocks(model: Transformer, backend: str = "inductor") -> int:
+RECOMPUTE_BUDGET = 0.1  # compiled + checkpointed: keep ~10% of what a graph without recomputation keeps (faster than
+# recomputing the whole block, for ~1 GiB more at 7B: bench/RESULTS.md)
+
+
+def under_memory_budget(backend: str, budget: float):
+    """The torch.compile backend `backend`, with the min-cut partitioner's activation memory budget set while it
+    compiles a graph and restored after (a setting of these graphs, not of the process). Under a budget b the
+    partitioner saves for backward about b of the activation memory it would save otherwise (0: only the graph's
+    inputs, as a checkpoint of the whole graph) and recomputes the rest, choosing what is cheapest to recompute."""
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def compile_under_budget(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compile_graph(gm, example_inputs)
+    return compile_under_budget
+
+
+def compile_blocks(model: Transformer, backend: str = "inductor", recompute_budget: float = RECOMPUTE_BUDGET) -> int:
     """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
-    and residual adds around the matmuls. Returns the number of distinct block shapes. Blocks of one shape share a
-    graph, compiled once per mode (train or eval, grad or not, masks or none; with grad block 0 once more, as its
-    input needs no grad); new mask values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static
-    shapes (dynamic=False): each shape and mode is a graph of its own, hence the raised recompile limit."""
+    and residual adds around the matmuls. A checkpointed block (checkpoint_activations) with grad runs a second
+    compiled form with no checkpoint call, compiled under `recompute_budget` (under_memory_budget). Returns the
+    number of distinct block shapes. Blocks of one shape share a graph, compiled once per mode (train or eval, grad
+    or not, recompute or not, masks or none; with grad block 0 once more, as its input needs no grad); new mask
+    values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static shapes (dynamic=False): each shape
+    and mode is a graph of its own, hence the raised recompile limit."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
+    recompute_backend = under_memory_budget(backend, recompute_budget)  # one object: the blocks share its graphs
     for layer in model.layers:
-        layer.compile(dynamic=False, backend=backend)
+        layer.compiled = {False: torch.compile(layer._forward, dynamic=False, backend=backend),
+                          True: torch.compile(layer._forward, dynamic=False, backend=recompute_backend)}
     return len(shapes)
+
+
+def is_compiled(model: Transformer) -> bool:
+    """Whether compile_blocks prepared the model's blocks."""
+    return any(layer.compiled is not None for layer in model.layers)
 
 
 # names of the seven projections LoRA may sit on (the paper's q, k, v, o, gate, down, up)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import loraprune as lp
-from llama import ModelArgs, Transformer, projections
+from llama import ModelArgs, Transformer, is_compiled, projections
 
 # ----------------------------------------------------------------------------------------------
 # the direction-aware LoRA estimate (criterion 'lora-directional')
@@ -196,7 +196,7 @@ class GradientTap:
 
     def __init__(self, model: Transformer, layers: list, square: bool = True, sample: Optional[int] = None,
                  seed: int = 0):
-        if any(getattr(layer, "_compiled_call_impl", None) for layer in model.layers):
+        if is_compiled(model):
             raise ValueError("criterion 'exact' reads each projection's gradient in a Python backward hook, which a "
                              "compiled block does not run on every step; use eager blocks (run.py --no-compile)")
         self.sums, self.sampled, self.keys, self.handles, self.square = {}, {}, {}, [], square

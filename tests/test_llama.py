@@ -290,6 +290,57 @@ def test_compiled_blocks_match_eager_and_checkpointing_drops_activations():
     torch._dynamo.reset()
 
 
+def test_compiled_checkpointed_blocks_recompute_under_a_budget_scoped_to_their_graphs(monkeypatch):
+    """compile_blocks: a checkpointed block with grad compiles without a checkpoint call, its partitioner run under
+    RECOMPUTE_BUDGET while that graph compiles and nowhere else (the process-wide setting is untouched), and the loss
+    and LoRA gradients equal the eager checkpointed path's; without checkpointing the partitioner keeps budget 1
+    (save what is fastest). aot_eager: the partitioner Inductor uses, without its code generation."""
+    import torch._functorch.partitioners as partitioners
+    budgets = []
+    choose = partitioners.choose_saved_values_set
+
+    def spy(*args, memory_budget=1.0, **kwargs):
+        budgets.append(memory_budget)
+        return choose(*args, memory_budget=memory_budget, **kwargs)
+    monkeypatch.setattr(partitioners, "choose_saved_values_set", spy)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    torch._dynamo.reset()
+    model = tiny_model(seed=17)
+    params = llama.add_lora(model, r=4, alpha=8.0, dropout=0.0)  # no dropout: compiled RNG differs from eager
+    randomize_lora_B_(model, 5)
+    model.train()
+    model.checkpoint_activations = True
+    ids = tokens(128, T=16)
+
+    def run():
+        for p in params:
+            p.grad = None
+        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    loss_eager, grads_eager = run()
+    assert len(calls) == model.args.n_layers  # the eager path checkpoints every block
+    default = torch._functorch.config.activation_memory_budget
+    llama.compile_blocks(model, backend="aot_eager")
+    calls.clear()
+    loss, grads = run()
+    assert not calls, "a compiled block called torch.utils.checkpoint"
+    assert budgets and set(budgets) == {llama.RECOMPUTE_BUDGET}, budgets
+    assert torch._functorch.config.activation_memory_budget == default
+    torch.testing.assert_close(loss, loss_eager, atol=1e-6, rtol=1e-6)
+    for g, g_eager in zip(grads, grads_eager):
+        assert g_eager.abs().sum() > 0
+        torch.testing.assert_close(g, g_eager, atol=1e-6, rtol=1e-5)
+    budgets.clear()
+    model.checkpoint_activations = False
+    run()
+    assert budgets and set(budgets) == {default}, budgets
+    torch._dynamo.reset()
+
+
 def test_compile_blocks_compiles_each_block_shape_once_and_not_again_when_masks_change():
     """Dynamo's own counters: a sliced model with three layers of two shapes compiles two graphs, and a model whose
     masks change value (kept as tensors) compiles nothing more. The 'eager' backend: guards and recompiles are
