@@ -27,11 +27,6 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> 
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-def dequantize_as(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """`dequantize` written straight into `dtype`: one pass over W and no float32 copy of it."""
-    return torch.mul(q, scale[:, None], out=torch.empty(q.shape, dtype=dtype, device=q.device))
-
-
 def quantization_error(W: Tensor, q: Tensor, scale: Tensor) -> float:
     """max |W - dequantize(q, scale)| relative to the largest scale: at most 0.5 for round-to-nearest."""
     return ((W.float() - dequantize(q, scale)).abs().amax() / scale.amax()).item()
@@ -41,20 +36,30 @@ def quantization_error(W: Tensor, q: Tensor, scale: Tensor) -> float:
 # the int8 matmul: y = x @ (q * scale).T, differentiable in x only (q is frozen)
 
 
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """y = x @ (q * scale).T computed as (x @ q.T) * scale, (..., in) -> (..., out): q in x's float dtype is exact
+    (|q| <= 127 needs 7 bits, bf16 has 8), and the scale, one per output row, multiplies y after the matmul in
+    float32 (or in x's dtype if wider). The only float W is the cast of q, a temporary."""
+    y = F.linear(x, q.to(x.dtype))  # (..., out)
+    return (y * scale).to(x.dtype)  # bf16 * float32 computes in float32
+
+
 def int8_grad_input(grad_y: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """dL/dx of y = x @ (q * scale).T: (dL/dy * scale) @ q, (..., out) -> (..., in). Written differently from the
-    forward's dequantization on purpose, so a compiler cannot share one float W between forward and backward."""
-    return (grad_y * scale.to(grad_y.dtype)) @ q.to(grad_y.dtype)
+    """dL/dx of int8_linear: (dL/dy * scale) @ q, (..., out) -> (..., in). q is cast through its transpose on
+    purpose: compiled, that is another op than the forward's cast, which a compiler then cannot merge with it into
+    one float W kept alive from forward to backward (tests/test_quant8.py)."""
+    return (grad_y * scale).to(grad_y.dtype) @ q.t().to(grad_y.dtype).t()
 
 
 class Int8Matmul(torch.autograd.Function):
-    """y = x @ (q * scale).T. Forward makes W in x's dtype as a temporary; backward needs only q and scale, so no
-    float W stays alive between forward and backward."""
+    """int8_linear, saving only q and scale for backward (autograd through int8_linear itself would keep the cast
+    of q, a float W per layer, from forward to backward). Compiled, its forward and backward are traced as plain
+    ops, which Inductor fuses with their neighbours."""
 
     @staticmethod
     def forward(ctx, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
         ctx.save_for_backward(q, scale)
-        return F.linear(x, dequantize_as(q, scale, x.dtype))  # (..., in) -> (..., out)
+        return int8_linear(x, q, scale)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -62,35 +67,6 @@ class Int8Matmul(torch.autograd.Function):
         return int8_grad_input(grad_y, q, scale), None, None
 
 
-@torch.library.custom_op("loraprune::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """Int8Matmul as a custom op: one opaque node to torch.compile, recomputed by an activation checkpoint."""
-    return F.linear(x, dequantize_as(q, scale, x.dtype))  # (..., in) -> (..., out)
-
-
-@int8_linear.register_fake
-def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], q.shape[0])
-
-
-def _int8_linear_setup(ctx, inputs, output):
-    _, q, scale = inputs
-    ctx.save_for_backward(q, scale)
-
-
-def _int8_linear_backward(ctx, grad_y: Tensor):
-    q, scale = ctx.saved_tensors
-    return int8_grad_input(grad_y, q, scale), None, None
-
-
-int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup)
-
-
 def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x (..., in) @ (q * scale).T -> (..., out), with dL/dx only."""
-    # Two paths, because torch.compile does not recompute an autograd.Function inside a checkpointed block (it
-    # saves its outputs) but does recompute a custom op, while the Function is faster eager and in compiled
-    # inference (bench/RESULTS.md, int8 memory and speed).
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        return int8_linear(x, q, scale)
     return Int8Matmul.apply(x, q, scale)
