@@ -52,7 +52,7 @@ import llama  # noqa: E402
 import loraprune  # noqa: E402
 from generate import kv_caches  # noqa: E402
 from bench_7b import Device, pruned_args, random_model, train_step, write_meta_checkpoint  # noqa: E402
-from bench_scale import Run, chosen_parts, read_results, table  # noqa: E402
+from common import Run, chosen_parts, read_results, table  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # shapes
@@ -186,7 +186,7 @@ def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compil
             run.log(**tag, error="not available: generate.generate is not in this checkout (issue 15 item 3)")
             return
         if not run.fits(need_s):
-            run.skip("decode", need_s, **tag)
+            run.skip(need_s, **tag)
             continue
         dev.reset()
         model = random_model(a, dev.type).eval()
@@ -226,7 +226,7 @@ def run_exact(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compile
         tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""),
                    compiled=compiled, seq=T)
         if not run.fits(need_s):
-            run.skip("criterion", need_s, **tag)
+            run.skip(need_s, **tag)
             continue
         dev.reset()
         try:
@@ -272,7 +272,7 @@ def run_distill(run: Run, dev: Device, args: llama.ModelArgs, small: bool, need_
         for alpha in (0.0, 0.5):
             tag = dict(part="distill", compiled=compiled, alpha=alpha, seq=T)
             if not run.fits(need_s):
-                run.skip("distill", need_s, **tag)
+                run.skip(need_s, **tag)
                 continue
             graphs = graph_count()
             times, w = [], warm + (2 if compiled else 0)  # compiled: student and (alpha > 0) teacher graphs
@@ -381,7 +381,7 @@ def main():
         env = next((r for r in results if r.get("part") == "env"), {})
         print(summary(results, env.get("device", "?"), env.get("command", "?")), flush=True)
         return
-    parts = chosen_parts(opts.only, PARTS, opts.device)
+    parts = chosen_parts(opts.only, PARTS)
     dev, run = Device(opts.device), Run(Path(opts.out_dir), opts.budget_s)
     command = " ".join([Path(sys.executable).name] + sys.argv)
     args = model_args(opts.small)
@@ -396,7 +396,7 @@ def main():
         if run.fits(need(opts.mission_timeout_s + 60)):
             run_mission(run, dev, args, opts.small, data_dir, opts.mission_timeout_s)
         else:
-            run.skip("mission", opts.mission_timeout_s + 60)
+            run.skip(opts.mission_timeout_s + 60, part="mission")
     if "decode" in parts:
         run_decode(run, dev, args, opts.small, compiled=False, need_s=need(15))
     if "exact" in parts:

@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama  # noqa: E402
 from bench_7b import Device, random_model  # noqa: E402
-from bench_scale import matmul_rate, step_flops  # noqa: E402
+from common import matmul_rate, step_flops  # noqa: E402
 
 GIB = 2**30
 PREDICTED = {"today": (0.2074, 14.3), "sac-qkv": (0.197, 15.8), "sac-attn": (0.204, 14.8),
@@ -419,7 +419,7 @@ def main():
     if opts.small:  # what each variant recomputes (CPU-side; the partition does not depend on the device)
         log(part="graphs", **graph_counts(small_args, dev.type))
     # 2. the card's bf16 matmul rate and the FLOP count (bench_scale.py's formula)
-    rate = log(part="matmul", **matmul_rate(dev, 256 if opts.small else 8192))["tflops"]
+    rate = log(part="matmul", **matmul_rate(dev.type, 256 if opts.small else 8192))["tflops"]
     # 3. one model, each variant compiled in turn
     model = random_model(args, dev.type)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
