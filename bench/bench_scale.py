@@ -165,7 +165,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend)
     weights = peaks().get("allocated_gib")
     step = step_fn(model, params, pruner, T)
-    r = pruning_steps(step, T, warm=1 if small else 3, n=2 if small else 6, at_warm=peaks)
+    r = pruning_steps(step, T, warm=1 if small else 2, n=2 if small else 5, at_warm=peaks)
     r.update(peaks())
     if profile:
         r.update(kernel_profile(step, run.out_dir / f"profile_7b_{w0}.txt"))
@@ -248,7 +248,7 @@ def run_big(run: Run, device: str, name: str, args, T: int, int8: bool, mode: st
     tokens = torch.randint(0, args.vocab_size, (1, T), device=device)  # (B, T)
     with torch.no_grad():
         model(tokens)
-        fwd = [timed(lambda: model(tokens)) for _ in range(1 if small else 3)]
+        fwd = [timed(lambda: model(tokens)) for _ in range(2)]
     phases["forward"] = peaks()
     run.log(**tag, phase="slice+forward", sliced_params_b=round(llama.count_params(model) / 1e9, 3),
             slice_s=round(slice_s, 1), sliced_forward_s=round(statistics.median(fwd), 3),
@@ -392,11 +392,11 @@ def main():
         if part in ("7b", "more"):
             for _, v in [x for x in sevens if x[0] == part]:
                 tag = dict(part="7b", w0=v.split(":")[0], mode=v.split(":")[1], seq=T)
-                if run.fits(need(45)):
+                if run.fits(need(35)):
                     guarded(run, tag, lambda: run_7b(run, device, S["7b"], T, v, rate, opts.small, opts.backend,
                                                   profile=part == "7b" and v.endswith(f":{llama.RECOMPUTE_BUDGET}")))
                 else:
-                    run.skip(45, **tag)
+                    run.skip(35, **tag)
         elif part == "anchor":
             script = Path(opts.anchor)
             if opts.small:  # the real anchor needs a GPU: a stand-in with its output format
@@ -412,19 +412,19 @@ def main():
         elif part == "70b":
             for seq in (T, T // 2):  # a shorter sequence only if the first runs out of memory
                 tag = dict(part="70b", w0="int8", mode="eager", seq=seq)
-                if not run.fits(need(70)):
-                    run.skip(70, **tag)
+                if not run.fits(need(60)):
+                    run.skip(60, **tag)
                     break
                 if guarded(run, tag, lambda: run_big(run, device, "70b", S["70b"], seq, True, "eager", True, opts.small,
                                                        opts.backend)):
                     break
         elif part == "65b":
             tag = dict(part="65b", w0="int8", mode=str(llama.RECOMPUTE_BUDGET), seq=T)
-            if run.fits(need(80)):
+            if run.fits(need(65)):
                 guarded(run, tag, lambda: run_big(run, device, "65b", S["65b"], T, True, str(llama.RECOMPUTE_BUDGET),
                                                   False, opts.small, opts.backend))
             else:
-                run.skip(80, **tag)
+                run.skip(65, **tag)
     md = summary(run.results, command)
     (run.out_dir / "summary.md").write_text(md + "\n")
     print("\n" + md, flush=True)
