@@ -23,12 +23,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run, llama, loraprune
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_7b: model_args, random_model
-import bench_7b  # noqa: E402
 import llama  # noqa: E402
 import loraprune  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
+from common import build_random  # noqa: E402
 
 GIB = 2**30
 
@@ -97,10 +96,11 @@ def pruning_steps(model, net, rows: torch.Tensor, share: slice, opts, device, wo
 
 def measure(opts, w0: str, device, rank: int, world: int) -> list:
     """Phase 1 (rank 0 alone) and phase 2 (all ranks, DDP) for one W0; returns one row per phase."""
-    args = bench_7b.model_args(opts.small)
+    args = (llama.ModelArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=256, vocab_size=512, max_seq_len=64)
+            if opts.small else llama.ModelArgs())  # LLaMA-7B
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     label = "int8" if w0 == "int8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    model = bench_7b.random_model(args, str(device), dtype=dtype, int8=w0 == "int8")  # same seed: same weights
+    model = build_random(args, str(device), int8=w0 == "int8", dtype=dtype)  # same seed: same weights
     model.checkpoint_activations = opts.checkpoint_activations
     train.same_on_all_ranks([model.tok_embeddings.weight, model.layers[-1].feed_forward.w2.weight], "random weights")
     g = torch.Generator().manual_seed(1)

@@ -1,5 +1,6 @@
-"""One device call at LLaMA-7B shape for what issues 15, 16 and 18 ask to be measured after their code is in:
-the mission run's peak against its training peak, decode speed, the exact hook criterion, self-distillation.
+"""One device call at LLaMA-7B shape for what the run around the training step costs: the mission run's peak against
+its training peak, decode speed, the exact criterion, self-distillation, 2048-token forwards of sliced models beside
+Hugging Face's, and loading a Meta checkpoint.
 
 Parts, in this order (--only picks some; a part that would not end inside --budget-s is logged as skipped, and a
 second call with --only runs what was skipped):
@@ -8,19 +9,18 @@ second call with --only runs what was skipped):
            peak_gpu_memory_gib against the training peak (the last step's progress line), and the process's host RSS
            sampled every 20 ms, split at run.py's 'training' and 'saved' lines (loading / training / slice + save)
   decode   tokens/s of generate.generate(model, [BOS], N, temperature=0) for the dense model and models pruned 20% /
-           50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate of the
-           same length first
-  exact    one pruning step (bench_7b.train_step: checkpointing, T=2048, criterion every step) with
-           criterion 'exact' (variants.GradientTap, the backward-hook criterion), and with exact_sample=64 (its
-           sampled-columns variant), beside criterion 'lora', eager
-  distill  the micro-step (train.backward_batch, T=2048, checkpointing) with distill=0 and distill=0.5 (one more
-           no-grad forward of the frozen teacher + the chunked distillation loss), eager, then compiled
+           50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate first
+  exact    one pruning step (common.step_fn: checkpointing, T=2048, criterion every step, eager) with run.py's
+           criteria 'lora', 'exact' (variants.GradientTap) and 'exact' with --exact-sample 64
+  distill  the micro-step with distill 0 and 0.5 (one more no-grad forward of the frozen teacher and the chunked
+           distillation loss), eager, then compiled
+  forward  a 2048-token forward (no grad) of the dense model (bf16, int8; eager and compiled) and of models sliced
+           at 20% / 50% (channel multiples 1, 8, 64, 128; compiled at 64), beside HF LlamaForCausalLM at the sliced
+           models' mean uniform shapes
+  load     a two-shard Meta checkpoint written once, then formats.load (bf16, int8) in a fresh process each: wall
+           time, host memory over the baseline (sampled VmRSS), GPU peak
   decode-compiled  generate(compiled=True): each one-token step is generate.decode_graph, the whole model as one
-           graph replayed as a CUDA graph, on one set of caches (kv_caches, 256 positions) for the warm-up and the
-           timed runs; recompiles during the timed runs counted
-  exact-compiled   the 'exact' / 'lora' step with compiled blocks
-Code that is not merged yet (generate.generate, train.backward_batch with distill) is logged as
-'not available', and the other parts run.
+           graph replayed as a CUDA graph, on one set of caches (kv_caches, 256 positions); recompiles counted
 
 Writes $OUT (--out-dir): results.jsonl (as it goes), run_report.json and run_log.txt of the mission run,
 summary.md; prints the short table last.
@@ -31,10 +31,10 @@ summary.md; prints the short table last.
       python3 bench/bench_run.py --out-dir $OUT --summarize
 """
 import argparse
-import importlib
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,15 +47,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the repo root: llama, loraprune, train
+sys.path.insert(0, str(ROOT))  # the repo root: llama, loraprune, formats, generate
+import formats  # noqa: E402
 import llama  # noqa: E402
-import loraprune  # noqa: E402
-from generate import kv_caches  # noqa: E402
-from bench_7b import Device, pruned_args, random_model, train_step, write_meta_checkpoint  # noqa: E402
-from common import Run, chosen_parts, read_results, table  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------
-# shapes
+from common import (Run, build_random, chosen_parts, gib, lora_model, peaks, pruned_args, pruning_steps,  # noqa: E402
+                    read_results, reset, step_fn, sync, table, timed)
+from generate import generate, kv_caches  # noqa: E402
 
 
 def model_args(small: bool) -> llama.ModelArgs:
@@ -64,12 +61,37 @@ def model_args(small: bool) -> llama.ModelArgs:
     return llama.ModelArgs()  # LLaMA-7B
 
 
-def optional(module: str, attr: str):
-    """module.attr if the merged code has it, else None (the part then logs 'not available')."""
-    try:
-        return getattr(importlib.import_module(module), attr, None)
-    except ImportError:
-        return None
+# ----------------------------------------------------------------------------------------------
+# a random Meta checkpoint (the mission run and the load part read it)
+
+
+@torch.no_grad()
+def write_meta_checkpoint(args: llama.ModelArgs, folder: Path, device: str, n_shards: int = 2) -> dict:
+    """Meta's layout from random bf16 weights: params.json and consolidated.0k.pth, each tensor split on
+    formats.meta_shard_dim (norms replicated). One shard at a time is held in host memory; every tensor is drawn on
+    the device from its own seed, so each shard redraws the same full tensor and keeps its slice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "norm_eps": args.norm_eps,
+              "vocab_size": -1, **({"multiple_of": 256} if args == llama.ModelArgs() else {"hidden_dim": args.hidden_dim})}
+    (folder / "params.json").write_text(json.dumps(params))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in llama.Transformer(args).state_dict().items()}
+    t0 = time.perf_counter()
+    for s in range(n_shards):
+        shard = {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            full = torch.empty(shape, device=device, dtype=torch.bfloat16)
+            if name.endswith("norm.weight"):
+                full.fill_(1.0)
+            else:
+                full.normal_(0, 0.02, generator=torch.Generator(device).manual_seed(i))
+            dim = formats.meta_shard_dim(name)
+            shard[name] = (full if dim is None else full.chunk(n_shards, dim=dim)[s]).contiguous().cpu()
+        shard["rope.freqs"] = torch.ones(args.head_dim // 2)  # Meta ships it; the loader drops it
+        torch.save(shard, folder / f"consolidated.{s:02d}.pth")
+        del shard
+    sizes = [p.stat().st_size for p in sorted(folder.glob("consolidated.*.pth"))]
+    return dict(write_s=round(time.perf_counter() - t0, 2), shard_gib=[gib(x) for x in sizes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +143,7 @@ def watch(cmd: list, timeout_s: float, markers: tuple, env: dict) -> dict:
                 markers_s={m: round(s, 1) for m, s in seen.items()})
 
 
-def run_mission(run: Run, dev: Device, args: llama.ModelArgs, small: bool, data_dir: Path, timeout_s: float):
+def run_mission(run: Run, device: str, args: llama.ModelArgs, small: bool, data_dir: Path, timeout_s: float):
     # LLaMA's 32000-token SentencePiece model; the --small model has llama2.c's 512-token one
     tokenizer, data = data_dir / ("tok512.model" if small else "tokenizer.model"), data_dir / "tinystories-train.txt"
     missing = [str(p) for p in (tokenizer, data) if not p.exists()]
@@ -132,8 +154,8 @@ def run_mission(run: Run, dev: Device, args: llama.ModelArgs, small: bool, data_
     work = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:
         folder = work / "meta"
-        wrote = write_meta_checkpoint(args, folder, dev)
-        dev.reset()
+        wrote = write_meta_checkpoint(args, folder, device)
+        reset()
         run.log(part="mission", phase="write_meta", **wrote)
         seq = 64 if small else 2048
         cmd = [sys.executable, str(ROOT / "run.py"), "--ckpt", str(folder), "--tokenizer", str(tokenizer),
@@ -176,96 +198,52 @@ def graph_count() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def run_decode(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
-    generate = optional("generate", "generate")
+def run_decode(run: Run, device: str, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
     new_tokens, reps = (16, 2) if small else (128, 3)
     for ratio in (0.0, 0.2, 0.5):
-        a = args if ratio == 0 else pruned_args(args, ratio, 1 if small else 64)
         tag = dict(part="decode", ratio=ratio, compiled=compiled, new_tokens=new_tokens)
-        if generate is None:
-            run.log(**tag, error="not available: generate.generate is not in this checkout (issue 15 item 3)")
-            return
         if not run.fits(need_s):
             run.skip(need_s, **tag)
             continue
-        dev.reset()
-        model = random_model(a, dev.type).eval()
+        model = build_random(args if ratio == 0 else pruned_args(args, ratio, 1 if small else 64), device).eval()
         # one set of caches for every call: the CUDA graph replays on their addresses
         kw = dict(compiled=True, caches=kv_caches(model, 256)) if compiled else {}
-        t0 = time.perf_counter()
-        generate(model, [1], new_tokens, temperature=0, **kw)  # warm-up (compiled: compiles the decode graph)
-        dev.sync()
-        warm_s = time.perf_counter() - t0
+        warm_s = timed(lambda: generate(model, [1], new_tokens, temperature=0, **kw))  # compiled: compiles
         graphs = graph_count()
-        times = []
-        for _ in range(reps):
-            dev.sync()
-            t = time.perf_counter()
-            out = generate(model, [1], new_tokens, temperature=0, **kw)
-            dev.sync()
-            times.append(time.perf_counter() - t)
+        times = [timed(lambda: generate(model, [1], new_tokens, temperature=0, **kw)) for _ in range(reps)]
         s = statistics.median(times)
-        run.log(**tag, params_b=round(llama.count_params(model) / 1e9, 3), generated=len(out), s_median=round(s, 3),
-                tokens_per_s=round(len(out) / s, 1), ms_per_token=round(1e3 * s / len(out), 2),
-                warmup_s=round(warm_s, 1), recompiles_in_timed=graph_count() - graphs,
-                peak_gib=dev.peak_gib())
-        del model
-        torch._dynamo.reset()
-        dev.reset()
+        run.log(**tag, params_b=round(llama.count_params(model) / 1e9, 3), s_median=round(s, 3),
+                tokens_per_s=round(new_tokens / s, 1), ms_per_token=round(1e3 * s / new_tokens, 2),
+                warmup_s=round(warm_s, 1), recompiles_in_timed=graph_count() - graphs, **peaks())
+        model = kw = None
+        reset()
 
 
 # ----------------------------------------------------------------------------------------------
-# part: the exact hook criterion beside 'lora'
+# parts: the exact criterion beside Eq. 10, and self-distillation
 
 
-def run_exact(run: Run, dev: Device, args: llama.ModelArgs, small: bool, compiled: bool, need_s: float):
-    """'lora', 'exact' and 'exact' with exact_sample=64, the sampled-columns variant for accumulated micro-batches."""
+def run_exact(run: Run, device: str, args: llama.ModelArgs, small: bool, need_s: float):
+    """run.py's criteria 'lora' (Eq. 10), 'exact' and 'exact' with --exact-sample 64, eager (the exact tap refuses
+    compiled blocks): one pruning step each."""
     T = 32 if small else 2048
-    warm, timed = (1, 1) if small else (2, 4)
     for criterion, sample in (("lora", None), ("exact", None), ("exact", 8 if small else 64)):
-        tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""),
-                   compiled=compiled, seq=T)
+        tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""), seq=T)
         if not run.fits(need_s):
             run.skip(need_s, **tag)
             continue
-        dev.reset()
-        try:
-            r = train_step(args, dev, T, int8=False, ckpt=True, criterion=criterion, warm=warm, timed=timed,
-                           compiled=compiled, exact_sample=sample)
-            run.log(**tag, step_s=r["s_per_step_median"], microstep_s=r["microstep_s"],
-                    criterion_s=r["criterion_s_median"], peak_gib=r["peak_gib"], weights_gib=r["weights_gib"],
-                    tokens_per_s_paper=r["tokens_per_s_paper"], mask_updates=r["mask_updates"], steps=r["steps"])
-        except torch.OutOfMemoryError:
-            run.log(**tag, error="OOM")
-        finally:
-            torch._dynamo.reset()
-            dev.reset()
+        model, params, pruner = lora_model(args, device, False, "eager", criterion=criterion, exact_sample=sample)
+        r = pruning_steps(step_fn(model, params, pruner, T), T, warm=1 if small else 2, n=1 if small else 4,
+                          at_warm=peaks)
+        run.log(**tag, **r, **peaks())
+        del model, params, pruner
+        reset()
 
 
-# ----------------------------------------------------------------------------------------------
-# part: self-distillation's extra time
-
-
-def run_distill(run: Run, dev: Device, args: llama.ModelArgs, small: bool, need_s: float):
-    """One model: micro-steps with distill 0 and 0.5, eager; then its blocks compiled and the same again."""
-    backward_batch = optional("train", "backward_batch")
+def run_distill(run: Run, device: str, args: llama.ModelArgs, small: bool, need_s: float):
+    """Micro-steps with distill 0 and 0.5 on one model, eager; then its blocks compiled and the same again."""
     T = 32 if small else 2048
-    warm, timed = (1, 1) if small else (2, 4)
-    import inspect
-    if backward_batch is None or "distill" not in inspect.signature(backward_batch).parameters:
-        run.log(part="distill", error="not available: train.backward_batch(..., distill=) is not in this checkout "
-                                      "(issue 16 item 3)")
-        return
-    dev.reset()
-    model = random_model(args, dev.type)
-    params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)
-    model.checkpoint_activations = True
-    # masks as in training (all-ones tensors from the Pruner): the teacher forward clears them, as it will in run.py
-    loraprune.Pruner(model, ratio=0.2, total_steps=100, every=1)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    rows = torch.randint(0, args.vocab_size, (1, T + 1), device=dev.type,
-                         generator=torch.Generator(dev.type).manual_seed(1))  # (1, T+1)
-    model.train()
+    model, params, pruner = lora_model(args, device, False, "eager")
     for compiled in (False, True):
         if compiled:
             llama.compile_blocks(model)
@@ -275,34 +253,143 @@ def run_distill(run: Run, dev: Device, args: llama.ModelArgs, small: bool, need_
                 run.skip(need_s, **tag)
                 continue
             graphs = graph_count()
-            times, w = [], warm + (2 if compiled else 0)  # compiled: student and (alpha > 0) teacher graphs
-            if dev.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            for i in range(w + timed):
-                dev.sync()
-                t = time.perf_counter()
-                backward_batch(model, rows, 1, dev.type, distill=alpha)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                dev.sync()
-                if i >= w:
-                    times.append(time.perf_counter() - t)
-            run.log(**tag, microstep_s=round(statistics.median(times), 4), peak_gib=dev.peak_gib(),
-                    graphs_compiled=graph_count() - graphs, steps=f"{w}+{timed}")
-    del model, opt, params
-    torch._dynamo.reset()
-    dev.reset()
+            r = pruning_steps(step_fn(model, params, pruner, T, distill=alpha), T,
+                              warm=(1 if small else 2) + 2 * compiled, n=1 if small else 4, at_warm=peaks)
+            run.log(**tag, **r, **peaks(), graphs_compiled=graph_count() - graphs)
+    del model, params, pruner
+    reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# part: 2048-token forwards, dense and sliced, ours and Hugging Face's
+
+
+def hf_model(args: llama.ModelArgs, heads: int, hidden: int, device: str):
+    """HF LlamaForCausalLM built the anchor's way (bf16, under the device context) at uniform sizes (attributes set
+    after construction: transformers 5 refuses hidden_size % heads != 0, and a head-pruned model keeps head_dim)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=hidden,
+                    num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                    num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, max_position_embeddings=args.max_seq_len,
+                    rms_norm_eps=args.norm_eps, attn_implementation="sdpa")
+    c.num_attention_heads = c.num_key_value_heads = heads
+    with torch.device(device):
+        return LlamaForCausalLM(c).to(torch.bfloat16).eval()
+
+
+def run_forward(run: Run, device: str, args: llama.ModelArgs, small: bool, need_s: float):
+    T, reps = (32, 2) if small else (2048, 10)
+    x = torch.randint(0, args.vocab_size, (1, T), device=device, generator=torch.Generator(device).manual_seed(2))
+    jobs = [("dense", 0.0, None, False, c) for c in (False, True)] + [("dense", 0.0, None, True, c) for c in (False, True)]
+    jobs += [("sliced", r, m, False, False) for r in (0.2, 0.5) for m in (1, 8, 64, 128)]
+    jobs += [("sliced", r, 64, False, True) for r in (0.2, 0.5)] + [("hf", r, None, False, False) for r in (0.2, 0.5)]
+    for kind, ratio, multiple, int8, compiled in jobs:
+        tag = dict(part="forward", model=kind, ratio=ratio, channel_multiple=multiple, w0="int8" if int8 else "bf16",
+                   compiled=compiled, seq=T)
+        if not run.fits(need_s):
+            run.skip(need_s, **tag)
+            continue
+        a = args if kind == "dense" else pruned_args(args, ratio, multiple or 64)
+        if kind == "hf":  # the sliced models' mean sizes, uniform
+            heads = round(sum(k * a.n_rep for k in a.layer_kv_heads) / a.n_layers)
+            hidden = round(sum(a.layer_hidden_dims) / a.n_layers)
+            model, tag = hf_model(args, heads, hidden, device), {**tag, "heads": heads, "hidden": hidden}
+            forward = lambda: model(input_ids=x)  # noqa: E731
+        else:
+            model = build_random(a, device, int8)
+            if compiled:
+                llama.compile_blocks(model)  # the warm-up forwards compile
+            forward = lambda: model(x)  # noqa: E731
+        with torch.no_grad():
+            for _ in range(3):
+                forward()
+            s = statistics.median([timed(forward) for _ in range(reps)])
+        run.log(**tag, params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3), s_median=round(s, 4),
+                **peaks())
+        model = forward = None
+        reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# part: loading a two-shard Meta checkpoint in a fresh process
+
+
+def rss_now() -> dict:
+    """VmRSS, RssAnon, RssFile of this process in KiB (Linux /proc; empty elsewhere)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def load_child(folder: str, device: str, int8: bool):
+    """In a fresh process: the baseline RSS once torch and the CUDA context are up, then formats.load, with a 5 ms
+    poller sampling resident memory (VmRSS, and its anonymous and file-backed parts). ru_maxrss is not used: Linux
+    carries it over fork and exec, so the child starts with the parent's high-water mark."""
+    if device == "cuda":
+        torch.zeros(1, device="cuda")
+        sync()
+    base, peak, stop = rss_now(), rss_now(), threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            for k, v in rss_now().items():
+                peak[k] = max(peak.get(k, 0), v)
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t0 = time.perf_counter()
+    model = formats.load(folder, device=device, dtype=torch.bfloat16, int8=int8)
+    sync()
+    wall = time.perf_counter() - t0
+    stop.set()
+    poller.join()
+    extra = {k: round((peak.get(k, 0) - base.get(k, 0)) / 2**20, 3) for k in ("VmRSS", "RssAnon", "RssFile")}
+    print(json.dumps(dict(load_s=round(wall, 2), params_b=round(llama.count_params(model) / 1e9, 3),
+                          rss_baseline_gib=round(base.get("VmRSS", 0) / 2**20, 3), host_extra_gib=extra["VmRSS"],
+                          anon_extra_gib=extra["RssAnon"], file_extra_gib=extra["RssFile"],
+                          ru_maxrss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                          **peaks())), flush=True)
+
+
+def run_load(run: Run, device: str, args: llama.ModelArgs, need_s: float):
+    if not run.fits(need_s):
+        run.skip(need_s, part="load")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="bench_load_"))
+    try:
+        run.log(part="load", phase="write", **write_meta_checkpoint(args, folder, device))
+        reset()
+        shard_gib = gib(max(p.stat().st_size for p in folder.glob("consolidated.*.pth")))
+        for int8 in (False, True):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--load-child", str(folder), "--device", device]
+            r = subprocess.run(cmd + (["--int8"] if int8 else []), capture_output=True, text=True)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+            tag = dict(part="load", w0="int8" if int8 else "bf16", shards=2, shard_gib=shard_gib)
+            if r.returncode or not lines:
+                run.log(**tag, error=f"child exit {r.returncode}: {r.stderr.strip()[-600:]}")
+            else:
+                run.log(**tag, **json.loads(lines[-1]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # the tables
 
 
-def summary(results: list, device: str, command: str) -> str:
+def summary(results: list, command: str) -> str:
     R = [r for r in results if not r.get("error")]
     find = lambda **kw: next((r for r in R if all(r.get(k) == v for k, v in kw.items())), None)  # noqa: E731
-    out = [f"bench_run, device: {device}, torch {torch.__version__}; command: `{command}`; "
-           f"wall {results[-1].get('t_s', 0) if results else 0:.0f} s"]
+    env = next((r for r in results if r.get("part") == "env"), {})
+    out = [f"bench_run, {env.get('date')}, device: {env.get('device')}, torch {env.get('torch')}; command: "
+           f"`{command}`; wall {results[-1].get('t_s', 0) if results else 0:.0f} s"]
     targets = []
     m = find(part="mission", phase="run")
     if m:
@@ -316,45 +403,52 @@ def summary(results: list, device: str, command: str) -> str:
         targets.append(["7B run peak <= training peak + 1 GiB", v,
                         "not measured" if v is None else ("PASS" if v <= 1 else "FAIL")])
     rows = []
-    for r in R:
-        if r.get("part") == "decode":
-            d = find(part="decode", ratio=0.0, compiled=r["compiled"])
-            rows.append([r["ratio"], "yes" if r["compiled"] else "no", r["params_b"], r["tokens_per_s"],
-                         r["ms_per_token"], round(r["tokens_per_s"] / d["tokens_per_s"], 2) if d else None,
-                         r["recompiles_in_timed"], r["warmup_s"], r["peak_gib"]])
+    for r in (r for r in R if r.get("part") == "decode"):
+        d = find(part="decode", ratio=0.0, compiled=r["compiled"])
+        rows.append([r["ratio"], "yes" if r["compiled"] else "no", r["params_b"], r["tokens_per_s"], r["ms_per_token"],
+                     round(r["tokens_per_s"] / d["tokens_per_s"], 2) if d else None, r["recompiles_in_timed"],
+                     r["warmup_s"], r.get("peak_gib")])
     if rows:
         out.append("Decode, greedy, 1-token prompt, generate.generate:\n\n" + table(
             ["ratio", "compiled", "params B", "tok/s", "ms/token", "/ dense tok/s", "recompiles (timed)",
              "warm-up s", "peak GiB"], rows))
-        for c in (False, True):
-            d = find(part="decode", ratio=0.0, compiled=c)
-            for ratio in (0.2, 0.5):
-                r = find(part="decode", ratio=ratio, compiled=c)
-                if d and r:
-                    targets.append([f"{int(ratio * 100)}%-pruned decodes faster than dense, compiled={c}",
-                                    round(r["tokens_per_s"] / d["tokens_per_s"], 2),
-                                    "PASS" if r["tokens_per_s"] > d["tokens_per_s"] else "FAIL"])
-    rows = [[r["criterion"], "yes" if r["compiled"] else "no", r["microstep_s"], r["criterion_s"], r["step_s"],
-             r["peak_gib"], r["tokens_per_s_paper"]] for r in R if r.get("part") == "criterion"]
+    rows = [[r["criterion"], r["microstep_s"], r["criterion_s"], r.get("peak_gib"), r["tokens_per_s_paper"]]
+            for r in R if r.get("part") == "criterion"]
     if rows:
-        out.append("Criterion 'exact' (backward hooks) beside 'lora', one step, ckpt, T=2048:\n\n" + table(
-            ["criterion", "compiled", "fwd+bwd+AdamW s", "update() s", "step s", "peak GiB", "tok/s @128"], rows))
+        out.append("Criteria, one pruning step, eager, checkpointing, T=2048:\n\n" + table(
+            ["criterion", "fwd+bwd+AdamW s", "update() s", "peak GiB", "tok/s @128"], rows))
     rows = []
-    for r in R:
-        if r.get("part") == "distill":
-            base = find(part="distill", compiled=r["compiled"], alpha=0.0)
-            rows.append([r["alpha"], "yes" if r["compiled"] else "no", r["microstep_s"], r["peak_gib"],
-                         round(r["microstep_s"] - base["microstep_s"], 4) if base else None,
-                         round(r["microstep_s"] / base["microstep_s"], 3) if base else None, r["graphs_compiled"]])
+    for r in (r for r in R if r.get("part") == "distill"):
+        base = find(part="distill", compiled=r["compiled"], alpha=0.0)
+        rows.append([r["alpha"], "yes" if r["compiled"] else "no", r["microstep_s"], r.get("peak_gib"),
+                     round(r["microstep_s"] - base["microstep_s"], 4) if base else None,
+                     round(r["microstep_s"] / base["microstep_s"], 3) if base else None, r["graphs_compiled"]])
     if rows:
-        out.append("Self-distillation, micro-step (train.backward_batch + AdamW), ckpt, T=2048:\n\n" + table(
+        out.append("Self-distillation, micro-step (train.backward_batch + AdamW), checkpointing, T=2048:\n\n" + table(
             ["alpha", "compiled", "s", "peak GiB", "extra s", "/ no distill", "graphs compiled"], rows))
+    rows = []
+    for r in (r for r in R if r.get("part") == "forward"):
+        d = find(part="forward", model="dense", w0="bf16", compiled=r["compiled"])
+        rows.append([r["model"], r["w0"], "yes" if r["compiled"] else "no", r["ratio"], r["channel_multiple"],
+                     r["params_b"], r["s_median"], round(r["s_median"] / d["s_median"], 3) if d else None,
+                     r.get("peak_gib")])
+    if rows:
+        out.append("Forward of 2048 tokens, no grad (hf: LlamaForCausalLM at the sliced models' mean uniform "
+                   "shape):\n\n" + table(["model", "W0", "compiled", "ratio", "channel multiple", "params B", "s",
+                                          "/ our dense bf16", "peak GiB"], rows))
+    rows = [[r["w0"], r["load_s"], r["shard_gib"], r["rss_baseline_gib"], r["host_extra_gib"], r["anon_extra_gib"],
+             r["file_extra_gib"], r.get("peak_gib"), r.get("allocated_gib")]
+            for r in R if r.get("part") == "load" and "load_s" in r]
+    if rows:
+        out.append("Loading a two-shard Meta checkpoint (formats.load, a fresh process each):\n\n" + table(
+            ["W0", "load s", "shard GiB", "RSS before GiB", "host extra GiB", "anon extra GiB", "file extra GiB",
+             "GPU peak GiB", "GPU model GiB"], rows))
     if targets:
         out.append(table(["target", "value", "result"], targets))
     errors = [r for r in results if r.get("error")]
     if errors:
         out.append("Not measured: " + "; ".join(
-            f"{r.get('part')} {' '.join(f'{k}={r[k]}' for k in ('ratio', 'criterion', 'alpha', 'compiled') if k in r)}"
+            f"{r.get('part')} {' '.join(f'{k}={r[k]}' for k in ('ratio', 'criterion', 'alpha', 'compiled', 'model') if k in r)}"
             f": {r['error']}" for r in errors))
     return "\n\n".join(out)
 
@@ -362,7 +456,7 @@ def summary(results: list, device: str, command: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # CLI
 
-PARTS = ("mission", "decode", "exact", "distill", "decode-compiled", "exact-compiled")
+PARTS = ("mission", "decode", "exact", "distill", "forward", "load", "decode-compiled")
 
 
 def main():
@@ -373,19 +467,24 @@ def main():
     p.add_argument("--budget-s", type=float, default=510.0)
     p.add_argument("--data-dir", default=".carry/data", help="holds tokenizer.model and tinystories-train.txt")
     p.add_argument("--mission-timeout-s", type=float, default=240.0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--summarize", action="store_true", help="only print the tables from --out-dir/results.jsonl")
+    p.add_argument("--load-child", help=argparse.SUPPRESS)  # the load part's fresh process
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=argparse.SUPPRESS)
+    p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args()
+    if opts.load_child:
+        return load_child(opts.load_child, opts.device, opts.int8)
     if opts.summarize:
         results = read_results(Path(opts.out_dir))
-        env = next((r for r in results if r.get("part") == "env"), {})
-        print(summary(results, env.get("device", "?"), env.get("command", "?")), flush=True)
+        print(summary(results, next((r for r in results if r.get("part") == "env"), {}).get("command", "?")))
         return
     parts = chosen_parts(opts.only, PARTS)
-    dev, run = Device(opts.device), Run(Path(opts.out_dir), opts.budget_s)
+    run = Run(Path(opts.out_dir), 1e9 if opts.small else opts.budget_s)
+    device = "cpu" if opts.small else opts.device
     command = " ".join([Path(sys.executable).name] + sys.argv)
     args = model_args(opts.small)
-    run.log(part="env", device=dev.name(), torch=torch.__version__, small=opts.small, parts=parts, command=command)
+    run.log(part="env", date=time.strftime("%Y-%m-%d"), command=command, torch=torch.__version__,
+            device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", small=opts.small, parts=parts)
     need = (lambda s: 1.0) if opts.small else (lambda s: s)  # expected seconds of one measurement on an H100
     data_dir = Path(opts.data_dir) if Path(opts.data_dir).is_absolute() else ROOT / opts.data_dir
     if opts.small and not data_dir.exists():  # here: the shared data folder (run.py's own default)
@@ -394,20 +493,22 @@ def main():
             ".carry/data"))
     if "mission" in parts:
         if run.fits(need(opts.mission_timeout_s + 60)):
-            run_mission(run, dev, args, opts.small, data_dir, opts.mission_timeout_s)
+            run_mission(run, device, args, opts.small, data_dir, opts.mission_timeout_s)
         else:
             run.skip(opts.mission_timeout_s + 60, part="mission")
     if "decode" in parts:
-        run_decode(run, dev, args, opts.small, compiled=False, need_s=need(15))
+        run_decode(run, device, args, opts.small, compiled=False, need_s=need(15))
     if "exact" in parts:
-        run_exact(run, dev, args, opts.small, compiled=False, need_s=need(20))
+        run_exact(run, device, args, opts.small, need_s=need(20))
     if "distill" in parts:
-        run_distill(run, dev, args, opts.small, need_s=need(45))
+        run_distill(run, device, args, opts.small, need_s=need(45))
+    if "forward" in parts:
+        run_forward(run, device, args, opts.small, need_s=need(12))
+    if "load" in parts:
+        run_load(run, device, args, need_s=need(90))
     if "decode-compiled" in parts:
-        run_decode(run, dev, args, opts.small, compiled=True, need_s=need(60))
-    if "exact-compiled" in parts:
-        run_exact(run, dev, args, opts.small, compiled=True, need_s=need(70))
-    md = summary(run.results, dev.name(), command)
+        run_decode(run, device, args, opts.small, compiled=True, need_s=need(60))
+    md = summary(run.results, command)
     (run.out_dir / "summary.md").write_text(md + "\n")
     print("\n" + md, flush=True)
 

@@ -48,11 +48,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune, train
 import llama  # noqa: E402
 import loraprune  # noqa: E402
-import train  # noqa: E402
-from common import (Run, build_random, chosen_parts, matmul_rate, peaks, read_results, reset, step_flops,  # noqa: E402
-                    sync, table, timed)
+from common import (Run, chosen_parts, lora_model, matmul_rate, peaks, pruning_steps, read_results, reset,  # noqa: E402
+                    step_flops, step_fn, sync, table, timed)
 
-PAPER_ACCUM = 128  # the paper's batch 128 of micro-batch 1: the criterion runs once per 128 micro-steps
 TODAY_65B_TOK_S = 1068  # LLaMA-65B int8, compiled, before this call's code (bench/RESULTS.md history)
 
 
@@ -71,39 +69,7 @@ def shapes(small: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# pruning steps, as run.py takes them
-
-
-def step_fn(model, params, pruner, T: int):
-    """One pruning step on random tokens, as run.py takes it: train.backward_batch (forward, float32 cross-entropy,
-    backward), pruner.update (the criterion, the moving average and new masks: the schedule moves at every call
-    here) and AdamW. The returned step() gives the three parts' seconds, each timed between syncs."""
-    device = next(model.parameters()).device
-    rows = torch.randint(0, model.args.vocab_size, (1, T + 1), device=device,
-                         generator=torch.Generator(device).manual_seed(1))  # (B, T+1)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    steps = iter(range(int(pruner.warmup * pruner.total_steps) + 1, 10**9))  # inside the cubic ramp
-
-    def step() -> tuple:
-        return (timed(lambda: train.backward_batch(model, rows, 1, device)),
-                timed(lambda: pruner.update(next(steps))),
-                timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True))))
-    return step
-
-
-def pruning_steps(step, T: int, warm: int, n: int, at_warm=None) -> dict:
-    """warm + n calls of step (step_fn); at_warm() runs once after the warm-up. Medians over the n timed steps."""
-    for _ in range(warm):
-        step()
-    if at_warm is not None:
-        at_warm()
-    fb, crit, adam = zip(*[step() for _ in range(n)])
-    micro = statistics.median(fb) + statistics.median(adam)
-    c = statistics.median(crit)
-    return dict(microstep_s=round(micro, 4), forward_backward_s=round(statistics.median(fb), 4),
-                adamw_s=round(statistics.median(adam), 4), criterion_s=round(c, 3),
-                tokens_per_s=round(T / micro, 1), tokens_per_s_paper=round(PAPER_ACCUM * T / (PAPER_ACCUM * micro + c), 1),
-                steps=f"{warm}+{n}")
+# the kernel-time profile of a step
 
 
 def kernel_group(name: str) -> str:
@@ -138,19 +104,6 @@ def kernel_profile(step, out: Path, n: int = 2, top: int = 15) -> dict:
         groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
     out.write_text("\n".join(f"{ms:9.3f} ms x{calls:5d} [{kernel_group(k)}] {k[:120]}" for k, ms, calls in rows[:top]) + "\n")
     return {f"kernel_ms_{g}": round(ms, 2) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])}
-
-
-def lora_model(args, device: str, int8: bool, mode: str, backend: str = "inductor"):
-    """A random model with LoRA r 8 on all seven projections, set up as run.py does for `mode`: 'eager' (checkpointed
-    eager blocks), 'nockpt' (compiled, no recomputation) or a recompute budget ('0.1': compiled, checkpointed,
-    llama.compile_blocks(recompute_budget=0.1)); the Pruner (ratio 0.2, every step) holds the masks from the start."""
-    model = build_random(args, device, int8)
-    params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)  # fp32 adapters on the weights' device
-    model.checkpoint_activations = mode != "nockpt"
-    if mode != "eager":
-        llama.compile_blocks(model, backend, **({} if mode == "nockpt" else {"recompute_budget": float(mode)}))
-    pruner = loraprune.Pruner(model, ratio=0.2, total_steps=100, every=1, channel_multiple=64 if args.dim > 1024 else 1)
-    return model, params, pruner
 
 
 # ----------------------------------------------------------------------------------------------

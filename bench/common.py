@@ -1,5 +1,6 @@
 """What the benchmarks share: the time budget and the results log of one device call, random models built on the
-device, the card's matmul rate, the FLOP count of a LoRA micro-step, the markdown tables."""
+device, pruning steps as run.py takes them, the card's matmul rate, the FLOP count of a LoRA micro-step, the
+markdown tables."""
 import gc
 import json
 import statistics
@@ -12,8 +13,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune, train
 import llama  # noqa: E402
+import loraprune  # noqa: E402
+import run as cli  # noqa: E402  (run.make_criterion: run.py's names for the criteria)
+import train  # noqa: E402
 
 GIB = 2**30
+PAPER_ACCUM = 128  # the paper's batch 128 of micro-batch 1: the criterion runs once per 128 micro-steps
 
 # ----------------------------------------------------------------------------------------------
 # one device call: results as they come, and the time budget
@@ -115,9 +120,10 @@ INT8_SCALE = 0.02 / (127 / 3**0.5)  # uniform int8 in [-127, 127] has std 127/sq
 
 
 @torch.no_grad()
-def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) -> llama.Transformer:
-    """The model on the meta device, then every tensor drawn on `device` one module at a time: bf16 normal(0, 0.02),
-    norms 1; with int8, the seven block projections are drawn as int8 directly (uniform in [-127, 127], one scale
+def build_random(args: llama.ModelArgs, device: str, int8: bool = False, seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16) -> llama.Transformer:
+    """The model on the meta device, then every tensor drawn on `device` one module at a time: normal(0, 0.02) in
+    `dtype`, norms 1; with int8, the seven block projections are drawn as int8 directly (uniform in [-127, 127], one scale
     per row giving std 0.02), so no float copy of a projection ever exists. Memory and time do not depend on the
     values."""
     with torch.device("meta"):
@@ -133,7 +139,7 @@ def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) 
             module.scales = torch.full((module.out_features,), INT8_SCALE, device=device)
             continue
         for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, device=device, dtype=torch.bfloat16)
+            t = torch.empty(p.shape, device=device, dtype=dtype)
             t.fill_(1.0) if isinstance(module, llama.RMSNorm) else t.normal_(0, 0.02, generator=g)
             setattr(module, name, nn.Parameter(t, requires_grad=False))
     if args.tie_embeddings:
@@ -141,6 +147,71 @@ def build_random(args: llama.ModelArgs, device: str, int8: bool, seed: int = 0) 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"still on the meta device: {left[:4]}"
     return model
+
+
+def pruned_args(args: llama.ModelArgs, ratio: float, channel_multiple: int) -> llama.ModelArgs:
+    """The per-layer sizes LoRAPrune leaves at `ratio` (loraprune.prune_counts over the default pruned layers)."""
+    layers = loraprune.default_pruned_layers(args.n_layers)
+    counts = loraprune.prune_counts(args, ratio, layers, channel_multiple)
+    return llama.ModelArgs(**{**vars(args),
+                              "layer_kv_heads": [k - h for k, (h, _) in zip(args.layer_kv_heads, counts)],
+                              "layer_hidden_dims": [f - c for f, (_, c) in zip(args.layer_hidden_dims, counts)]})
+
+
+# ----------------------------------------------------------------------------------------------
+# pruning steps, as run.py takes them
+
+
+def lora_model(args: llama.ModelArgs, device: str, int8: bool, mode: str, backend: str = "inductor",
+               criterion: str = "lora", exact_sample=None, dtype: torch.dtype = torch.bfloat16):
+    """A random model with LoRA r 8 (alpha 16, dropout 0.05) on all seven projections, set up as run.py does for
+    `mode`: 'eager' (checkpointed eager blocks), 'nockpt' (compiled, no recomputation) or a recompute budget ('0.1':
+    compiled and checkpointed, llama.compile_blocks(recompute_budget=0.1)); the Pruner (ratio 0.2, every step, a
+    run.py --criterion) holds the masks from the start. Returns the model, the adapters and the Pruner."""
+    model = build_random(args, device, int8, dtype=dtype)
+    params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)  # fp32 adapters on the weights' device
+    model.checkpoint_activations = mode != "nockpt"
+    if mode != "eager":
+        llama.compile_blocks(model, backend, **({} if mode == "nockpt" else {"recompute_budget": float(mode)}))
+    layers = loraprune.default_pruned_layers(args.n_layers)
+    pruner = loraprune.Pruner(model, ratio=0.2, total_steps=100, every=1, layers=layers,
+                              channel_multiple=64 if args.dim > 1024 else 1,
+                              criterion=cli.make_criterion(criterion, model, layers, exact_sample=exact_sample))
+    return model, params, pruner
+
+
+def step_fn(model, params, pruner, T: int, distill: float = 0.0):
+    """One pruning step on random tokens, as run.py takes it: train.backward_batch (forward, float32 cross-entropy,
+    backward; distill > 0 adds the frozen teacher's forward and the distillation loss), pruner.update (the
+    criterion, the moving average and new masks: the schedule moves at every call here) and AdamW. The returned
+    step() gives the three parts' seconds, each timed between syncs."""
+    device = next(model.parameters()).device
+    rows = torch.randint(0, model.args.vocab_size, (1, T + 1), device=device,
+                         generator=torch.Generator(device).manual_seed(1))  # (B, T+1)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    steps = iter(range(int(pruner.warmup * pruner.total_steps) + 1, 10**9))  # inside the cubic ramp
+
+    def step() -> tuple:
+        return (timed(lambda: train.backward_batch(model, rows, 1, device, distill=distill)),
+                timed(lambda: pruner.update(next(steps))),
+                timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True))))
+    return step
+
+
+def pruning_steps(step, T: int, warm: int, n: int, at_warm=None) -> dict:
+    """warm + n calls of step (step_fn); at_warm() runs once after the warm-up. Medians over the n timed steps:
+    the micro-step (forward + backward + AdamW, what each of the paper's 128 micro-batches costs) and the criterion."""
+    for _ in range(warm):
+        step()
+    if at_warm is not None:
+        at_warm()
+    fb, crit, adam = zip(*[step() for _ in range(n)])
+    micro = statistics.median(fb) + statistics.median(adam)
+    c = statistics.median(crit)
+    return dict(microstep_s=round(micro, 4), forward_backward_s=round(statistics.median(fb), 4),
+                adamw_s=round(statistics.median(adam), 4), criterion_s=round(c, 3),
+                tokens_per_s=round(T / micro, 1), tokens_per_s_paper=round(PAPER_ACCUM * T / (PAPER_ACCUM * micro + c), 1),
+                steps=f"{warm}+{n}")
 
 
 # ----------------------------------------------------------------------------------------------
