@@ -418,15 +418,13 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
 
-RECOMPUTE_BUDGET = 0.1  # compiled + checkpointed: keep ~10% of what a graph without recomputation keeps (faster than
-# recomputing the whole block, for ~1 GiB more at 7B: bench/RESULTS.md)
+RECOMPUTE_BUDGET = 0.1  # compiled checkpointed blocks keep ~10% of their activations (bench/RESULTS.md)
 
 
 def under_memory_budget(backend: str, budget: float):
-    """The torch.compile backend `backend`, with the min-cut partitioner's activation memory budget set while it
-    compiles a graph and restored after (a setting of these graphs, not of the process). Under a budget b the
-    partitioner saves for backward about b of the activation memory it would save otherwise (0: only the graph's
-    inputs, as a checkpoint of the whole graph) and recomputes the rest, choosing what is cheapest to recompute."""
+    """torch.compile's `backend` with the partitioner's activation memory budget set only while it compiles a graph
+    (not for the process): backward then recomputes all but ~`budget` of the activations that a graph without
+    recomputation keeps, the cheapest to recompute first (0: only the inputs are kept, as by a checkpoint)."""
     compile_graph = torch._dynamo.lookup_backend(backend)
 
     def compile_under_budget(gm, example_inputs):
@@ -437,12 +435,11 @@ def under_memory_budget(backend: str, budget: float):
 
 def compile_blocks(model: Transformer, backend: str = "inductor", recompute_budget: float = RECOMPUTE_BUDGET) -> int:
     """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
-    and residual adds around the matmuls. A checkpointed block (checkpoint_activations) with grad runs a second
-    compiled form with no checkpoint call, compiled under `recompute_budget` (under_memory_budget). Returns the
-    number of distinct block shapes. Blocks of one shape share a graph, compiled once per mode (train or eval, grad
-    or not, recompute or not, masks or none; with grad block 0 once more, as its input needs no grad); new mask
-    values (tensors, loraprune.apply_masks(clear_kept=False)) reuse it. Static shapes (dynamic=False): each shape
-    and mode is a graph of its own, hence the raised recompile limit."""
+    and residual adds around the matmuls; a checkpointed block with grad has graphs of its own, compiled under
+    `recompute_budget` (under_memory_budget) instead of a checkpoint call. Returns the number of distinct block
+    shapes. Blocks of one shape share a graph, compiled once per mode (train or eval, grad or not, recompute or not,
+    masks or none; with grad block 0 once more, as its input needs no grad); new mask values (tensors) reuse it.
+    Static shapes (dynamic=False): each shape and mode is a graph of its own, hence the raised recompile limit."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode

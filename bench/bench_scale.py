@@ -24,7 +24,7 @@ recompute of every block) / micro-step time / the matmul rate of the same call.
 Writes $OUT (--out-dir): results.jsonl (one JSON object per measurement, written as it comes), anchor.log,
 summary.md (the tables); prints the short table last.
 
-  python bench/bench_scale.py --small                          # CPU: every code path at tiny shapes (~2 min)
+  python bench/bench_scale.py --small                          # CPU: every code path at tiny shapes (minutes)
   # one H100, carrying .carry (bench/README.md); the second command prints the tables even if the first was killed
   PYTHONUNBUFFERED=1 timeout 330 python3 bench/bench_scale.py --out-dir $OUT --budget-s 300; \\
       python3 bench/bench_scale.py --out-dir $OUT --summarize
