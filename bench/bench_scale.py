@@ -9,7 +9,7 @@ is logged as skipped, and the tables are still written):
           train.backward_batch (forward, float32 cross-entropy, backward) + AdamW, the Pruner's criterion and masks
           (timed apart) every step, compiled blocks recomputing under llama.RECOMPUTE_BUDGET (run.py's default on a
           GPU); bf16 and int8 W0 (--7b)
-  70b     Llama-3.1-70B's shape (vocabulary 128256, 8 kv heads, MLP 28672, rope theta 500000) with int8 W0, eager
+  70b     Llama-3.1-70B's shape (vocabulary 128256, 8 kv heads, MLP 28672, its RoPE) with int8 W0, eager
           blocks: one full pruning step at 2048 tokens (1 warm-up + 2 timed), the masks at the final 20%, run.py's
           slicing in place (loraprune.slice_model, block by block, int8 stays int8) and a 2048-token forward of the
           sliced model; if the step runs out of memory, again at 1024 tokens
@@ -61,11 +61,11 @@ def shapes(small: bool) -> dict:
         return {"7b": llama.ModelArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=256, vocab_size=256, max_seq_len=64),
                 "65b": llama.ModelArgs(dim=256, n_layers=6, n_heads=4, hidden_dim=704, vocab_size=256, max_seq_len=64),
                 "70b": llama.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, hidden_dim=896, vocab_size=2048,
-                                       rope_theta=500000.0, max_seq_len=64)}
+                                       rope_theta=500000.0, rope_scaling=dict(llama.LLAMA3_ROPE), max_seq_len=64)}
     return {"7b": llama.ModelArgs(),
             "65b": llama.ModelArgs(dim=8192, n_layers=80, n_heads=64, hidden_dim=22016),
             "70b": llama.ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=128256,
-                                   rope_theta=500000.0, norm_eps=1e-5, max_seq_len=2048)}
+                                   rope_theta=500000.0, rope_scaling=dict(llama.LLAMA3_ROPE), max_seq_len=2048)}
 
 
 # ----------------------------------------------------------------------------------------------
