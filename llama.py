@@ -204,6 +204,7 @@ class LoRALinear(nn.Module):
         self.lora_A = self.lora_B = None
         self.lora_dropout = nn.Identity()
         self.adapters_on = True  # False: the base layer alone (e.g. a teacher forward for self-distillation)
+        self.register_module("probe", None)  # criterion 'exact' sets a module here (variants.ExactProbe)
 
     @property
     def int8(self) -> bool:
@@ -242,6 +243,8 @@ class LoRALinear(nn.Module):
         if self.r and self.adapters_on:
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
             y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling  # (..., in) -> (..., r) -> (..., out)
+        if self.probe is not None:  # y unchanged; its backward gives the probe's parameter Eq. 3's group sums
+            y = self.probe(x, y, self)
         return y
 
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:

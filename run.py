@@ -58,7 +58,7 @@ def _default(fn, name):
 CRITERIA = {  # --criterion: one projection -> its row and column sums of per-weight importance (make_criterion)
     "lora": loraprune.lora_sums,  # Eq. 10 as the paper writes it
     "lora-directional": variants.directional_sums,
-    "exact": variants.GradientTap,  # built on the pruned layers, with its seed and --exact-sample
+    "exact": variants.ExactSums,  # built on the pruned layers, with its seed and --exact-sample
     "vanilla": loraprune.vanilla_sums,  # Eq. 3; dL/dW switched on by loraprune.require_weight_grads
     "magnitude": loraprune.magnitude_sums,
     "random": loraprune.RandomSums,  # built with the run's seed
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", choices=CRITERIA, default="lora",
                    help="importance (default %(default)s: Eq. 10 as the paper writes it). lora-directional: rows "
                    "from s*gB@A, columns from s*B@gA, for when Eq. 10 mixes other rows into a column's score. exact: "
-                   "Eq. 3 from a backward hook at LoRA's memory, for Eq. 3's ranking where dL/dW does not fit or W is "
-                   "int8. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, random: baselines")
+                   "Eq. 3 from each projection's own backward at LoRA's memory (compiled too), for Eq. 3's ranking "
+                   "where dL/dW does not fit or W is int8. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, "
+                   "random: baselines")
     g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
                    "instead of summing each micro-batch's scores (default: the sum)")
@@ -258,15 +259,14 @@ def check_args(args, world: int = 1) -> None:
 
 def resolve_defaults(args, device: torch.device) -> None:
     """Fill in the flags whose default depends on the device, so the report shows what ran: --dtype bfloat16 on
-    cuda, float32 on cpu; --compile (but not with --criterion exact or --sample) and --checkpoint-activations on with
-    cuda, off on cpu (CPU stays eager)."""
+    cuda, float32 on cpu; --compile (but not with --sample) and --checkpoint-activations on with cuda, off on cpu
+    (CPU stays eager)."""
     cuda = device.type == "cuda"
     quantized = args.dtype is None and Path(args.ckpt).is_file() and formats.gguf_quantized(args.ckpt)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.save_dtype = "bfloat16" if quantized else args.dtype  # Q4 weights saved as float32 would quadruple
-    if args.compile is None:  # criterion exact reads gradients in Python backward hooks, which compiled blocks skip;
-        # --sample's compiled decode takes longer to compile (~1 min at 7B) than 100 tokens take eager
-        args.compile = cuda and args.criterion != "exact" and args.sample is None
+    if args.compile is None:  # --sample's compiled decode takes longer to compile (~1 min at 7B) than 100 tokens take
+        args.compile = cuda and args.sample is None  # eager
     args.checkpoint_activations = cuda if args.checkpoint_activations is None else args.checkpoint_activations
 
 
@@ -399,9 +399,10 @@ def sample(args, device: torch.device, log: train.Log) -> int:
 def make_criterion(name: str, model: llama.Transformer, layers: list, square: bool = True, seed: int = 0,
                    exact_sample: Optional[int] = None):
     """The Pruner's criterion for --criterion `name` on the pruned `layers`, with what it reads set up in the model:
-    dL/dW for vanilla (before any backward, and before DDP wraps the model), the backward taps for exact."""
+    dL/dW for vanilla (before any backward, and before DDP wraps the model), the probes for exact (before DDP too:
+    their gradients carry the sums)."""
     if name == "exact":
-        return variants.GradientTap(model, layers, square, exact_sample, seed)
+        return variants.ExactSums(model, layers, square, exact_sample, seed)
     if name == "random":
         return loraprune.RandomSums(seed, model.tok_embeddings.weight.device)
     if name == "vanilla":
@@ -412,8 +413,8 @@ def make_criterion(name: str, model: llama.Transformer, layers: list, square: bo
 def plan_pruning(args, model: llama.Transformer) -> tuple[list, loraprune.Pruner]:
     """LoRA on the seven projections, activation checkpointing and compilation as asked, the criterion and the
     Pruner; returns the adapters' parameters and the pruner. They go on before the "before" perplexity: B = 0 and
-    all-kept masks leave every logit exactly as loaded, and the checks (ratio vs heads, criterion vs int8 or compiled
-    blocks) run before --out exists."""
+    all-kept masks leave every logit exactly as loaded, and the checks (ratio vs heads, criterion vs int8) run before
+    --out exists."""
     n_layers = model.args.n_layers
     layers = parse_layers(args.layers, n_layers) if args.layers else loraprune.default_pruned_layers(n_layers)
     if args.uniform and args.head_unit == "query":

@@ -423,10 +423,10 @@ class Training:
         return {k: state[k] for k in extra}
 
     def close(self) -> None:
-        """Take off the model what the run put on it besides adapters and masks: the exact criterion's backward
-        hooks, and the dL/dW the vanilla criterion switched on, with its gradients. The next run on the model then
-        starts as on the model as loaded, once it has fresh adapters and a fresh Pruner."""
-        if hasattr(self.pruner.criterion, "remove"):  # variants.GradientTap's hooks
+        """Take off the model what the run put on it besides adapters and masks: the exact criterion's probes, and
+        the dL/dW the vanilla criterion switched on, with its gradients. The next run on the model then starts as on
+        the model as loaded, once it has fresh adapters and a fresh Pruner."""
+        if hasattr(self.pruner.criterion, "remove"):  # variants.ExactSums' probes
             self.pruner.criterion.remove()
         for m in self.model.modules():
             if isinstance(m, llama.LoRALinear):

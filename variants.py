@@ -3,8 +3,8 @@ imports this file). None of them is in the paper; each is opt-in in run.py, and 
 
 - directional_sums (--criterion lora-directional): when Eq. 10's bracket mixes other rows into a column's score.
 - l2_normalized (--normalize, the official code's): when one projection's scale would decide a group's score alone.
-- GradientTap (--criterion exact): when Eq. 3's ranking is wanted but dL/dW does not fit in memory, or W is int8.
-- its sampled form (--exact-sample): the same under gradient accumulation, where the plain tap adds per micro-batch.
+- ExactSums (--criterion exact): when Eq. 3's ranking is wanted but dL/dW does not fit in memory, or W is int8.
+- its sampled form (--exact-sample): the same under gradient accumulation, where the plain sums add per micro-batch.
 - QueryHeads (--head-unit query): with grouped-query attention, when a whole kv group is too coarse a step.
 
 Shapes as in loraprune.py: W (out, in); A (r, in); B (out, r); per layer K kv heads, H query heads, F channels.
@@ -13,10 +13,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch import Tensor
 
 import loraprune as lp
-from llama import ModelArgs, Transformer, is_compiled, projections
+import quant8
+from llama import ModelArgs, Transformer, projections
 
 # ----------------------------------------------------------------------------------------------
 # the direction-aware LoRA estimate (criterion 'lora-directional')
@@ -69,197 +71,220 @@ def l2_normalized(v: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# criterion 'exact': Eq. 3's group sums from the backward pass, at LoRA's memory
+# criterion 'exact': Eq. 3's group sums from each projection's own backward, at LoRA's memory, compiled or not.
+# A probe (llama.LoRALinear.probe) leaves the projection's output as it is and puts an autograd.Function on it whose
+# backward forms dL/dW = dy^T x a block of rows at a time and returns its row and column sums as the gradient of the
+# probe's parameter: autograd accumulates them over micro-batches, an activation checkpoint recomputes x like any
+# activation, DDP all-reduces them like any gradient, and torch.compile traces them into the block's graph.
 
 
-@torch.no_grad()
+def merged_block(W: Tensor, scales: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor], scaling: float,
+                 rows: slice) -> Tensor:
+    """(W + s * B @ A)[rows] (rows, in) in float32 from a LoRA linear's tensors: W float, or int8 with its scales
+    (out,); A (r, in) and B (out, r), or None without LoRA."""
+    M = quant8.dequantize(W[rows], scales[rows]) if scales is not None else W[rows].float()
+    return M if A is None else M.addmm(B[rows].float(), A.float(), alpha=scaling)
+
+
 def gradient_sums(x: Tensor, dy: Tensor, merged, square: bool = True,
                   chunk_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Row sums (out,) and column sums (in,) of (G ⊙ M)^2 (Eq. 3) where G = dy^T x is dL/dW of y = x @ W.T,
     formed `chunk_rows` rows at a time (default 2^24 elements) and reduced at once, so dL/dW never exists whole.
-    x (..., in) the projection's input, dy (..., out) dL/dy, merged(rows: slice) -> M[rows] (rows, in) float32."""
-    x = x.reshape(-1, x.shape[-1]).float()  # (N, in), N tokens
-    dy = dy.reshape(-1, dy.shape[-1]).float()  # (N, out)
+    x (..., in) the projection's input, dy (..., out) dL/dy, merged(rows: slice) -> M[rows] (rows, in) float32.
+    G is formed in the activations' dtype, as autograd forms W.grad, and multiplied in float32."""
+    x = x.reshape(-1, x.shape[-1])  # (N, in), N tokens
+    dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     out_features, in_features = dy.shape[1], x.shape[1]
     chunk_rows = chunk_rows or max(1, 2**24 // in_features)
-    row_sums = torch.empty(out_features, dtype=torch.float32, device=x.device)
-    col_sums = torch.zeros(in_features, dtype=torch.float32, device=x.device)
+    row_sums, col_sums = [], torch.zeros(in_features, dtype=torch.float32, device=x.device)
     for i in range(0, out_features, chunk_rows):
         rows = slice(i, i + chunk_rows)
-        I = (dy[:, rows].T @ x).mul_(merged(rows))  # (rows, N) @ (N, in) -> G[rows] ⊙ M[rows]
-        I = I.square_() if square else I.abs_()
-        row_sums[rows] = I.sum(dim=1)
-        col_sums += I.sum(dim=0)
-    return row_sums, col_sums
+        I = (dy[:, rows].T @ x).float() * merged(rows)  # (rows, N) @ (N, in) -> G[rows] ⊙ M[rows]
+        I = I.square() if square else I.abs()
+        row_sums.append(I.sum(dim=1))
+        col_sums = col_sums + I.sum(dim=0)
+    return torch.cat(row_sums), col_sums
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on a projection's output y whose backward hands (x, dL/dy) to `sink`. x is saved through autograd,
-    so under activation checkpointing it is recomputed with its block rather than kept; the recomputed forward's
-    graph is never backpropagated (non-reentrant checkpoint) and a reentrant one runs its first forward without
-    grad, where no tap is set: either way a sink runs once per projection per backward."""
+def sampled_gradient(x: Tensor, dy: Tensor, idx: Tensor, by_rows: bool) -> tuple[Tensor, Tensor]:
+    """k sampled columns of G = dy^T x, G[:, J] (out, k), and the squared input norms ||x_j||^2 (in,); or, where
+    the groups are columns (by_rows=False), k sampled rows G[I] (k, in) and ||dy_i||^2 (out,). float32."""
+    x = x.reshape(-1, x.shape[-1])  # (N, in)
+    dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    if by_rows:
+        return (dy.T @ x[:, idx]).float(), x.float().square().sum(0)  # (out, N) @ (N, k)
+    return (dy[:, idx].T @ x).float(), dy.float().square().sum(0)  # (k, N) @ (N, in)
+
+
+def world_size() -> int:
+    """Processes in the torchrun job, N (1 without one): DDP averages every gradient over them."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GradientSums(torch.autograd.Function):
+    """y as it is; backward passes dL/dy through and returns gradient_sums (rows, then columns) as the gradient of
+    `sums` (out + in,). x is saved as autograd saves an activation (recomputed under a checkpoint); W, A, B are the
+    projection's own parameters."""
 
     @staticmethod
-    def forward(ctx, y, x, sink):
-        ctx.save_for_backward(x)
-        ctx.sink = sink
+    def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows):
+        ctx.save_for_backward(x, W, scales, A, B)
+        ctx.scaling, ctx.square, ctx.chunk_rows = scaling, square, chunk_rows
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        ctx.sink(x, dy)
-        return dy, None, None
+        x, W, scales, A, B = ctx.saved_tensors
+        rows, cols = gradient_sums(x, dy, lambda r: merged_block(W, scales, A, B, ctx.scaling, r), ctx.square,
+                                   ctx.chunk_rows)
+        return dy, None, torch.cat([rows, cols]), None, None, None, None, None, None, None
 
 
-class SampledSums:
-    """One projection's Eq. 4 sums under gradient accumulation, unbiased: the square of the batch gradient needs
-    the whole batch's G, so only k columns J of G (k rows I for wo and w2, whose groups are columns) are kept,
-    accumulated exactly over the micro-batches as G[:, J] = sum of dy^T x[:, J] (out, k), and each sampled column
-    is importance-weighted: row sum_i ≈ sum_t I[i, j_t] / (k p_j_t), whose expectation is the exact row sum for
-    any p. J is drawn with replacement at the first micro-batch of a step, with p_j ∝ ||x_j||^2 ||M_:j||^2 (the
-    size of column j of G ⊙ M, with the last step's ||x_j||^2; ||M_:j||^2 alone at the first step). The other
-    side's sums (columns of wq, rows of wo, ...) are not estimated (zeros): Eq. 4 does not use them."""
+class _SampledGradient(torch.autograd.Function):
+    """y as it is; backward returns sampled_gradient (flattened, then the norms) as the gradient of `sums`."""
+
+    @staticmethod
+    def forward(ctx, y, x, sums, idx, by_rows):
+        ctx.save_for_backward(x, idx)
+        ctx.by_rows = by_rows
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, idx = ctx.saved_tensors
+        part, norms = sampled_gradient(x, dy, idx, ctx.by_rows)
+        return dy, None, torch.cat([part.flatten(), norms]), None, None
+
+
+class ExactProbe(nn.Module):
+    """Criterion 'exact' on one projection: after backward, `sums.grad` (out + in,) holds the row and column sums of
+    Eq. 3 of every micro-batch since the last take(), added (see ExactSums)."""
+
+    def __init__(self, lin, square: bool = True, chunk_rows: Optional[int] = None):
+        super().__init__()
+        self.sums = nn.Parameter(torch.zeros(lin.out_features + lin.in_features, device=lin.weight.device))
+        self.square, self.chunk_rows = square, chunk_rows or max(1, 2**24 // lin.in_features)
+
+    def forward(self, x: Tensor, y: Tensor, lin) -> Tensor:
+        return _GradientSums.apply(y, x, self.sums, lin.weight, lin.scales, lin.lora_A, lin.lora_B, lin.scaling,
+                                   self.square, self.chunk_rows)
+
+    def take(self, lin) -> tuple[Tensor, Tensor]:
+        """(row sums (out,), column sums (in,)) since the last take; zeroes them."""
+        g, self.sums.grad = self.sums.grad, None
+        g = torch.zeros_like(self.sums) if g is None else g.detach() / world_size()  # see ExactSums on DDP
+        return g[:lin.out_features], g[lin.out_features:]
+
+
+class SampledProbe(nn.Module):
+    """One projection's Eq. 4 sums under gradient accumulation, unbiased (--exact-sample k): the square of the batch
+    gradient needs the whole batch's G, so only k columns J of G (k rows I for wo and w2, whose groups are columns)
+    are kept, accumulated exactly over the micro-batches by autograd as G[:, J] = sum of dy^T x[:, J] (out, k), and
+    each sampled column is importance-weighted: row sum_i ≈ sum_t I[i, j_t] / (k p_j_t), whose expectation is the
+    exact row sum for any p. J is drawn with replacement before the step (at start, then at each take), with
+    p_j ∝ ||x_j||^2 ||M_:j||^2 (the size of column j of G ⊙ M, with the last step's ||x_j||^2; ||M_:j||^2 alone
+    at first). The other side's sums (columns of wq, rows of wo, ...) are not estimated (zeros): Eq. 4 does not use
+    them."""
 
     def __init__(self, lin, by_rows: bool, k: int, square: bool, generator: torch.Generator):
-        self.lin, self.by_rows, self.k, self.square, self.generator = lin, by_rows, k, square, generator
-        n = lin.in_features if by_rows else lin.out_features  # the sampled dimension
-        self.act_norm = torch.ones(n, device=lin.weight.device)  # ||x_j||^2 (or ||dy_i||^2) of the last step
-        self.running = torch.zeros(n, device=lin.weight.device)
-        self.idx = self.weight = self.acc = None
+        super().__init__()
+        self.by_rows, self.k, self.square, self.generator = by_rows, k, square, generator
+        n, other = (lin.in_features, lin.out_features) if by_rows else (lin.out_features, lin.in_features)
+        device = lin.weight.device
+        self.sums = nn.Parameter(torch.zeros(other * k + n, device=device))  # its gradient: G's part, then norms
+        self.register_buffer("idx", torch.zeros(k, dtype=torch.int64, device=device), persistent=False)
+        self.act_norm = torch.ones(n, device=device)  # ||x_j||^2 (or ||dy_i||^2) of the last step
+        self.weight = None  # (k,) importance weights 1 / (k p) of the drawn idx
+        self.draw(lin)
 
-    def merged_part(self) -> Tensor:
-        """M[:, J] (out, k) or M[I, :] (k, in), float32."""
-        if not self.by_rows:
-            return lp.merged_rows(self.lin, self.idx)
-        chunk = max(1, 2**24 // self.lin.in_features)
-        return torch.cat([lp.merged_rows(self.lin, slice(i, i + chunk))[:, self.idx]
-                          for i in range(0, self.lin.out_features, chunk)])
+    def forward(self, x: Tensor, y: Tensor, lin) -> Tensor:
+        return _SampledGradient.apply(y, x, self.sums, self.idx, self.by_rows)
 
-    def weight_norms(self) -> Tensor:
+    def weight_norms(self, lin) -> Tensor:
         """||M_:j||^2 (in,) or ||M_i:||^2 (out,), a block of rows at a time."""
-        chunk = max(1, 2**24 // self.lin.in_features)
-        parts = [lp.merged_rows(self.lin, slice(i, i + chunk)).square()
-                 for i in range(0, self.lin.out_features, chunk)]
+        chunk = max(1, 2**24 // lin.in_features)
+        parts = [lp.merged_rows(lin, slice(i, i + chunk)).square() for i in range(0, lin.out_features, chunk)]
         return sum(p.sum(0) for p in parts) if self.by_rows else torch.cat([p.sum(1) for p in parts])
 
-    def add(self, x: Tensor, dy: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-        dy = dy.reshape(-1, dy.shape[-1]).float()  # (N, out)
-        if self.idx is None:  # the first micro-batch of the step: draw J (or I)
-            p = self.act_norm * self.weight_norms()
-            p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / p.numel())
-            self.idx = torch.multinomial(p, self.k, replacement=True, generator=self.generator)  # (k,)
-            self.weight = 1 / (self.k * p[self.idx])  # (k,) importance weights
-            shape = (self.lin.out_features, self.k) if self.by_rows else (self.k, self.lin.in_features)
-            self.acc = torch.zeros(shape, device=x.device)
-        if self.by_rows:
-            self.acc += dy.T @ x[:, self.idx]  # (out, N) @ (N, k)
-            self.running += x.square().sum(0)
-        else:
-            self.acc += dy[:, self.idx].T @ x  # (k, N) @ (N, in)
-            self.running += dy.square().sum(0)
+    @torch.no_grad()
+    def draw(self, lin) -> None:
+        p = self.act_norm * self.weight_norms(lin)
+        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / p.numel())
+        self.idx.copy_(torch.multinomial(p, self.k, replacement=True, generator=self.generator))  # (k,)
+        self.weight = 1 / (self.k * p[self.idx])  # (k,)
 
-    def estimate(self) -> tuple[Tensor, Tensor]:
-        """(row sums (out,), column sums (in,)) of this step, one side estimated and the other zero; resets."""
-        out, inp = self.lin.out_features, self.lin.in_features
-        rows, cols = torch.zeros(out, device=self.running.device), torch.zeros(inp, device=self.running.device)
-        if self.acc is not None:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(self.acc)  # the same J on every rank: same generator, same all-reduced norms
-                dist.all_reduce(self.running)
-            I = self.acc.mul_(self.merged_part())
-            I = I.square_() if self.square else I.abs_()
+    @torch.no_grad()
+    def take(self, lin) -> tuple[Tensor, Tensor]:
+        """(row sums (out,), column sums (in,)) of this step, one side estimated and the other zero; draws the next
+        step's idx."""
+        out, inp = lin.out_features, lin.in_features
+        rows, cols = torch.zeros(out, device=self.idx.device), torch.zeros(inp, device=self.idx.device)
+        g, self.sums.grad = self.sums.grad, None
+        if g is not None:
+            n = self.act_norm.numel()
+            part, self.act_norm = g[:-n].view(out, self.k) if self.by_rows else g[:-n].view(self.k, inp), g[-n:]
+            chunk = max(1, 2**24 // inp)
+            merged = (torch.cat([lp.merged_rows(lin, slice(i, i + chunk))[:, self.idx] for i in range(0, out, chunk)])
+                      if self.by_rows else lp.merged_rows(lin, self.idx))  # M[:, J] (out, k) or M[I] (k, in)
+            I = part * merged
+            I = I.square() if self.square else I.abs()
             if self.by_rows:
                 rows = I @ self.weight  # (out, k) @ (k,)
             else:
                 cols = self.weight @ I  # (k,) @ (k, in)
-            self.act_norm, self.running = self.running, torch.zeros_like(self.running)
-        self.idx = self.weight = self.acc = None
+        self.draw(lin)
         return rows, cols
 
 
-class GradientTap:
-    """Criterion 'exact': for every projection of `layers`, a forward hook puts a _Tap on its output, whose
-    backward reduces (dL/dW ⊙ (W + s B A))^2 to row and column sums (gradient_sums) and adds them to this tap's
-    float32 buffers; calling the tap on a projection (as the Pruner does) hands its sums over and zeroes them, and
-    take(l) does so for a layer. No dL/dW is kept (no W.requires_grad), so it works with int8 W; the transient is
-    one 64 MiB block plus a float32 copy of x and dL/dy.
+class ExactSums:
+    """Criterion 'exact': a probe on every projection of `layers` (ExactProbe, or SampledProbe with sample=k), and,
+    called on a projection as the Pruner does, its sums since the last call. No dL/dW is kept (W needs no grad), so
+    it works with int8 W and with compiled blocks; the transient is one 64 MiB block of G ⊙ M per projection.
     With one micro-batch per optimizer step this is Eq. 3 of the batch exactly (the vanilla criterion's numbers).
     With several, it is the sum over micro-batches of each one's Eq. 3 (the square of a sum is not the sum of the
     squares): the empirical-Fisher form of the Taylor criterion, which adds the micro-batch variance of each
-    weight's G ⊙ M to the batch's square and so favours weights whose gradient is noisy. Under torchrun the sums
-    of all processes are added (one all-reduce per projection), the same sum over more micro-batches.
-    sample=k instead keeps k sampled columns of the batch gradient per projection (SampledSums): an unbiased
-    estimate of the batch's Eq. 4 sums whatever the accumulation, at (out + in) * k floats per projection. Its
-    generator and last-step norms are the tap's state_dict, so a resumed run draws as an unbroken one."""
+    weight's G ⊙ M to the batch's square and so favours weights whose gradient is noisy. Under torchrun DDP averages
+    the probes' gradients over the processes; as each process's dL/dy is that of its own share's mean loss, N times
+    the whole batch's, the averaged squares are N times those of one process on the whole batch, and take() divides
+    by N (the sampled columns are linear in dL/dy: their average is already the whole batch's).
+    sample=k instead keeps k sampled columns of the batch gradient per projection (SampledProbe): an unbiased estimate
+    of the batch's Eq. 4 sums whatever the accumulation, at (out + in) * k floats per projection. Its generator, draws
+    and last-step norms are its state_dict, so a resumed run draws as an unbroken one."""
 
     def __init__(self, model: Transformer, layers: list, square: bool = True, sample: Optional[int] = None,
                  seed: int = 0):
-        if is_compiled(model):
-            raise ValueError("criterion 'exact' reads each projection's gradient in a Python backward hook, which a "
-                             "compiled block does not run on every step; use eager blocks (run.py --no-compile)")
-        self.sums, self.sampled, self.keys, self.handles, self.square = {}, {}, {}, [], square
-        device = model.tok_embeddings.weight.device
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
+        self.linears = {}  # (layer, projection name) -> LoRALinear
         for l in layers:
             for name, lin in projections(model, l).items():
-                self.keys[lin] = (l, name)
-                if sample:
-                    self.sampled[l, name] = SampledSums(lin, name not in ("wo", "w2"), sample, square, self.generator)
-                    sink = self.sampled[l, name].add
-                else:
-                    self.sums[l, name] = (torch.zeros(lin.out_features, device=lin.weight.device),
-                                          torch.zeros(lin.in_features, device=lin.weight.device))
-                    sink = self._sink(self.sums[l, name], lin)
-                self.handles.append(lin.register_forward_hook(self._hook(sink)))
+                lin.probe = (SampledProbe(lin, name not in ("wo", "w2"), sample, square, self.generator) if sample
+                             else ExactProbe(lin, square))
+                self.linears[l, name] = lin
 
-    def _sink(self, acc: tuple, lin):
-        def sink(x, dy):
-            rows, cols = gradient_sums(x, dy, lambda r: lp.merged_rows(lin, r), self.square)
-            acc[0].add_(rows)
-            acc[1].add_(cols)
-        return sink
-
-    @staticmethod
-    def _hook(sink):
-        def hook(module, inputs, output):
-            if torch.is_grad_enabled() and output.requires_grad:  # not in eval or a no-grad teacher forward
-                return _Tap.apply(output, inputs[0], sink)
-        return hook
-
-    @torch.no_grad()
     def __call__(self, linear) -> tuple[Tensor, Tensor]:
-        """The criterion: (row sums (out,), column sums (in,)) of `linear` accumulated since the last call; zeroes
-        them."""
-        key = self.keys[linear]
-        if key in self.sampled:
-            return self.sampled[key].estimate()
-        rows, cols = self.sums[key]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(rows)
-            dist.all_reduce(cols)
-        out = (rows.clone(), cols.clone())
-        rows.zero_()
-        cols.zero_()
-        return out
+        """The criterion: (row sums (out,), column sums (in,)) of `linear` since the last call; zeroes them."""
+        return linear.probe.take(linear)
 
     def take(self, layer_id: int) -> dict:
         """{projection name: (row sums (out,), column sums (in,))} of one layer since the last take; zeroes them."""
-        return {name: self(lin) for lin, (l, name) in self.keys.items() if l == layer_id}
+        return {name: self(lin) for (l, name), lin in self.linears.items() if l == layer_id}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "act_norm": [s.act_norm for s in self.sampled.values()]}
+        sampled = [lin.probe for lin in self.linears.values() if isinstance(lin.probe, SampledProbe)]
+        return {"generator": self.generator.get_state(), "act_norm": [p.act_norm for p in sampled],
+                "idx": [p.idx.clone() for p in sampled], "weight": [p.weight for p in sampled]}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        for s, norm in zip(self.sampled.values(), state["act_norm"]):
-            s.act_norm = norm.to(s.act_norm.device)
+        sampled = [lin.probe for lin in self.linears.values() if isinstance(lin.probe, SampledProbe)]
+        for p, norm, idx, weight in zip(sampled, state["act_norm"], state["idx"], state["weight"]):
+            p.act_norm, p.weight = norm.to(p.idx.device), weight.to(p.idx.device)
+            p.idx.copy_(idx)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        """Take the probes off the model (train.Training.close)."""
+        for lin in self.linears.values():
+            lin.probe = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -220,6 +220,7 @@ def test_compiled_by_default_on_cuda_only():
         return args.compile, args.checkpoint_activations, args.dtype
     assert resolved("cuda") == (True, True, "bfloat16") and resolved("cpu") == (False, False, "float32")
     assert resolved("cuda", "--no-compile")[0] is False and resolved("cpu", "--compile")[0] is True
+    assert resolved("cuda", "--criterion", "exact")[0] is True  # its sums come from the compiled backward too
 
 
 def test_batch_must_split_over_the_processes():

@@ -259,7 +259,8 @@ def flat(masks) -> list:
 # data parallel: two processes = one process on the combined batch
 
 
-@pytest.mark.parametrize("criterion", ["lora", "vanilla"])  # vanilla: DDP all-reduces dL/dW of the pruned layers too
+@pytest.mark.parametrize("criterion", ["lora", "vanilla", "exact"])  # vanilla, exact: DDP all-reduces dL/dW of the
+# pruned layers, the exact criterion's probes' gradients, too
 def test_two_processes_equal_one_on_the_combined_batch(criterion, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
     with monkeypatch.context() as m:

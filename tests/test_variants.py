@@ -1,7 +1,8 @@
 """What is not in the paper (variants.py), against independent references: the direction-aware estimate against
-exact autograd gradients, L2 normalisation by hand, criterion 'exact' against W.grad (one micro-batch, several, and
-its sampled form's expectation), and the query-head unit (brute-force scores, thresholds by hand, the ratio counted
-with emptied kv heads, resume)."""
+exact autograd gradients, L2 normalisation by hand, criterion 'exact' against W.grad (one micro-batch or several,
+activation checkpointing, int8, compiled blocks, and its sampled form's expectation), and the query-head unit
+(brute-force scores, thresholds by hand, the ratio counted with emptied kv heads, resume)."""
+import copy
 import math
 
 import pytest
@@ -12,6 +13,8 @@ import loraprune as lp
 import variants
 from conftest import (GQA, GQA_UNIFORM, MHA, UNEVEN, brute_force_group_scores, full_importance, group_scores,
                       loss_and_grads, pruned_counts, random_model)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, and threads only contend
 
 # ----------------------------------------------------------------------------------------------
 # the direction-aware LoRA estimate (criterion 'lora-directional') against exact autograd gradients
@@ -118,100 +121,166 @@ def test_pruner_scores_with_normalize_are_layer_scores(criterion):
 
 
 # ----------------------------------------------------------------------------------------------
-# criterion 'exact': Eq. 3's sums from the backward pass, against W.grad
+# criterion 'exact': Eq. 3's sums from each projection's own backward (eager and compiled), against W.grad
 
 
-def vanilla_sums(model, layers):
-    """{(l, name): (row sums, column sums)} of Eq. 3 from W.grad (the reference for 'exact'; frees W.grad)."""
-    return {(l, name): lp.vanilla_sums(lin) for l in layers for name, lin in llama.projections(model, l).items()}
+EXACT = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=32)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "activation-checkpointing"])
-def test_exact_scores_equal_vanilla_with_one_micro_batch(checkpoint):
-    model = random_model(GQA).double()
-    model.checkpoint_activations = checkpoint  # the taps' forward hooks fire again on recompute: counted once?
-    layers = [1, 3]
-    tap = variants.GradientTap(model, layers)
-    pruner = lp.Pruner(model, ratio=0.2, total_steps=10, criterion=tap, layers=layers, lam=0.0)
-    lp.require_weight_grads(model, layers)  # the reference needs W.grad; the tap does not
-    loss_and_grads(model)
-    expected = vanilla_sums(model, layers)
+def float_twin(model):
+    """A copy of `model` whose every W is a float32 Parameter that can take a gradient: an int8 W dequantized (its
+    values exactly), so Eq. 3 from W.grad is the reference for an int8 model too."""
+    twin = copy.deepcopy(model)
+    for lin in (m for m in twin.modules() if isinstance(m, llama.LoRALinear)):
+        lin.weight = torch.nn.Parameter(lin.dense_weight().float().clone(), requires_grad=False)
+        lin.scales = None
+    return twin
+
+
+def per_micro_batch_eq3(twin, layers, seeds):
+    """{(l, name): (row sums, column sums)} of Eq. 3 (W.grad ⊙ (W + s B A))^2 of each micro-batch alone, added over
+    the micro-batches: what the exact criterion must give under accumulation (the sum of each one's Eq. 3; with
+    one micro-batch, Eq. 3 of the batch)."""
+    lp.require_weight_grads(twin, layers)
+    total = {}
+    for seed in seeds:
+        twin.zero_grad(set_to_none=True)
+        loss_and_grads(twin, seed=seed)
+        for l in layers:
+            for name, lin in llama.projections(twin, l).items():
+                rows, cols = lp.vanilla_sums(lin)
+                old = total.get((l, name), (0, 0))
+                total[l, name] = (old[0] + rows, old[1] + cols)
+    return total
+
+
+def assert_exact_sums(criterion, expected, layers):
     for l in layers:
-        got = tap.take(l)
-        for name, (rows, cols) in got.items():
-            torch.testing.assert_close(rows, expected[l, name][0], rtol=1e-5, atol=0)  # float32 sums, both
-            torch.testing.assert_close(cols, expected[l, name][1], rtol=1e-5, atol=0)
-        assert all(r.abs().sum() == 0 for r, _ in tap.take(l).values())  # take() zeroed them
-    model.zero_grad(set_to_none=True)
-    loss_and_grads(model, seed=2)  # and the Pruner's own path: Eq. 4 of the same sums
-    heads, channels = brute_force_group_scores(model, 3, "vanilla")
-    pruner.update(1)
-    torch.testing.assert_close(pruner.scores[3][0].double(), heads, rtol=1e-5, atol=0)
-    torch.testing.assert_close(pruner.scores[3][1].double(), channels, rtol=1e-5, atol=0)
-    with torch.no_grad():  # an eval forward sets no tap and adds nothing
-        model(torch.randint(0, GQA.vocab_size, (1, 8)))
-    assert all(r.abs().sum() == 0 for r, _ in tap.take(1).values())
+        got = criterion.take(l)
+        assert set(got) == set(llama.PROJECTIONS)
+        for name, pair in got.items():
+            for mine, ref in zip(pair, expected[l, name]):
+                assert ref.abs().sum() > 0
+                torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+        assert all(r.abs().sum() == 0 for r, _ in criterion.take(l).values())  # take() zeroed them
 
 
-def test_exact_scores_with_accumulation_sum_each_micro_batch():
-    """With two micro-batches the tap adds each one's Eq. 3 (its stated estimate), which differs from Eq. 3 of
-    the accumulated gradient."""
-    model = random_model(MHA).double()
-    layers = [1]
-    tap = variants.GradientTap(model, layers)
-    lp.require_weight_grads(model, layers)
-    per_micro = []
-    for seed in (1, 2):
-        model.zero_grad(set_to_none=True)
+def exact_model(int8: bool):
+    model = random_model(EXACT, r=0 if int8 else 4)
+    if int8:
+        llama.quantize_model(model)
+        llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=0)
+        for lin in (m for m in model.modules() if isinstance(m, llama.LoRALinear)):
+            lin.lora_B.data.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_exact_scores_equal_eq3_from_w_grad(micro_batches, checkpoint, int8):
+    """Eager: the probes' sums equal Eq. 3 from W.grad of a float twin, per micro-batch added (one micro-batch: Eq.
+    3 of the batch). Activation checkpointing recomputes the probes' forward, and the sums are counted once."""
+    model = exact_model(int8)
+    twin = float_twin(model)
+    model.checkpoint_activations = checkpoint
+    layers, seeds = [1], [1, 2][:micro_batches]
+    criterion = variants.ExactSums(model, layers)
+    for seed in seeds:
         loss_and_grads(model, seed=seed)
-        per_micro.append(vanilla_sums(model, layers))
-    got = tap.take(1)
-    model.zero_grad(set_to_none=True)
-    loss_and_grads(model, seed=1)
-    loss_and_grads(model, seed=2)  # accumulated
-    whole = vanilla_sums(model, layers)
-    for name, (rows, cols) in got.items():
-        torch.testing.assert_close(rows, per_micro[0][1, name][0] + per_micro[1][1, name][0], rtol=1e-5, atol=0)
-        torch.testing.assert_close(cols, per_micro[0][1, name][1] + per_micro[1][1, name][1], rtol=1e-5, atol=0)
-        assert not torch.allclose(rows, whole[1, name][0])
-    tap.take(1)  # (the two backwards of `whole` went through the taps too)
-    tap.remove()
+    assert not any(lin.weight.requires_grad for lin in llama.projections(model, 1).values())  # no dL/dW kept
+    assert_exact_sums(criterion, per_micro_batch_eq3(twin, layers, seeds), layers)
+    with torch.no_grad():  # an eval forward adds nothing
+        model(torch.randint(0, EXACT.vocab_size, (1, 8)))
+    assert all(r.abs().sum() == 0 for r, _ in criterion.take(1).values())
+    criterion.remove()
     loss_and_grads(model, seed=3)
-    assert all(r.abs().sum() == 0 for r, _ in tap.take(1).values())  # removed hooks add nothing
+    assert all(lin.probe is None for lin in llama.projections(model, 1).values())
+    assert not any("probe" in name for name, _ in model.named_parameters())  # removed: nothing left to add to
 
 
-@pytest.mark.parametrize("name", ["w1", "wo"])
+@pytest.mark.parametrize("int8, checkpoint, sample", [(False, False, None), (False, True, None), (True, True, None),
+                                                      (False, True, 3)],
+                         ids=["float", "float-checkpointing", "int8-checkpointing", "sampled-checkpointing"])
+def test_exact_scores_in_compiled_blocks(int8, checkpoint, sample):
+    """Blocks compiled with Inductor (the probes' backward traced into the block's graph, no graph break): two
+    micro-batches a step for three steps equal Eq. 3 from W.grad per micro-batch added, as eager does; the sampled
+    form equals its eager run draw for draw, and new draws compile nothing."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = exact_model(int8)
+    twin, eager = float_twin(model), copy.deepcopy(model)
+    model.checkpoint_activations = checkpoint
+    layers = [1]
+    criterion = variants.ExactSums(model, layers, sample=sample, seed=4)
+    reference = variants.ExactSums(eager, layers, sample=sample, seed=4) if sample else None
+    llama.compile_blocks(model)
+    counters.clear()
+    for step in range(3):
+        seeds = [10 * step + 1, 10 * step + 2]
+        for seed in seeds:
+            loss_and_grads(model, seed=seed)
+        if sample:
+            for seed in seeds:
+                loss_and_grads(eager, seed=seed)
+            got, want = criterion.take(1), reference.take(1)
+            for name in llama.PROJECTIONS:
+                side = 1 if name in ("wo", "w2") else 0
+                assert want[name][side].abs().sum() > 0
+                torch.testing.assert_close(got[name][side], want[name][side], rtol=1e-4,
+                                           atol=1e-6 * want[name][side].abs().max().item())
+        else:
+            assert_exact_sums(criterion, per_micro_batch_eq3(twin, layers, seeds), layers)
+        model.zero_grad(set_to_none=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # block 0 (its input needs no grad) and block 1, compiled once
+    torch._dynamo.reset()
+
+
+def record_inputs_and_grads(lin) -> tuple[list, object]:
+    """[(x, dL/dy)] of every forward/backward of `lin`, and the hook's handle."""
+    recorded = []
+
+    def hook(module, inputs, output):
+        entry = [inputs[0].detach(), None]
+        recorded.append(entry)
+        output.register_hook(lambda g: entry.__setitem__(1, g))
+    return recorded, lin.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name", ["w1", "wo", "w2"])
 def test_sampled_exact_sums_are_unbiased_under_accumulation(name):
-    """SampledSums with k of the columns (rows for wo), fed two micro-batches: the mean over many draws of its
-    estimate is Eq. 3's row (column) sums of the accumulated gradient, which the plain tap does not give."""
+    """--exact-sample k: the groups' side of each projection (rows of w1, columns of wo and w2) from k sampled
+    columns (rows) of the gradient accumulated over two micro-batches, importance-weighted. The mean over many
+    draws is Eq. 3's sums of the accumulated gradient (W.grad), which the plain sums (each micro-batch's Eq. 3
+    added) are not. Each draw's accumulated gradient is what the probe's backward would give (sampled_gradient)."""
     model = random_model(MHA).double()
     lin = llama.projections(model, 1)[name]
     lin.weight.requires_grad_(True)
-    recorded = []
-    handle = lin.register_forward_hook(variants.GradientTap._hook(lambda x, dy: recorded.append((x, dy))))
+    recorded, handle = record_inputs_and_grads(lin)
     loss_and_grads(model, seed=1)
     loss_and_grads(model, seed=2)  # accumulated: W.grad is the batch's
     handle.remove()
-    by_rows = name != "wo"
-    exact = lp.vanilla_sums(lin)[0 if by_rows else 1]
-    g = torch.Generator().manual_seed(0)
-    draws = 3000
-    mean = torch.zeros_like(exact)
+    side = 1 if name in ("wo", "w2") else 0  # where Eq. 4 reads this projection
+    exact = lp.vanilla_sums(lin)[side]
+    criterion = variants.ExactSums(model, [1], sample=4, seed=0)
+    probe, draws = lin.probe, 3000
+    mean = torch.zeros_like(exact, dtype=torch.float64)
     for _ in range(draws):
-        sampled = variants.SampledSums(lin, by_rows, k=4, square=True, generator=g)
-        for x, dy in recorded:
-            sampled.add(x, dy)
-        mean += sampled.estimate()[0 if by_rows else 1] / draws
-    torch.testing.assert_close(mean, exact, rtol=0.08, atol=0)  # 3000 draws of 4 columns of 32
-    per_micro = sum(variants.gradient_sums(x, dy, lambda r: lp.merged_rows(lin, r))[0 if by_rows else 1]
-                    for x, dy in recorded)
-    assert (per_micro - exact).abs().max() > 0.2 * exact.abs().max()  # what the plain tap would have said
+        parts = [variants.sampled_gradient(x, dy, probe.idx, probe.by_rows) for x, dy in recorded]
+        probe.sums.grad = torch.cat([sum(p for p, _ in parts).flatten(), sum(n for _, n in parts)]).float()
+        estimate = criterion(lin)  # and the next draw
+        assert estimate[1 - side].abs().sum() == 0  # the other side is not estimated
+        mean += estimate[side].double() / draws
+    torch.testing.assert_close(mean, exact.double(), rtol=0.08, atol=0)  # 3000 draws of 4 columns of 32
+    per_micro = sum(variants.gradient_sums(x, dy, lambda r: lp.merged_rows(lin, r))[side] for x, dy in recorded)
+    assert (per_micro - exact).abs().max() > 0.2 * exact.abs().max()  # what the plain sums would have said
 
 
 def test_pruner_with_sampled_exact_scores_prunes_to_target():
     model = random_model(GQA)
-    tap = variants.GradientTap(model, [1, 3], sample=3)
-    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion=tap, every=1, layers=[1, 3])
+    criterion = variants.ExactSums(model, [1, 3], sample=3)
+    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion=criterion, every=1, layers=[1, 3])
     for step in range(1, 5):
         loss_and_grads(model, seed=step, B=1)
         loss_and_grads(model, seed=10 + step, B=1)  # two micro-batches a step
@@ -222,12 +291,12 @@ def test_pruner_with_sampled_exact_scores_prunes_to_target():
 
 
 def test_sampled_exact_state_resumes_exactly():
-    """The sampled tap's generator and last-step norms travel with the Pruner's state: a pruner restored from it draws
-    the columns an unbroken one draws."""
+    """The sampled criterion's generator, draws and last-step norms travel with the Pruner's state: a pruner restored
+    from it draws the columns an unbroken one draws."""
     def fresh():
         model = random_model(GQA)
-        tap = variants.GradientTap(model, [1, 3], sample=3, seed=5)
-        return model, lp.Pruner(model, ratio=0.3, total_steps=6, criterion=tap, every=1, layers=[1, 3])
+        criterion = variants.ExactSums(model, [1, 3], sample=3, seed=5)
+        return model, lp.Pruner(model, ratio=0.3, total_steps=6, criterion=criterion, every=1, layers=[1, 3])
 
     def step(model, pruner, i):
         loss_and_grads(model, seed=i, B=1)
@@ -246,11 +315,11 @@ def test_sampled_exact_state_resumes_exactly():
     assert all(torch.equal(x, y) for sa, sc in zip(a.masks, c.masks) for x, y in zip(sa, sc))
 
 
-def test_exact_criterion_runs_on_int8_weights_and_refuses_compiled_blocks():
+def test_exact_criterion_prunes_int8_weights_to_target():
     model = random_model(GQA, r=0)
     llama.quantize_model(model)
     llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=0)
-    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion=variants.GradientTap(model, [1, 3]), every=1,
+    pruner = lp.Pruner(model, ratio=0.3, total_steps=4, criterion=variants.ExactSums(model, [1, 3]), every=1,
                        layers=[1, 3], lam=0.0)
     for step in range(1, 5):
         loss_and_grads(model, seed=step)
@@ -258,10 +327,6 @@ def test_exact_criterion_runs_on_int8_weights_and_refuses_compiled_blocks():
         model.zero_grad(set_to_none=True)
     assert pruned_counts(pruner) == pruner.final_counts
     assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for l in (1, 3) for s in pruner.scores[l])
-    model = random_model(GQA, r=4)
-    llama.compile_blocks(model, backend="eager")  # only prepares the blocks; nothing compiles until they run
-    with pytest.raises(ValueError, match="compiled block"):
-        variants.GradientTap(model, [1])
 
 
 # ----------------------------------------------------------------------------------------------
