@@ -287,6 +287,49 @@ def test_pruner_reaches_exact_target_per_layer():
     assert pruner.sparsity() == pytest.approx(ratio, abs=0.02)
 
 
+def by_hand_threshold(scores: list, keep: list, n_pruned: int) -> list:
+    """Eq. 12 with an exact count, written out: switch off the kept group of lowest score (the first on a tie) until
+    n_pruned groups are off; off stays off."""
+    keep = list(keep)
+    while keep.count(False) < n_pruned:
+        kept = [g for g in range(len(keep)) if keep[g]]
+        keep[min(kept, key=lambda g: (scores[g], g))] = False
+    return keep
+
+
+@pytest.mark.parametrize("lam", [0.9, 0.5])
+def test_pruner_masks_follow_the_scores_as_eq4_eq11_eq12_say(lam):
+    """Algorithm 1 step by step against a reference written from the equations: each step's group scores by brute
+    force (every weight's Eq. 10 summed over each group's index set, Eq. 4), smoothed by hand (Eq. 11, from zero),
+    and at every mask update the lowest kept groups switched off one by one (Eq. 12) to the schedule's count. The
+    Pruner's moving averages and masks must equal the reference's at every step: final counts alone would not tell
+    whether the scores were used at all."""
+    model = random_model(GQA)
+    layers, steps, every = [1, 3], 12, 2
+    pruner = lp.Pruner(model, ratio=0.3, total_steps=steps, every=every, layers=layers, lam=lam)
+    smoothed = {l: (torch.zeros(GQA.layer_kv_heads[l], dtype=torch.float64),
+                    torch.zeros(GQA.layer_hidden_dims[l], dtype=torch.float64)) for l in layers}
+    keep = {l: ([True] * GQA.layer_kv_heads[l], [True] * GQA.layer_hidden_dims[l]) for l in layers}
+    changes = 0
+    for step in range(1, steps + 1):
+        model.zero_grad(set_to_none=True)
+        loss_and_grads(model, seed=100 + step)  # a new batch, new scores
+        for l in layers:
+            new = brute_force_group_scores(model, l, "lora")  # (K,), (F,) float64
+            smoothed[l] = tuple(lam * old + (1 - lam) * n for old, n in zip(smoothed[l], new))
+        fraction = lp.cubic_schedule(step, steps)
+        if step % every == 0 or fraction == 1:
+            counts = lp.counts_at(pruner.final_counts, fraction)
+            for l in layers:
+                keep[l] = tuple(by_hand_threshold(smoothed[l][i].tolist(), keep[l][i], counts[l][i]) for i in (0, 1))
+        changes += pruner.update(step)
+        for l in layers:
+            for mine, ref in zip(pruner.scores[l], smoothed[l]):
+                torch.testing.assert_close(mine.double(), ref, rtol=1e-5, atol=1e-9)
+            assert [m.tolist() for m in pruner.masks[l]] == [list(k) for k in keep[l]], (step, l)
+    assert pruned_counts(pruner) == pruner.final_counts and changes >= 3
+
+
 def test_pruner_lora_needs_adapters_and_vanilla_needs_float():
     model = random_model(MHA, r=0)
     pruner = lp.Pruner(model, ratio=0.2, total_steps=10)  # Eq. 10 reads A and B: one line saying so, at the first score

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, 
 # the direction-aware LoRA estimate (criterion 'lora-directional') against exact autograd gradients
 
 
-def one_projection_with_lora(target, r_of, seed=3):
-    """A tiny model whose only LoRA sits on `target`, with rank r_of(lin) and s = 1, W.grad switched on."""
+def one_projection_with_lora(target, r_of, seed=3, s=1.0):
+    """A tiny model whose only LoRA sits on `target`, with rank r_of(lin) and scaling s, W.grad switched on."""
     args = llama.ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=24, max_seq_len=32)
     model = random_model(args, r=0, seed=seed)
     lin = llama.projections(model, 1)[target]
     r = r_of(lin)
-    llama.add_lora(model, r=r, alpha=r, dropout=0.0, targets=(target,))  # s = alpha / r = 1
+    llama.add_lora(model, r=r, alpha=s * r, dropout=0.0, targets=(target,))  # s = alpha / r
     lin.weight.requires_grad_(True)
     return model, lin
 
@@ -68,6 +68,45 @@ def test_directional_columns_are_exact_with_square_orthogonal_B(target):
     assert not torch.allclose(eq10.sum(0), exact.sum(0), rtol=1e-2)
 
 
+def only(lin, criterion):
+    """A criterion that scores `lin` with `criterion` and every other projection as zeros (they have no LoRA)."""
+    def sums(other):
+        if other is lin:
+            return criterion(other)
+        zero = torch.zeros((), device=other.weight.device)
+        return zero.expand(other.out_features).clone(), zero.expand(other.in_features).clone()
+    return sums
+
+
+@pytest.mark.parametrize("normalize", [None, variants.l2_normalized], ids=["plain", "l2"])
+def test_directional_with_scaling_is_s4_times_eq3(normalize):
+    """With s = alpha / r = 3: gB = s G A^T and gA = s B^T G, so with square orthogonal A and B = 0 the row map is
+    (s gB @ A ⊙ W)^2 = s^4 (G ⊙ W)^2, and with square orthogonal B the column map is (s B @ gA ⊙ M)^2 = s^4 (G ⊙ M)^2,
+    M = W + s B @ A. Through Pruner.score the channel scores of w1 (rows) and w2 (columns) are then s^4 times Eq. 3's
+    without normalisation, and Eq. 3's normalised with it."""
+    s = 3.0
+    for target, r_of in (("w1", lambda lin: lin.in_features), ("w2", lambda lin: lin.out_features)):
+        model, lin = one_projection_with_lora(target, r_of, s=s)
+        n = r_of(lin)
+        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(8)))
+        with torch.no_grad():
+            if target == "w1":
+                lin.lora_A.copy_(Q)  # A.T @ A = I, B = 0
+            else:
+                lin.lora_B.copy_(Q)  # B @ B.T = I
+                lin.lora_A.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+        assert lin.scaling == s
+        loss_and_grads(model)
+        exact = lp.vanilla_importance(lin.merged_weight(), lin.weight.grad)  # (G ⊙ (W + s B A))^2
+        rows, cols = variants.directional_importance(lin.weight, lin.lora_A, lin.lora_B, lin.lora_A.grad,
+                                                     lin.lora_B.grad, lin.scaling)
+        torch.testing.assert_close(rows if target == "w1" else cols, s ** 4 * exact, rtol=1e-4, atol=1e-12)
+        _, channels = group_scores(model, 1, only(lin, variants.directional_sums), normalize=normalize)
+        reference = exact.sum(1) if target == "w1" else exact.sum(0)  # (F,)
+        reference = s ** 4 * reference if normalize is None else reference / reference.norm()
+        torch.testing.assert_close(channels, reference, rtol=1e-4, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # L2 normalisation (the official code's) of each projection's per-unit vector, in Pruner.score
 
@@ -78,7 +117,7 @@ def test_l2_normalised_unit_scores_by_hand():
     shapes = {"wq": (H * D, C), "wk": (K * D, C), "wv": (K * D, C), "wo": (C, H * D), "w1": (Fw, C), "w3": (Fw, C),
               "w2": (C, Fw)}
     sums = {name: (torch.rand(o, generator=g), torch.rand(i, generator=g)) for name, (o, i) in shapes.items()}
-    sums["w2"] = (sums["w2"][0], torch.zeros(Fw))  # an all-zero part (B = 0) must add nothing, not NaN
+    sums["wv"] = (torch.zeros(K * D), sums["wv"][1])  # an all-zero part (B = 0) must add nothing, not NaN
     model = llama.Transformer(llama.ModelArgs(dim=C, n_layers=1, n_heads=H, n_kv_heads=K, vocab_size=16,
                                               hidden_dim=Fw))
     name_of = {lin: name for name, lin in llama.projections(model, 0).items()}
@@ -94,15 +133,16 @@ def test_l2_normalised_unit_scores_by_hand():
     q = unit([float(sums["wq"][0][h * D:(h + 1) * D].sum()) for h in range(H)])
     o = unit([float(sums["wo"][1][h * D:(h + 1) * D].sum()) for h in range(H)])
     k = unit([float(sums["wk"][0][j * D:(j + 1) * D].sum()) for j in range(K)])
-    v = unit([float(sums["wv"][0][j * D:(j + 1) * D].sum()) for j in range(K)])
-    w1, w3 = unit(sums["w1"][0].tolist()), unit(sums["w3"][0].tolist())
+    v = [0.0] * K  # wv's all-zero part
+    w1, w3, w2 = unit(sums["w1"][0].tolist()), unit(sums["w3"][0].tolist()), unit(sums["w2"][1].tolist())
     query = variants.QueryHeads()  # its scores keep the query heads' (H,) and the kv heads' (K,) sums apart
     att, channels = group_scores(model, 0, given, query, normalize=variants.l2_normalized)
     torch.testing.assert_close(att[:H].double(), torch.tensor(q, dtype=torch.float64) + torch.tensor(o))
     torch.testing.assert_close(att[H:].double(), torch.tensor(k, dtype=torch.float64) + torch.tensor(v))
-    torch.testing.assert_close(channels.double(), torch.tensor(w1, dtype=torch.float64) + torch.tensor(w3))
+    torch.testing.assert_close(channels.double(), torch.tensor(w1, dtype=torch.float64) + torch.tensor(w3)
+                               + torch.tensor(w2))
     _, raw = group_scores(model, 0, given, query)  # and without normalize, the plain sums of Eq. 4
-    torch.testing.assert_close(raw, sums["w1"][0] + sums["w3"][0])
+    torch.testing.assert_close(raw, sums["w1"][0] + sums["w3"][0] + sums["w2"][1])
 
 
 @pytest.mark.parametrize("criterion", ["lora", "lora-directional"])
