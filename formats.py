@@ -8,10 +8,16 @@ Every reader returns (ModelArgs, {our tensor name: zero-argument reader}) for bu
 read one at a time (from mmap or lazy safetensors reads) straight to the target dtype and device. Optional packages
 (safetensors, gguf, numpy, sentencepiece) are imported inside the functions that need them.
 """
+import contextlib
+import errno
+import importlib
 import json
 import math
 import os
+import re
+import resource
 import shutil
+import signal
 import struct
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,14 +31,50 @@ import llama
 import quant8
 
 # ----------------------------------------------------------------------------------------------
-# reading helpers
+# reading helpers, and the one import of an optional extra
+
+
+class MissingExtra(ImportError):
+    """An optional package is not installed; the message names the extra of pyproject.toml that installs it."""
+
+
+def import_extra(module: str, extra: Optional[str], needed_by: str):
+    """`module`, imported; without it a one-line MissingExtra naming what needs it and the pip command of the extra
+    that installs it (None: a core dependency, `pip install -e .`). Every optional import goes through here."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        install = f"pip install -e '.[{extra}]'" if extra else "pip install -e ."
+        raise MissingExtra(f"{needed_by} needs {module}, which does not import ({e}): {install}") from None
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object (a config file); anything else is a ValueError naming the file."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
+def _safetensors(path: Path):
+    """A lazy handle of a safetensors file (tensors are read when asked for); a truncated or foreign file is a
+    ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _model_args(params: dict, source: str) -> llama.ModelArgs:
+    """ModelArgs from a config dict; a value of the wrong kind is a ValueError naming the file."""
+    try:
+        return llama.ModelArgs.from_dict(params, source=source)
+    except (TypeError, ZeroDivisionError) as e:  # e.g. "dim": "4096", or a zero head count
+        raise ValueError(f"{source}: not a model config ({type(e).__name__}: {e})") from None
 
 
 def _torch_load(path: Path) -> dict:
@@ -95,7 +137,7 @@ def meta_readers(folder: Path):
     factor, high = params.pop("rope_scaling_factor", None), params.pop("rope_high_freq_factor", None)
     if params.pop("use_scaled_rope", False):  # Llama 3.1+: Meta's apply_scaling (factor 8 unless params.json says)
         params["rope_scaling"] = {**llama.LLAMA3_ROPE, "factor": factor or 8.0, "high_freq_factor": high or 4.0}
-    args = llama.ModelArgs.from_dict(params, source=str(folder / "params.json"))
+    args = _model_args(params, str(folder / "params.json"))
     hidden = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
     if hidden != args.hidden_dim:
         raise ValueError(f"{folder}: MLP width from params.json (dim {args.dim}, multiple_of {args.multiple_of}, "
@@ -116,10 +158,11 @@ def own_readers(folder: Path):
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{folder}: params.json found but no model.safetensors")
-    from safetensors import safe_open
-    handle = safe_open(str(weights), framework="pt")
+    if not isinstance(meta.get("args"), dict):
+        raise ValueError(f"{folder}/params.json: expected the model's args as an object, found {meta.get('args')!r}")
+    handle = _safetensors(weights)
     readers = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
-    return llama.ModelArgs.from_dict(meta["args"], source=str(folder / "params.json")), readers
+    return _model_args(meta["args"], str(folder / "params.json")), readers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +218,10 @@ def hf_rope(cfg: dict, source: str) -> tuple[float, Optional[dict]]:
     return theta, {key: rope.get(key, default) for key, default in llama.LLAMA3_ROPE.items()}
 
 
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+               "rms_norm_eps")  # the config.json keys without a default here
+
+
 def hf_config_to_args(cfg: dict, source: str) -> llama.ModelArgs:
     """ModelArgs of a Hugging Face config.json of model_type 'llama', 'mistral', 'qwen2' or 'qwen3', each read as
     transformers' modeling file for it computes: Qwen2 adds q/k/v biases, Qwen3 q/k norms. A sliding window is the
@@ -185,6 +232,10 @@ def hf_config_to_args(cfg: dict, source: str) -> llama.ModelArgs:
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if cfg.get(key, ok) != ok:  # (Qwen2 has q/k/v biases whatever attention_bias says)
             raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    missing = [key for key in HF_REQUIRED if key not in cfg]
+    if missing:
+        raise ValueError(f"{source}: expected a Hugging Face config.json of a {family} model, found no "
+                         f"{', '.join(missing)}")
     theta, scaling = hf_rope(cfg, source)
     max_seq_len = cfg.get("max_position_embeddings", 2048)
     window = cfg.get("sliding_window")  # Mistral v0.1: 4096; Qwen: used only with use_sliding_window
@@ -209,8 +260,7 @@ def hf_readers(folder: Path):
     sources = {}  # hf name -> zero-argument reader
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-            handle = safe_open(str(f), framework="pt")  # lazy: a tensor is read when asked for
+            handle = _safetensors(f)
             sources.update({k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
         else:
             sd = _torch_load(f)
@@ -333,10 +383,7 @@ def llama3_rope_of_factors(factors: Tensor, D: int, theta: float, source: str) -
 
 def _open_gguf(path: Path):
     """(the gguf module, a GGUFReader of `path`): the one place a GGUF file is opened for reading."""
-    try:
-        import gguf
-    except ImportError as e:
-        raise ImportError(f"{path}: reading GGUF needs the optional extra: pip install gguf") from e
+    gguf = import_extra("gguf", "gguf", f"reading {path}")
     try:
         return gguf, gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
@@ -489,6 +536,8 @@ def load(path, device="cpu", dtype: Optional[torch.dtype] = None, int8: bool = F
         args, readers = gguf_readers(path)
     elif path.is_file() and path.suffix == ".bin":
         args, readers = llama2c_readers(path)
+    elif (path / "model" / "params.json").is_file():  # run.py's --out
+        raise ValueError(f"{path}: the output folder of a run, not a checkpoint; its pruned model is {path / 'model'}")
     else:
         raise ValueError(f"{path}: no known checkpoint format; looked for: " + "; ".join(FORMATS))
     return build_from_readers(args, readers, device, dtype, int8, source=str(path))
@@ -529,7 +578,8 @@ def build_from_readers(args: llama.ModelArgs, readers: dict, device, dtype: Opti
 
 
 # ----------------------------------------------------------------------------------------------
-# writing: a file or a folder appears whole or not at all, with the modes the umask gives
+# writing: a file or a folder appears whole or not at all, with the modes the umask gives; a write the system refuses
+# (a full disk, a file size limit, a read-only file system) is one OSError naming the file, its earlier copy kept
 
 
 def file_mode(folder: bool = False) -> int:
@@ -539,43 +589,130 @@ def file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
-def atomic_write(path, write: Callable) -> Path:
-    """write(tmp_path) into a temporary file beside `path`, then os.replace: a reader sees the old file or the new
-    one, whole. The file gets file_mode() (mkstemp makes it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples: about what torch.save writes of it."""
+    if isinstance(obj, Tensor):
+        return obj.nbytes
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(x) for x in items)
+
+
+def _human(n: float) -> str:
+    """A byte count for people: 512 B, 96.2 kB, 13.5 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _system_errno(error: Exception, written: list) -> Optional[int]:
+    """The errno behind a failed write: the OSError's own, or the one a Rust library (safetensors) names in its
+    message; else what the system says of the largest file written so far: at the file size limit (EFBIG), or the
+    error of 1 MiB more appended to it (torch.save and numpy report a refused write in their own words, without the
+    errno). None when the system takes the bytes: the write failed for another reason."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    named = re.search(r"\(os error (\d+)\)", str(error))
+    if named:
+        return int(named.group(1))
+    files = [p for p in written if p.is_file()]
+    if not files:
+        return None
+    largest = max(files, key=lambda p: p.stat().st_size)
+    limit, size = resource.getrlimit(resource.RLIMIT_FSIZE)[0], largest.stat().st_size
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        return errno.EFBIG
     try:
+        with open(largest, "ab") as f:
+            f.write(bytes(2**20 if limit == resource.RLIM_INFINITY else min(2**20, limit - size)))  # never EFBIG
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _not_written(path: Path, error: Exception, written: list, size: Optional[int], existed: bool) -> Exception:
+    """What a failed write of `path` raises: for a write the system refused, one OSError naming the file, the reason,
+    the bytes the write needs (`size`, where the caller knows them) and what is free or allowed; else `error`."""
+    code = _system_errno(error, written)
+    if code is None:
+        return error
+    facts = [f"it needs about {_human(size)}"] if size else []
+    if code == errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            facts.append(f"{_human(shutil.disk_usage(path.parent).free)} free")
+    elif code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        facts.append(f"the file size limit (ulimit -f) is {_human(limit)}" if limit != resource.RLIM_INFINITY
+                     else "more than the file system holds in one file")
+    reason = os.strerror(code) + (": " + ", ".join(facts) if facts else "")
+    kept = f"the earlier {path.name} is unchanged" if existed else "nothing was left behind"
+    return OSError(code, f"not written ({reason}); {kept}", str(path))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back until the block ends (then delivered): renames that belong together all happen."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def atomic_write(path, write: Callable, size: Optional[int] = None) -> Path:
+    """write(tmp_path) into a temporary file beside `path`, then os.replace: a reader sees the old file or the new
+    one, whole. The file gets file_mode() (mkstemp makes it 0600). A write the system refuses raises one OSError
+    naming `path`, the reason and `size` (the bytes it needs, where the caller knows them); the temporary file is
+    removed and an earlier `path` stays as it was."""
+    path, tmp = Path(path), None
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except Exception as e:
+        raise _not_written(path, e, [Path(tmp)] if tmp else [], size, existed) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
-def atomic_write_folder(folder, write: Callable) -> Path:
+def atomic_write_folder(folder, write: Callable, size: Optional[int] = None) -> Path:
     """write(tmp) fills a temporary folder beside `folder`, which then takes its place by renames: a reader sees the
-    old folder or the new one, whole. The folder and its files get file_mode() (mkdtemp makes the folder 0700)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    old folder or the new one, whole. The folder and its files get file_mode() (mkdtemp makes the folder 0700).
+    Errors as atomic_write's: the temporary folder is removed and an earlier `folder` stays as it was."""
+    folder, tmp = Path(folder), None
+    existed = folder.exists()
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
         write(tmp)
         for f in tmp.iterdir():
             os.chmod(f, file_mode())
         os.chmod(tmp, file_mode(folder=True))
-        if folder.exists():
-            old = folder.with_name(folder.name + f".old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        with _signals_held():  # an interrupt cannot fall between the renames
+            if existed:
+                old = folder.with_name(folder.name + f".old-{os.getpid()}")
+                os.replace(folder, old)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:
+                    os.replace(old, folder)  # the earlier folder back in its place
+                    raise
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, folder)
+    except Exception as e:
+        raise _not_written(folder, e, list(tmp.iterdir()) if tmp and tmp.exists() else [], size, existed) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
     return folder
 
@@ -629,9 +766,14 @@ def _write_own(model: llama.Transformer, folder: Path, kind: str) -> None:
     (folder / "params.json").write_text(json.dumps(meta, indent=2))
 
 
+def _own_bytes(model: llama.Transformer) -> int:
+    """About the bytes of the model.safetensors _write_own writes (LoRA merged away)."""
+    return sum(t.nbytes for name, t in model.state_dict().items() if ".lora_" not in name)
+
+
 def save_checkpoint(model: llama.Transformer, out_dir, kind: str = "dense") -> Path:
     """Our own folder at out_dir (what load reads back), written atomically (atomic_write_folder)."""
-    return atomic_write_folder(out_dir, lambda tmp: _write_own(model, tmp, kind))
+    return atomic_write_folder(out_dir, lambda tmp: _write_own(model, tmp, kind), size=_own_bytes(model))
 
 
 def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder) -> Path:
@@ -640,7 +782,7 @@ def save_model(sliced: llama.Transformer, tokenizer_path: Path, folder) -> Path:
     def write(tmp: Path) -> None:
         _write_own(sliced, tmp, kind="pruned")
         save_tokenizer(tokenizer_path, tmp)
-    return atomic_write_folder(folder, write)
+    return atomic_write_folder(folder, write, size=_own_bytes(sliced))  # and a small tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,11 +879,8 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
     if ftype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; expected one of {', '.join(GGUF_TYPES)}")
     _check_exportable(model, str(out_path))
-    try:
-        import gguf
-        import numpy as np
-    except ImportError as e:
-        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    gguf = import_extra("gguf", "gguf", "GGUF export")
+    import numpy as np
     Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
     qtype, file_type = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
                         "bf16": (Q.BF16, FT.MOSTLY_BF16), "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}[ftype]
@@ -819,7 +958,9 @@ def export_gguf(model: llama.Transformer, out_path, ftype: str = "f16", tokenize
             assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} != {shape}"
             writer.write_tensor_data(gguf.quants.quantize(w.numpy(), type_of(shape)))
         writer.close()
-    return atomic_write(out_path, write)
+    size = sum(math.prod(shape) // gguf.GGML_QUANT_SIZES[type_of(shape)][0] * gguf.GGML_QUANT_SIZES[type_of(shape)][1]
+               for _, shape, _ in tensors)  # the tensors' bytes; the metadata adds a little
+    return atomic_write(out_path, write, size=size)
 
 
 def _varint(n: int) -> bytes:
@@ -1027,10 +1168,7 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
     SentencePiece .model (pieces, scores, token types, BOS/EOS/UNK/PAD ids; unused [PAD<i>] pieces up to a larger
     model vocab) or a byte-level BPE tokenizer.json (tokenizer_json_gguf_fields). Without a tokenizer the file says 'none' (llama.cpp then has no vocabulary). Cheap: run.py can call it
     to refuse a tokenizer before any training."""
-    try:
-        import gguf
-    except ImportError as e:
-        raise ImportError("GGUF export needs the optional extra: pip install gguf") from e
+    gguf = import_extra("gguf", "gguf", "GGUF export")
     V = gguf.GGUFValueType
     if tokenizer_path is None:
         return [("tokenizer.ggml.model", "none", V.STRING, None)]
@@ -1055,10 +1193,7 @@ def gguf_tokenizer_fields(tokenizer_path, vocab_size: int) -> list:
     if path.suffix != ".model":
         raise ValueError(f"{path}: GGUF export takes its tokenizer from a SentencePiece .model, a byte-level "
                          f"tokenizer.json or a .gguf file, found {path.suffix!r}")
-    try:
-        import sentencepiece
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
+    sentencepiece = import_extra("sentencepiece", None, f"reading {path}")
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     except RuntimeError as e:
@@ -1207,7 +1342,8 @@ def export_hf(model: llama.Transformer, out_dir, tokenizer_path=None) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         for name, content in tokenizer_files.items():
             (tmp / name).write_bytes(content)
-    return atomic_write_folder(out_dir, write)
+    size = sum(t.nbytes for t in state.values()) + sum(map(len, tokenizer_files.values()))
+    return atomic_write_folder(out_dir, write, size=size)
 
 
 def hf_tokenizer_files(tokenizer_path) -> tuple:
@@ -1235,7 +1371,7 @@ def hf_tokenizer_files(tokenizer_path) -> tuple:
 
 def _sentencepiece_hf_files(proto: bytes, source) -> tuple:
     """tokenizer.model and a LlamaTokenizer tokenizer_config.json for a serialized SentencePiece model."""
-    import sentencepiece
+    sentencepiece = import_extra("sentencepiece", None, f"reading {source}")
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
