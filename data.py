@@ -48,6 +48,9 @@ def format_instruction(record: dict, where: str) -> str:
     if "instruction" not in record or answer_key not in record:
         raise ValueError(f"{where}: expected keys instruction + output (Alpaca) or instruction + response"
                          f" (LaMini), found {sorted(record)}")
+    for key in ("instruction", answer_key) + (("input",) if record.get("input") is not None else ()):
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: expected text in {key!r}, found {record[key]!r:.40}")
     if record.get("input"):
         prompt = ALPACA_PROMPT.format(instruction=record["instruction"], input=record["input"])
     else:
@@ -75,13 +78,25 @@ def _read_records(path: Path, text: str) -> list:
     return records
 
 
+def read_text(path: Path, what: str) -> str:
+    """The text of the file `path` (`what` it is, for messages), which must be UTF-8; a folder, a missing file or
+    other bytes are a one-line error naming it."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: expected text in UTF-8, found byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start} (a binary file?)") from None
+
+
 def read_documents(path: str | Path) -> list[str]:
     """The documents in a file: TinyStories-style text split on <|endoftext|> lines (stripped, empties
     dropped), other text as one document, and .json / .jsonl instruction data as Alpaca prompts + answers."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"document file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "document file")
     if path.suffix in (".json", ".jsonl"):
         records = _read_records(path, text)
         docs = [format_instruction(r, f"{path}, record {i}") for i, r in enumerate(records)]
@@ -121,10 +136,7 @@ class _SentencePiece:
     a GGUF file's vocabulary: _gguf_vocab)."""
 
     def __init__(self, path: Path, proto: Optional[bytes] = None, add_bos: bool = True):
-        try:
-            import sentencepiece
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs sentencepiece: pip install sentencepiece") from e
+        sentencepiece = formats.import_extra("sentencepiece", None, f"reading {path}")
         try:
             self.sp = (sentencepiece.SentencePieceProcessor(model_file=str(path)) if proto is None
                        else sentencepiece.SentencePieceProcessor(model_proto=proto))
@@ -147,10 +159,7 @@ class _HFTokenizerJson:
     tokenizer's own post-processor)."""
 
     def __init__(self, path: Path):
-        try:
-            import tokenizers
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs the tokenizers extra: pip install tokenizers") from e
+        tokenizers = formats.import_extra("tokenizers", "tokenizers", f"reading {path}")
         try:
             self.tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a plain Exception on a malformed file
@@ -218,11 +227,7 @@ class _Tiktoken:
                 + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])  # 256 in all
 
     def __init__(self, path: Path):
-        try:
-            import tiktoken
-        except ImportError as e:
-            raise ImportError(f"reading {path} (a tiktoken BPE file) needs the tiktoken extra: "
-                              "pip install tiktoken") from e
+        tiktoken = formats.import_extra("tiktoken", "tiktoken", f"reading {path} (a tiktoken BPE file)")
         import base64
         ranks = {}
         for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
@@ -272,6 +277,9 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"tokenizer {path} is a folder, expected a file with one of the extensions "
+                             f"{sorted(TOKENIZER_BACKENDS)}")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         if path.suffix not in TOKENIZER_BACKENDS:
@@ -375,11 +383,11 @@ def eval_text(name_or_path: str) -> tuple[str, str]:
         if not path.is_file():
             raise FileNotFoundError(f"eval set {name_or_path!r}: expected {path} (set LORAPRUNE_DATA to the"
                                     f" folder holding {EVAL_FILES[name_or_path]}), found no such file")
-        return name_or_path, path.read_text(encoding="utf-8")
+        return name_or_path, read_text(path, "eval set")
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"eval set {name_or_path!r}: not one of {sorted(EVAL_FILES)} and no file {path}")
-    return path.name, path.read_text(encoding="utf-8")
+    return path.name, read_text(path, "eval set")
 
 
 def eval_tokens(name_or_path: str, tokenizer) -> tuple[str, Tensor]:

@@ -2,6 +2,7 @@
 import base64
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn as nn
 import data
 import formats
 from conftest import TEXT, hf_model, shared_file, train_bpe, write_llama_gguf, write_tokenizer_gguf
-from data import (Tokenizer, data_dir, eval_text, find_tokenizer, pack_sequences, perplexity,
+from data import (ALPACA_PROMPT_NO_INPUT, Tokenizer, data_dir, eval_text, find_tokenizer, pack_sequences, perplexity,
                   read_documents, training_tokens)
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +248,34 @@ def test_bad_instruction_records(tmp_path):
     path.write_text(json.dumps({"instruction": "a", "output": "b"}))
     with pytest.raises(ValueError, match="expected a JSON list"):
         read_documents(path)
+    for record, words in (({"instruction": 1, "output": "b"}, "expected text in 'instruction', found 1"),
+                          ({"instruction": "a", "output": None}, "expected text in 'output', found None"),
+                          ({"instruction": "a", "input": ["x"], "response": "b"}, "expected text in 'input', found ['x']")):
+        path.write_text(json.dumps([{"instruction": "a", "output": "b"}, record]))
+        with pytest.raises(ValueError, match=r"bad\.json, record 1: " + re.escape(words)):
+            read_documents(path)
+    path.write_text(json.dumps([{"instruction": "a", "input": None, "output": "b"}]))  # a null input is no input
+    assert read_documents(path) == [ALPACA_PROMPT_NO_INPUT.format(instruction="a") + "b"]
+
+
+def test_text_files_must_be_utf8_files(tmp_path):
+    """Binary bytes, a folder or a missing file as training or eval data: one line naming the file and what was
+    expected, for text, JSON and JSONL alike."""
+    for name in ("data.txt", "data.json", "data.jsonl"):
+        (tmp_path / name).write_bytes(b"Once upon a time \xff\xfe\x00 binary")
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: expected text in UTF-8, found byte 0xff "
+                                                       "at offset 17 (a binary file?)")):
+            read_documents(tmp_path / name)
+    with pytest.raises(ValueError, match=re.escape(f"eval set {tmp_path / 'data.txt'}: expected text in UTF-8")):
+        eval_text(str(tmp_path / "data.txt"))
+    with pytest.raises(ValueError, match=re.escape(f"document file {tmp_path} is a folder, expected a file")):
+        read_documents(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"eval set {tmp_path} is a folder, expected a file")):
+        eval_text(str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer {tmp_path} is a folder, expected a file")):
+        Tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"document file {tmp_path / 'no.txt'} does not exist")):
+        read_documents(tmp_path / "no.txt")
 
 
 # ----------------------------------------------------------------------------------------------
