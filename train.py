@@ -15,10 +15,12 @@ Pruner:
     t.close()                                                            # the model as loaded but for adapters and masks
 """
 import contextlib
+import fcntl
 import hashlib
 import inspect
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -332,6 +334,9 @@ def load_lora_state(model: llama.Transformer, state: dict) -> None:
         raise ValueError(f"resume.pt holds adapters {sorted(set(state) - set(params))[:4]}..., the model has "
                          f"{sorted(set(params) - set(state))[:4]}...")
     for name, p in params.items():
+        if not isinstance(state[name], Tensor) or state[name].shape != p.shape:  # copy_ would broadcast
+            raise ValueError(f"adapter {name}: expected shape {tuple(p.shape)}, found "
+                             f"{tuple(getattr(state[name], 'shape', ())) or type(state[name]).__name__}")
         p.copy_(state[name])
 
 
@@ -396,7 +401,7 @@ class Training:
                  "pruner": self.pruner.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": rng_per_rank[0][0], "cuda_rng": rng_per_rank[0][1],
                  **({"rng_per_rank": rng_per_rank} if ranks.world > 1 else {})}
-        formats.atomic_write(path, lambda tmp: torch.save(state, tmp))
+        formats.atomic_write(path, lambda tmp: torch.save(state, tmp), size=formats.tensor_bytes(state))
 
     def resume(self, path: Path, config: dict, ranks: "Ranks", device: torch.device, extra: tuple = ()) -> dict:
         """Continue from `path`, written by save() for the same `config` and as many processes; returns the saved
@@ -415,10 +420,12 @@ class Training:
             self.optimizer.load_state_dict(state["optimizer"])
             self.pruner.load_state_dict(state["pruner"])
             self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng_per_rank"][ranks.rank] if ranks.world > 1 else (state["rng"], state["cuda_rng"]),
+                          device)
         except KeyError as e:  # a part's own state lacks a key
             raise ValueError(f"{path}: expected a complete resume checkpoint, found no {e} in a part of it") from None
-        set_rng_state(state["rng_per_rank"][ranks.rank] if ranks.world > 1 else (state["rng"], state["cuda_rng"]),
-                      device)
+        except (ValueError, TypeError, RuntimeError, IndexError) as e:  # a part of another kind or shape
+            raise ValueError(f"{path}: a part does not fit this run ({type(e).__name__}: {e})") from None
         self.step, self.loss = state["step"], state["loss"]
         return {k: state[k] for k in extra}
 
@@ -460,15 +467,18 @@ def compile_warmup(step_times: list) -> Optional[float]:
 
 def train_loop(t: Training, rows: Tensor, args: TrainArgs, device: torch.device | str, net=None,
                ranks: Optional["Ranks"] = None, log: Optional["Log"] = None, save: Optional[Callable[[], None]] = None,
-               until: Optional[int] = None, observe: Optional[Callable[[Training, float], None]] = None) -> list:
+               until: Optional[int] = None, observe: Optional[Callable[[Training, float], None]] = None,
+               stop: Optional[Callable[[], bool]] = None) -> list:
     """Algorithm 1: fine-tune LoRA and, after each batch's backward, let the Pruner score and (on schedule) prune,
     from step t.step to args.steps, or to `until` as if killed there. Each optimizer step, in the official code's
     order: set the lr (lr_at), forward and backward of the batch in micro-batches (backward_batch), clip the LoRA
     gradients, stop before applying anything if the loss or the norm is NaN/inf (TrainingDiverged), Pruner.update,
     observe(t, grad_norm) if given, AdamW's step. rows (N, T+1) are the packed training rows; every rank draws the
     same batch and runs its 1/world share through `net`, the model or its DDP wrapper (default: t.model). save(),
-    if given, runs every args.save_every steps, at args.steps and at `until`; nothing is written otherwise. The
-    progress line goes to `log` (default: none). Returns this call's step times (s)."""
+    if given, runs every args.save_every steps, at args.steps and at `until`; nothing is written otherwise. stop(),
+    if given, is asked after every step, the safe point: once it says True (on any rank) the loop saves that step
+    and returns (run.py's SIGINT / SIGTERM). The progress line goes to `log` (default: none). Returns this call's
+    step times (s)."""
     net, device = t.model if net is None else net, torch.device(device)
     ranks, log = ranks or Ranks(), log or Log(quiet=True)
     until = args.steps if until is None else min(until, args.steps)
@@ -508,9 +518,13 @@ def train_loop(t: Training, rows: Tensor, args: TrainArgs, device: torch.device 
         log.progress(f"step {t.step}/{args.steps} | loss {t.loss:.4f} | lr {lr:.2e} | sparsity "
                      f"{t.pruner.sparsity():.1%} | {tokens_per_step / times[-1]:,.0f} tok/s{memory}{warmup} | "
                      f"ETA {eta:.0f}s", plain=t.step % 10 == 0 or t.step in (1, args.steps))
-        if save is not None and (t.step % args.save_every == 0 or t.step == until):
+        # the safe point: the step is whole; a stop asked for on any rank saves it and ends the loop on every rank
+        stopping = stop is not None and ranks.mean(torch.tensor(float(stop()), device=device)).item() > 0
+        if save is not None and (t.step % args.save_every == 0 or t.step == until or stopping):
             save()
             saved_step = t.step
+        if stopping:
+            break
     return times
 
 
@@ -556,14 +570,13 @@ class Log:
 
     def __init__(self, quiet: bool = False):
         self.file, self.pending, self.tty, self.open_line = None, [], sys.stdout.isatty(), False
-        self.quiet = quiet
+        self.quiet, self.path = quiet, None
 
     def attach(self, path: Path) -> None:
         if self.quiet:
             return
-        self.file = open(path, "a", encoding="utf-8")
-        self.file.write("".join(line + "\n" for line in self.pending))
-        self.file.flush()
+        self.path, self.file = path, open(path, "a", encoding="utf-8")
+        self._append("".join(line + "\n" for line in self.pending))
 
     def __call__(self, msg: str = "") -> None:
         if self.quiet:
@@ -589,10 +602,21 @@ class Log:
         if self.quiet:
             return
         if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            self._append(msg + "\n")
         else:
             self.pending.append(msg)
+
+    def _append(self, text: str) -> None:
+        """Append to the file; one the system refuses (a full disk, a file size limit) is one OSError naming it,
+        and the log writes nothing more there."""
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as e:
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # the bytes it could not write fail again on close
+                file.close()
+            raise OSError(e.errno, f"not written ({e.strerror}); the lines before are kept", str(self.path)) from None
 
     def close(self) -> None:
         if self.open_line:
@@ -602,7 +626,16 @@ class Log:
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
-    """Without --resume an --out holding a run is refused; with it, there must be an unfinished run to continue."""
+    """--out must be a folder this process can create or write in. Without --resume an --out holding a run is
+    refused; with it, there must be an unfinished run to continue."""
+    if not str(out):
+        raise ValueError("--out is empty; expected a folder")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())  # out, or the folder it will be made in
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no write permission"
+        raise ValueError(f"--out {out}: cannot write in {existing} ({why})")
     held = [name for name in ("resume.pt", "report.json") if (out / name).exists()]
     if not resume and held:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); use --resume or another --out")
@@ -610,3 +643,37 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise FileNotFoundError(f"--resume: expected {out / 'resume.pt'}, found no such file")
     if resume and (out / "report.json").exists():
         raise ValueError(f"--resume: the run in {out} has finished ({out / 'report.json'} exists); use another --out")
+
+
+class OutLock:
+    """One run per output folder: take() holds an exclusive fcntl.flock on OUT/.lock until release() or the end of
+    the process (the OS drops it then, so a killed run leaves no stale lock); a second run gets a ValueError naming
+    the process that holds it. Once it holds the lock, take() removes the temporary files a killed run left (no
+    other run can be writing them)."""
+
+    def __init__(self, out: Path):
+        self.out, self.file = out, None
+
+    def take(self) -> None:
+        if self.file is not None:
+            return
+        file = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise ValueError(f"--out {self.out} is in use by another run (process {holder}); wait for it to end or "
+                             "use another --out") from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+        for stale in [*self.out.glob("*.tmp-*"), *self.out.glob("*.old-*")]:  # formats.atomic_write's temporaries
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -190,6 +190,23 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     assert_same(whole, {**rest, "losses": first["losses"] + rest["losses"]})
 
 
+def test_stop_saves_the_step_in_flight_and_resume_finishes_the_same_run(tmp_path):
+    """stop() (run.py's SIGINT / SIGTERM) asked during step 3: the step finishes, save() writes it (though 3 is not
+    a multiple of save_every) and the loop returns; a resume from that file ends as the uninterrupted run."""
+    config, ranks, cpu = {"run": "test"}, train.Ranks(), torch.device("cpu")
+    whole = train_run(*start_run(loaded_model(), "lora", seed=0))
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    path, saves, losses = tmp_path / "resume.pt", [], []
+    train.train_loop(t, ROWS, args, "cpu", stop=lambda: len(losses) >= 3,  # asked mid-step 3, before AdamW's step
+                     save=lambda: saves.append(t.step) or t.save(path, config, ranks, cpu),
+                     observe=lambda t, norm: losses.append(t.loss))
+    assert saves == [2, 3] and t.step == 3 and torch.load(path, weights_only=True)["step"] == 3
+    t, args = start_run(loaded_model(), "lora", seed=0)
+    t.resume(path, config, ranks, cpu)
+    rest = train_run(t, args)
+    assert_same(whole, {**rest, "losses": losses + rest["losses"]})
+
+
 def test_resume_refuses_an_incomplete_or_other_checkpoint(tmp_path):
     """A missing key, anywhere, or another run's config: a one-line ValueError naming the file, never a default."""
     t, args = start_run(loaded_model(), "lora", seed=0)
@@ -203,6 +220,10 @@ def test_resume_refuses_an_incomplete_or_other_checkpoint(tmp_path):
         (lambda s: None, {"lr": 0.2, "seed": 0}, "lr: 0.1 there, 0.2 here"),
         (lambda s: None, {"lr": 0.1, "seed": 0, "new": 1}, "new: missing there, 1 here"),
         (lambda s: s["sampler"].pop("pos"), {"lr": 0.1, "seed": 0}, "found no 'pos'"),
+        (lambda s: s["lora"].update({k: v[:1] for k, v in s["lora"].items()}), {"lr": 0.1, "seed": 0},
+         "a part does not fit this run (ValueError: adapter layers.0.attention.wq.lora_A: expected shape (4, 32), "
+         "found (1, 32)"),  # a foreign file with the right keys
+        (lambda s: s.update(rng="x"), {"lr": 0.1, "seed": 0}, "a part does not fit this run (TypeError"),
     ]
     for change, config, words in cases:
         broken = copy.deepcopy(state)
