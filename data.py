@@ -205,6 +205,8 @@ def _gguf_vocab(path: Path):
     """The tokenizer in a GGUF file's metadata: a SentencePiece model again for tokenizer.ggml.model 'llama' (what
     export_gguf writes for a .model tokenizer), else byte-level BPE (_GGUFVocab)."""
     meta = formats.gguf_tokenizer(path)
+    if not meta:
+        raise ValueError(f"{path}: expected a tokenizer in the GGUF metadata, found no tokenizer.ggml.* keys")
     if meta.get("model") != "llama":
         return _GGUFVocab(path, meta)
     proto = formats.sentencepiece_proto([t.encode("utf-8") for t in meta["tokens"]], meta["scores"], meta["token_type"],

@@ -48,6 +48,12 @@ def import_extra(module: str, extra: Optional[str], needed_by: str):
         raise MissingExtra(f"{needed_by} needs {module}, which does not import ({e}): {install}") from None
 
 
+def error_words(e: BaseException) -> str:
+    """A library's exception in a one-line message about a corrupt or foreign file: its type and first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _read_json(path: Path) -> dict:
     """A JSON object (a config file); anything else is a ValueError naming the file."""
     try:
@@ -66,7 +72,7 @@ def _safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({error_words(e)})") from None
 
 
 def _model_args(params: dict, source: str) -> llama.ModelArgs:
@@ -74,7 +80,7 @@ def _model_args(params: dict, source: str) -> llama.ModelArgs:
     try:
         return llama.ModelArgs.from_dict(params, source=source)
     except (TypeError, ZeroDivisionError) as e:  # e.g. "dim": "4096", or a zero head count
-        raise ValueError(f"{source}: not a model config ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{source}: not a model config ({error_words(e)})") from None
 
 
 def _torch_load(path: Path) -> dict:
@@ -82,7 +88,7 @@ def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a corrupt or non-torch file: say which one
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable torch checkpoint ({error_words(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +393,7 @@ def _open_gguf(path: Path):
     try:
         return gguf, gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as e:  # bad magic or version, or a truncated file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable GGUF file ({error_words(e)})") from None
 
 
 def gguf_quantized(path) -> bool:

@@ -9,8 +9,10 @@ The method lives in loraprune.py, the model in llama.py, checkpoints in formats.
 the training loop (Sec. 4.1: AdamW, cosine decay, gradient accumulation; DDP; resume checkpoints) in train.py. This file
 holds the flags, in groups, and run(), a script of named steps: load, plan_pruning, evaluate_before, fine_tune,
 finish, write_report.
-Exit codes: 0 done; 2 bad input (one "error: ..." line on stderr, nothing half-written in --out); 1 the loss became
-NaN/inf (out/resume.pt keeps the last good step).
+Exit codes: 0 done; 2 bad input, a missing optional extra, a file the system would not write, or --out in use by
+another run (one "error: ..." line on stderr, nothing half-written in --out); 1 the loss became NaN/inf (out/resume.pt
+keeps the last good step); 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (out/resume.pt holds the last finished
+step; continue with --resume).
 
 Data parallel on several GPUs (or CPU processes) with the same flags, through torchrun and PyTorch's DDP:
 
@@ -22,13 +24,16 @@ whole batch and every process computes the same masks (checked after each update
 prints. Without torchrun (or with one process) nothing of this runs.
 """
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -68,7 +73,8 @@ HEAD_UNITS = {"kv": loraprune.KVGroups(), "query": variants.QueryHeads()}  # --h
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Exit codes: 0 done, 2 bad input, "
-                                "1 NaN/inf loss (out/resume.pt keeps the last good step).")
+                                "1 NaN/inf loss (out/resume.pt keeps the last good step), 130 / 143 stopped by SIGINT / "
+                                "SIGTERM (out/resume.pt holds the last finished step; continue with --resume).")
     g = p.add_argument_group("input")
     g.add_argument("--ckpt", required=True, help="checkpoint: our own folder, a Meta or Hugging Face folder, a "
                    "llama2.c .bin or a .gguf (anything formats.load reads)")
@@ -213,6 +219,7 @@ def check_args(args, world: int = 1) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
+    need(args.out != "", "--out is empty; expected a folder")  # Path("") would be the current folder
     need(0 <= args.ratio < 1, f"--ratio must be in [0, 1), found {args.ratio}")
     need(args.steps >= 0, f"--steps must be >= 0, found {args.steps}")
     need(args.ratio == 0 or args.steps >= 1, f"--ratio {args.ratio} needs --steps >= 1 to prune, found 0")
@@ -324,15 +331,19 @@ class Inputs:
 def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inputs:
     """The checkpoint, its tokenizer, the training rows, the eval sets and the lm-eval tasks: everything that can fail
     on bad input."""
-    tasks = check_tasks(args)  # before the checkpoint: a missing lm-eval or an unknown task fails at once
+    # before the checkpoint: a missing extra, an unknown task or a bad tokenizer fails at once
+    tasks = check_tasks(args)
+    if args.gguf:
+        formats.import_extra("gguf", "gguf", "--gguf")
+    tokenizer = tokenizer_before_model(args)
     t0 = time.time()
     model = formats.load(args.ckpt, device=device, dtype=dtype, int8=args.int8)
     a, params = model.args, llama.count_params(model)
     log(f"loaded {args.ckpt} ({a.family}) in {time.time() - t0:.1f}s: {params:,} parameters, {a.n_layers} "
         f"layers, dim {a.dim}, {a.n_heads} heads / {a.n_kv_heads} kv heads, MLP {a.hidden_dim}, vocab "
         f"{a.vocab_size}, {'int8 projections + ' if args.int8 else ''}{str(dtype).removeprefix('torch.')} on {device}")
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else data.find_tokenizer(args.ckpt, a.vocab_size)
-    tokenizer = data.Tokenizer(tokenizer_path)
+    tokenizer = tokenizer or data.Tokenizer(data.find_tokenizer(args.ckpt, a.vocab_size))
+    tokenizer_path = tokenizer.path
     tokenizer.check_vocab(a.vocab_size)
     log(f"tokenizer {tokenizer_path}: {tokenizer.vocab_size} tokens")
     seq_len, eval_seq_len = min(args.seq_len, a.max_seq_len), min(args.eval_seq_len, a.max_seq_len)
@@ -359,18 +370,26 @@ def load(args, device: torch.device, dtype: torch.dtype, log: train.Log) -> Inpu
     return Inputs(model, params, tokenizer, tokenizer_path, data_paths, rows, eval_sets, seq_len, eval_seq_len, tasks)
 
 
+def tokenizer_before_model(args) -> Optional[data.Tokenizer]:
+    """--tokenizer, or the tokenizer inside a GGUF --ckpt, read before the checkpoint, so a bad file or a missing
+    extra fails before a long read; None when the tokenizer is found beside --ckpt by the model's vocab size."""
+    if args.tokenizer:
+        return data.Tokenizer(args.tokenizer)
+    ckpt = Path(args.ckpt)
+    return data.Tokenizer(ckpt) if ckpt.suffix == ".gguf" and ckpt.is_file() else None
+
+
 def check_tasks(args) -> Optional[dict]:
     """--tasks: lm-eval imported (harness.py imports it at its top), every task known; returns the arguments of
     harness.evaluate_tasks but the model and tokenizer, or None without --tasks."""
     tasks = [name for name in (args.tasks or "").split(",") if name]
     if not tasks:
         return None
-    try:
-        import harness
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "lm_eval":
-            raise
-        raise ValueError("--tasks needs lm-eval: pip install -e '.[eval]'") from None
+    formats.import_extra("lm_eval", "eval", "--tasks")
+    import harness
+    if args.tasks_include_path and not Path(args.tasks_include_path).is_dir():
+        raise ValueError(f"--tasks-include-path {args.tasks_include_path}: expected a folder of task YAMLs, found "
+                         f"{'a file' if Path(args.tasks_include_path).exists() else 'nothing'}")
     task_manager = harness.TaskManager(include_path=args.tasks_include_path)  # indexes every task YAML (~10 s)
     harness.check_tasks(tasks, task_manager)
     return {"tasks": tasks, "batch_size": args.tasks_batch_size, "num_fewshot": args.tasks_fewshot,
@@ -380,9 +399,9 @@ def check_tasks(args) -> Optional[dict]:
 def sample(args, device: torch.device, log: train.Log) -> int:
     """--sample: print the prompt and a continuation sampled from --ckpt (generate.generate, KV cache, stops at EOS),
     decoded whole, so a SentencePiece word boundary between prompt and continuation keeps its space."""
+    tokenizer = tokenizer_before_model(args)
     model = formats.load(args.ckpt, device=device, dtype=getattr(torch, args.dtype)).eval()
-    tokenizer = data.Tokenizer(Path(args.tokenizer) if args.tokenizer
-                               else data.find_tokenizer(args.ckpt, model.args.vocab_size))
+    tokenizer = tokenizer or data.Tokenizer(data.find_tokenizer(args.ckpt, model.args.vocab_size))
     prompt = tokenizer.encode(args.sample)  # BOS first where the tokenizer adds one
     room = model.args.max_seq_len - len(prompt)
     if room < 1:
@@ -493,9 +512,10 @@ def evaluate_before(args, inputs: Inputs, device: torch.device, log: train.Log) 
 
 
 def fine_tune(args, t: train.Training, net, rows: Tensor, ranks: train.Ranks, device: torch.device, log: train.Log,
-              save: Callable[[], None], stop_after: Optional[int], trace: Optional[str]) -> list:
-    """Algorithm 1 from step t.step to --steps (or LORAPRUNE_STOP_AFTER): train.train_loop, after a line saying what
-    it runs; on NaN/inf, the error says which step resume.pt keeps. Returns this session's step times (s)."""
+              save: Callable[[], None], signals: "Signals", stop_after: Optional[int], trace: Optional[str]) -> list:
+    """Algorithm 1 from step t.step to --steps (or LORAPRUNE_STOP_AFTER, or a SIGINT / SIGTERM: the step in flight
+    finishes and is saved): train.train_loop, after a line saying what it runs; on NaN/inf, the error says which
+    step resume.pt keeps. Returns this session's step times (s)."""
     accum = args.batch_size // ranks.world // args.micro_batch_size
     where = f" on each of {ranks.world} processes" if ranks.world > 1 else ""
     log(f"training {args.steps} steps of {args.batch_size} x {rows.shape[1] - 1} tokens ({accum} x "
@@ -505,8 +525,9 @@ def fine_tune(args, t: train.Training, net, rows: Tensor, ranks: train.Ranks, de
         + (f"; self-distillation from the frozen weights, alpha {args.distill}, T {args.distill_temperature}"
            if args.distill else ""))
     try:
-        return train.train_loop(t, rows, train_args(args), device, net=net, ranks=ranks, log=log, save=save,
-                                until=stop_after, observe=tracer(trace, ranks.rank))
+        with signals.deferred():
+            return train.train_loop(t, rows, train_args(args), device, net=net, ranks=ranks, log=log, save=save,
+                                    until=stop_after, observe=tracer(trace, ranks.rank), stop=signals.stop_asked)
     except train.TrainingDiverged as e:
         held = (f"{Path(args.out) / 'resume.pt'} holds step {e.saved_step}, the last good one" if e.saved_step else
                 "no resume checkpoint was written yet")
@@ -556,8 +577,10 @@ def finish(args, t: train.Training, inputs: Inputs, before: dict, ranks: train.R
 
 def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> None:
     """out/report.json, and the before/after table on the console."""
-    formats.atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    log(f"\n{'eval set':<24}{'ppl before':>12}{'ppl after':>12}")
+    text = json.dumps(report, indent=2)
+    formats.atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text), size=len(text.encode()))
+    if eval_sets:
+        log(f"\n{'eval set':<24}{'ppl before':>12}{'ppl after':>12}")
     for label in eval_sets:
         log(f"{label:<24}{report['ppl_before'][label]:>12.3f}{report['ppl_after'][label]:>12.3f}")
     before, after = report["tasks_before"] or {}, report["tasks_after"] or {}
@@ -575,7 +598,7 @@ def write_report(report: dict, out: Path, eval_sets: dict, log: train.Log) -> No
         f"{out / 'report.json'}")
 
 
-def run(args, log: train.Log, ranks: train.Ranks) -> int:
+def run(args, log: train.Log, ranks: train.Ranks, lock: train.OutLock, signals: "Signals") -> int:
     t_start = time.time()
     stop_after, trace = hooks_from_env()
     check_args(args, ranks.world)
@@ -585,6 +608,8 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
         return sample(args, device, log)
     out = Path(args.out)
     train.check_out_dir(out, args.resume)
+    if ranks.main and out.is_dir():
+        lock.take()  # a second run on this folder stops here, before anything is read
     ranks.start(device)  # after the checks above: bad flags fail alike on every rank, before any collective
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -598,10 +623,13 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     if args.resume:
         before = t.resume(out / "resume.pt", config, ranks, device, extra=("ppl_before", "tasks_before", "elapsed"))
         t_start -= before.pop("elapsed")  # the wall time of the earlier sessions counts too
+        signals.saved_step = t.step
 
     # --- from here on --out is written (by rank 0 alone)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
+        lock.take()
+        train.check_out_dir(out, args.resume)  # again, under the lock: a run that held it may have finished since
     log.attach(out / "log.txt")
     if args.resume:
         log(f"resuming {out / 'resume.pt'} at step {t.step}/{args.steps}")
@@ -610,10 +638,13 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
 
     def save() -> None:  # out/resume.pt: the loop's state, the scores before and the wall time of every session
         t.save(out / "resume.pt", config, ranks, device, **before, elapsed=time.time() - t_start)
+        signals.saved_step = t.step
 
     net = ranks.wrap(inputs.model, device)  # after the Pruner: with vanilla it has switched on dL/dW
     ranks.check_same(lora_params + t.masks(), "LoRA adapters and masks")
-    times = fine_tune(args, t, net, inputs.rows, ranks, device, log, save, stop_after, trace) if args.steps else []
+    times = fine_tune(args, t, net, inputs.rows, ranks, device, log, save, signals, stop_after, trace) if args.steps else []
+    if signals.received is not None:  # the loop stopped at its safe point, resume.pt written
+        raise Interrupted(signals.received)
     if t.step < args.steps:
         log(f"stopped after step {t.step} (LORAPRUNE_STOP_AFTER); continue with --resume")
         return 0
@@ -630,6 +661,68 @@ def run(args, log: train.Log, ranks: train.Ranks) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# the command: SIGINT / SIGTERM, and every failure as one line and an exit code
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM (signum) ended the run. A BaseException, as KeyboardInterrupt is, so that no `except
+    Exception` on the way turns it into another error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT (Ctrl-C) and SIGTERM while main runs. Inside deferred() (the training loop) the first one only asks to
+    stop (stop_asked): the loop finishes the step in flight, saves it to resume.pt and returns. Anywhere else, and the
+    second time, Interrupted is raised at once: every file is written atomically, so that loses nothing already
+    saved. saved_step: the step out/resume.pt holds, for the line an interruption prints."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.received, self.deferring, self.saved_step, self.previous = quiet, None, False, None, {}
+
+    def __enter__(self) -> "Signals":
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # started under nohup or with &: leave it ignored
+                    self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if not (self.deferring and self.received is None):
+            raise Interrupted(signum)
+        self.received = signum
+        if not self.quiet:  # os.write, not print: the handler may run in the middle of a print
+            with contextlib.suppress(OSError, ValueError):
+                os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name}: the step in flight finishes, goes to "
+                         "resume.pt, and the run stops (again: stop at once)\n".encode())
+
+    def stop_asked(self) -> bool:
+        return self.received is not None
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+
+def one_line(e: Exception) -> str:
+    """What an error prints: the system's errors as 'file: reason', ours as they are worded (one line; of a
+    library's message that is not, its first)."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -637,15 +730,34 @@ def main(argv=None) -> int:
         return e.code
     ranks = train.Ranks.from_env()
     log = train.Log(quiet=not ranks.main)
-    try:
-        return run(args, log, ranks)
-    except (ValueError, OSError, train.TrainingDiverged) as e:  # bad input (2): files, ranges, --out; NaN (1)
-        print(f"error: {e}" if ranks.main else f"error (rank {ranks.rank}): {e}", file=sys.stderr)
-        log.to_file(f"error: {e}")  # lands in out/log.txt only if --out exists by now
-        return 1 if isinstance(e, train.TrainingDiverged) else 2
-    finally:
-        log.close()
-        ranks.stop()
+    lock = train.OutLock(Path(args.out))
+
+    def fail(line: str, code: int) -> int:  # one line on stderr, and in out/log.txt if it exists by now
+        print(line if ranks.main else f"(rank {ranks.rank}) {line}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a full disk refuses log.txt too
+            log.to_file(line)
+        return code
+
+    with Signals(quiet=not ranks.main) as signals:
+        try:
+            return run(args, log, ranks, lock, signals)
+        except (ValueError, OSError, formats.MissingExtra) as e:  # bad input: files, ranges, --out, extras, a full disk
+            return fail(f"error: {one_line(e)}", 2)
+        except train.TrainingDiverged as e:  # NaN/inf
+            return fail(f"error: {e}", 1)
+        except Interrupted as e:  # SIGINT / SIGTERM: resume.pt holds the last step saved
+            if args.sample is not None:
+                line = "interrupted"
+            elif signals.saved_step is not None:
+                line = f"interrupted at step {signals.saved_step}/{args.steps}; continue with --resume"
+            else:
+                line = ("interrupted before resuming; continue with --resume" if args.resume else
+                        "interrupted before any step was saved; nothing to resume")
+            return fail(line, 128 + e.signum)
+        finally:
+            lock.release()
+            log.close()
+            ranks.stop()
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def read_resume(path: Path, keys: list) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say which one
-        raise ValueError(f"{path}: not a readable resume checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable resume checkpoint ({formats.error_words(e)})") from None
     missing = [k for k in keys if k not in state] if isinstance(state, dict) else keys
     if missing:
         raise ValueError(f"{path}: expected a resume checkpoint with {', '.join(keys)}; found no {', '.join(missing)}")
@@ -425,7 +425,7 @@ class Training:
         except KeyError as e:  # a part's own state lacks a key
             raise ValueError(f"{path}: expected a complete resume checkpoint, found no {e} in a part of it") from None
         except (ValueError, TypeError, RuntimeError, IndexError) as e:  # a part of another kind or shape
-            raise ValueError(f"{path}: a part does not fit this run ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path}: a part does not fit this run ({formats.error_words(e)})") from None
         self.step, self.loss = state["step"], state["loss"]
         return {k: state[k] for k in extra}
 
@@ -628,8 +628,6 @@ class Log:
 def check_out_dir(out: Path, resume: bool) -> None:
     """--out must be a folder this process can create or write in. Without --resume an --out holding a run is
     refused; with it, there must be an unfinished run to continue."""
-    if not str(out):
-        raise ValueError("--out is empty; expected a folder")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())  # out, or the folder it will be made in
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, expected a folder")

@@ -1,11 +1,18 @@
 """The CLI end to end on stories260K (CPU): the saved pruned model reloads in one call and matches the report,
-a killed-and-resumed run equals an uninterrupted one bit for bit, and every bad input fails with exit code 2,
-one clear line and nothing half-written in --out."""
+a killed-and-resumed run equals an uninterrupted one bit for bit, and it fails like a tool: every bad input, missing
+extra, corrupt file and refused write is one line on stderr and exit code 2 with nothing half-written in --out, a
+SIGINT / SIGTERM stops at the next step (exit 130 / 143) and --resume finishes the same run, one run per --out."""
 import copy
 import json
 import os
+import re
+import shutil
+import signal
 import stat
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +23,10 @@ import formats
 import llama
 import loraprune
 import run
+import train
 from conftest import shared_file
 
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -35,6 +44,28 @@ def cli(out, **overrides) -> list:
         elif value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
     return argv
+
+
+def only_line(err: str) -> str:
+    """stderr's one line (asserting it is one)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def listing(folder) -> list:
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def assert_same_run(a, b) -> None:
+    """Two finished runs in folders a and b: the same report numbers, final masks and saved weights."""
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "ppl_after", "final_loss"):
+        assert ra[key] == rb[key], key
+    masks_a, masks_b = (torch.load(d / "resume.pt", weights_only=True)["pruner"]["masks"] for d in (a, b))
+    assert all(torch.equal(x, y) for ma, mb in zip(masks_a, masks_b) for x, y in zip(ma, mb))
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def eval_tokens(n: int) -> torch.Tensor:
@@ -93,13 +124,12 @@ def test_out_with_a_run_is_refused(finished, capsys):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_unreadable_resume_checkpoint_is_refused(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "resume.pt").write_bytes(b"not a checkpoint")
-    assert run.main(cli(out, resume=True)) == 2
-    assert "not a readable resume checkpoint" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["resume.pt"]
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 8-step run of cli(), in one go: what every interrupted and resumed run must equal."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert run.main(cli(out, save_every=50)) == 0
+    return out
 
 
 def killed_after(step: int, argv: list, monkeypatch) -> int:
@@ -110,9 +140,8 @@ def killed_after(step: int, argv: list, monkeypatch) -> int:
         return run.main(argv)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run.main(cli(a, save_every=50)) == 0
+def test_killed_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, capsys, monkeypatch):
+    b = tmp_path / "b"
     assert killed_after(5, cli(b, save_every=2), monkeypatch) == 0  # killed after step 5, last save at 5
     assert (b / "resume.pt").exists() and not (b / "model").exists() and not (b / "report.json").exists()
     # a resume that would change the run is refused, naming what differs
@@ -132,16 +161,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypat
         assert run.main(cli(b, save_every=2, resume=True)) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and str(b / "resume.pt") in err and words in err, err
-    assert sorted(p.name for p in b.iterdir()) == ["log.txt", "resume.pt"]
+    assert listing(b) == [".lock", "log.txt", "resume.pt"]
     (b / "resume.pt").write_bytes(good)
     assert run.main(cli(b, save_every=2, resume=True)) == 0
-    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
-    for key in ("kv_heads_per_layer", "channels_per_layer", "params_after", "ppl_before", "ppl_after", "final_loss"):
-        assert ra[key] == rb[key], key
-    masks_a, masks_b = (torch.load(d / "resume.pt", weights_only=True)["pruner"]["masks"] for d in (a, b))
-    assert all(torch.equal(x, y) for ma, mb in zip(masks_a, masks_b) for x, y in zip(ma, mb))
-    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(uninterrupted, b)
 
 
 def test_query_heads_killed_and_resumed_run_equals_uninterrupted(tmp_path, capsys, monkeypatch):
@@ -240,8 +263,20 @@ def test_batch_must_split_over_the_processes():
 
 
 def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return path
+
+
+def _own(d, cut=None, weights=None):
+    """stories260K saved in our own format in d/own, its model.safetensors cut to `cut` bytes or replaced."""
+    folder = formats.save_checkpoint(formats.load(shared_file("stories260K.bin")), d / "own")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights if weights is not None else data[:cut])
+    return folder
+
+
+BINARY = bytes(range(256)) * 8  # ASCII up to offset 128, then 0x80: not UTF-8
 
 
 BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
@@ -261,26 +296,64 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     "uniform query heads": (lambda d: {"uniform": True, "head_unit": "query"}, "--uniform needs --head-unit kv"),
     "distill range": (lambda d: {"distill": 1.5}, "--distill must be in [0, 1], found 1.5"),
     "missing eval set": (lambda d: {"eval": d / "valid.txt"}, "no file"),
+    # what a careless user passes where a file of another kind is expected
+    "out is a file": (lambda d: {"out": _write(d / "file", "x")}, "file is a file, expected a folder"),
+    "out under a file": (lambda d: {"out": _write(d / "file", "x") / "sub"}, "file is a file, expected a folder"),
+    "out empty": (lambda d: {"out": ""}, "--out is empty; expected a folder"),
+    "data is a folder": (lambda d: {"data": d}, f"document file {{d}} is a folder, expected a file"),
+    "binary data": (lambda d: {"data": _write(d / "x.txt", BINARY)}, "x.txt: expected text in UTF-8, found byte 0x80 "
+                    "at offset 128 (a binary file?)"),
+    "binary jsonl": (lambda d: {"data": _write(d / "x.jsonl", BINARY)}, "x.jsonl: expected text in UTF-8"),
+    "record types": (lambda d: {"data": _write(d / "x.json", json.dumps([{"instruction": "a", "output": 3}]))},
+                     "x.json, record 0: expected text in 'output', found 3"),
+    "binary eval set": (lambda d: {"eval": _write(d / "x.txt", BINARY)}, "eval set {d}/x.txt: expected text in UTF-8"),
+    "eval set is a folder": (lambda d: {"eval": d}, "eval set {d} is a folder, expected a file"),
+    "tokenizer is a folder": (lambda d: {"tokenizer": d}, "tokenizer {d} is a folder, expected a file"),
+    "tokenizer is the checkpoint": (lambda d: {"tokenizer": shared_file("stories260K.bin")},
+                                    "expected one of the extensions"),
+    "not a tokenizer.json": (lambda d: {"tokenizer": _write(d / "tokenizer.json", BINARY)},
+                             "expected a Hugging Face tokenizer.json"),
+    "checkpoint is a tokenizer": (lambda d: {"ckpt": shared_file("tok512.model")}, "no known checkpoint format"),
+    "checkpoint is a run": (lambda d: {"ckpt": _write(d / "run" / "model" / "params.json", "{}").parent.parent},
+                            "the output folder of a run, not a checkpoint; its pruned model is {d}/run/model"),
+    # corrupt or foreign checkpoint files
+    "truncated safetensors": (lambda d: {"ckpt": _own(d, cut=5000)}, "{d}/own/model.safetensors: not a readable "
+                              "safetensors file"),
+    "foreign safetensors": (lambda d: {"ckpt": _own(d, weights=BINARY)}, "own/model.safetensors: not a readable"),
+    "truncated llama2.c": (lambda d: {"ckpt": _write(d / "x.bin", shared_file("stories260K.bin").read_bytes()[:9999]),
+                                      "tokenizer": shared_file("tok512.model")}, "x.bin: 9999 bytes, but header"),
+    "foreign config.json": (lambda d: {"ckpt": _write(d / "hf" / "config.json", '{"model_type": "llama"}').parent},
+                            "hf/config.json: expected a LLaMA config.json, found no hidden_size"),
+    "config.json a list": (lambda d: {"ckpt": _write(d / "hf" / "config.json", "[]").parent},
+                           "expected a JSON object, found a list"),
+    "params.json wrong types": (lambda d: {"ckpt": _write(_own(d) / "params.json", json.dumps(
+        {"format": "loraprune", "version": 1, "args": {"dim": "64"}})).parent},
+                                "own/params.json: not a model config (TypeError"),
+    "truncated gguf": (lambda d: {"ckpt": _write(d / "x.gguf", b"GGUF\x03\x00\x00\x00" + (5).to_bytes(8, "little")
+                                                 + bytes(8))}, "x.gguf: not a readable GGUF file"),
+    "gguf without a tokenizer": (lambda d: {"ckpt": _write(d / "x.gguf", b"GGUF\x03\x00\x00\x00" + bytes(16))},
+                                 "x.gguf: expected a tokenizer in the GGUF metadata, found no tokenizer.ggml.* keys"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input(case, tmp_path, capsys):
     make, words = BAD[case]
-    out = tmp_path / "out"
-    assert run.main(cli(out, **make(tmp_path))) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    out, overrides = tmp_path / "out", make(tmp_path)
+    assert run.main(cli(overrides.pop("out", out), **overrides)) == 2
+    err = only_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and words.replace("{d}", str(tmp_path)) in err, err
     assert not out.exists()
 
 
-def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path):
+def test_int8_abs_magnitude_chosen_layers_no_eval(tmp_path, capsys):
     """The other branches a user can pick: int8 base weights, the official code's |.|, a baseline criterion,
     explicit layers, exact channel counts, no eval sets, self-distillation (its teacher the int8 W0)."""
     out = tmp_path / "out"
     argv = cli(out, steps=3, int8=True, abs=True, criterion="magnitude", layers="1,3", ratio=0.2,
                channel_multiple=1, eval="", distill=0.5, distill_temperature=2.0)
     assert run.main(argv) == 0
+    assert "ppl before" not in capsys.readouterr().out  # no eval sets, no table header
     report = json.loads((out / "report.json").read_text())
     assert report["args"]["distill"] == 0.5 and report["args"]["distill_temperature"] == 2.0
     assert "self-distillation from the frozen weights, alpha 0.5, T 2.0" in (out / "log.txt").read_text()
@@ -465,8 +538,331 @@ def test_tasks_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert run.main(cli(out, tasks="boolq,no_such_task")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_task" in err[0] and not out.exists()
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
-    monkeypatch.delitem(sys.modules, "harness", raising=False)
-    assert run.main(cli(out, tasks="boolq")) == 2
-    assert capsys.readouterr().err.strip() == "error: --tasks needs lm-eval: pip install -e '.[eval]'"
+    assert run.main(cli(out, tasks="boolq", tasks_include_path=tmp_path / "nothere")) == 2
+    assert only_line(capsys.readouterr().err) == (f"error: --tasks-include-path {tmp_path / 'nothere'}: expected a "
+                                                  "folder of task YAMLs, found nothing")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# corrupt state in --out: one line naming the file, nothing in --out changed
+
+
+CORRUPT = {  # name -> ({file in --out: its bytes, from the uninterrupted run's folder}, flags, words of the error)
+    "truncated resume.pt": ({"resume.pt": lambda a: (a / "resume.pt").read_bytes()[:20000]}, {"resume": True},
+                            "resume.pt: not a readable resume checkpoint"),
+    "foreign resume.pt": ({"resume.pt": lambda a: (a / "model" / "model.safetensors").read_bytes()}, {"resume": True},
+                          "resume.pt: not a readable resume checkpoint"),
+    "text as resume.pt": ({"resume.pt": lambda a: b"not a checkpoint"}, {"resume": True},
+                          "resume.pt: not a readable resume checkpoint"),
+    "truncated report.json": ({"report.json": lambda a: (a / "report.json").read_bytes()[:100]}, {},
+                              "already holds a run (report.json); use --resume or another --out"),
+    "report.json and --resume": ({"report.json": lambda a: BINARY, "resume.pt": lambda a: b"x"}, {"resume": True},
+                                 "has finished"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_corrupt_state_in_out(case, uninterrupted, tmp_path, capsys):
+    files, flags, words = CORRUPT[case]
+    out = tmp_path / "out"
+    for name, content in files.items():
+        _write(out / name, content(uninterrupted))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run.main(cli(out, **flags)) == 2
+    err = only_line(capsys.readouterr().err)
+    assert err.startswith(f"error: ") and words in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the modes say")
+def test_unreadable_and_unwritable_files(tmp_path, capsys):
+    text = _write(tmp_path / "data.txt", "Once upon a time. " * 500)
+    text.chmod(0)
+    assert run.main(cli(tmp_path / "out", data=text)) == 2
+    assert only_line(capsys.readouterr().err) == f"error: {text}: Permission denied"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert run.main(cli(locked / "out")) == 2
+    assert only_line(capsys.readouterr().err) == f"error: --out {locked / 'out'}: cannot write in {locked} (no write " \
+                                                 "permission)"
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM: the step in flight finishes and is saved, exit 128 + signal, --resume finishes the same run
+
+
+def signals_during(step: int, *signums):
+    """run.tracer's stand-in: an observer that sends this process `signums` while optimizer step `step` runs (after
+    its backward, before AdamW's step)."""
+    def tracer(path, rank):
+        def observe(t, grad_norm):
+            if t.step == step:
+                for signum in signums:
+                    os.kill(os.getpid(), signum)
+        return observe
+    return tracer
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_after_the_step_and_resume_equals_uninterrupted(signum, code, uninterrupted, tmp_path, capsys,
+                                                                     monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(run, "tracer", signals_during(3, signum))
+        assert run.main(cli(out, save_every=50)) == code
+    assert only_line(capsys.readouterr().err) == "interrupted at step 3/8; continue with --resume"
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 3  # step 3 finished and saved
+    assert listing(out) == [".lock", "log.txt", "resume.pt"]
+    assert (out / "log.txt").read_text().splitlines()[-1] == "interrupted at step 3/8; continue with --resume"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put the handlers back
+    assert run.main(cli(out, save_every=50, resume=True)) == 0
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_second_signal_stops_at_once_losing_nothing_saved(uninterrupted, tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C during step 3: no waiting for the step; resume.pt keeps step 2 (save_every 2). A second Ctrl-C while
+    resume.pt is being written: the write is dropped whole, resume.pt still holds step 2 and no temporary is left."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(run, "tracer", signals_during(3, signal.SIGINT, signal.SIGINT))
+        assert run.main(cli(out, save_every=2)) == 130
+    assert only_line(capsys.readouterr().err) == "interrupted at step 2/8; continue with --resume"
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 2
+
+    save, asked = torch.save, []
+
+    def save_then_signal(obj, f):  # the second Ctrl-C lands while the first one's save of step 5 is written
+        save(obj, f)
+        if asked:
+            os.kill(os.getpid(), signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setattr(run, "tracer", lambda path, rank: lambda t, norm: t.step == 5 and not asked and (
+            asked.append(True) or os.kill(os.getpid(), signal.SIGINT)))
+        m.setattr(torch, "save", save_then_signal)
+        assert run.main(cli(out, save_every=2, resume=True)) == 130
+    assert only_line(capsys.readouterr().err) == "interrupted at step 4/8; continue with --resume"
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
+    assert listing(out) == [".lock", "log.txt", "resume.pt"]
+    assert run.main(cli(out, save_every=2, resume=True)) == 0
+    assert_same_run(uninterrupted, out)
+
+
+def test_ctrl_c_on_a_real_process(finished, tmp_path):
+    """`python run.py` sent SIGINT as a terminal's Ctrl-C sends it, once training is under way: exit 130, one line on
+    stderr, a notice on stdout, resume.pt of the step it stopped at; --resume then ends as the uninterrupted run."""
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    proc = subprocess.Popen([sys.executable, "run.py", *cli(out, steps=24)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LORAPRUNE_TRACE": str(trace), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (Path(f"{trace}.0").exists() and len(Path(f"{trace}.0").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    step = int(re.fullmatch(r"interrupted at step (\d+)/24; continue with --resume", only_line(stderr))[1])
+    assert 2 <= step < 24 and torch.load(out / "resume.pt", weights_only=True)["step"] == step
+    assert "SIGINT: the step in flight finishes, goes to resume.pt, and the run stops" in stdout
+    assert listing(out) == [".lock", "log.txt", "resume.pt"]
+    assert run.main(cli(out, steps=24, resume=True)) == 0
+    assert_same_run(finished[0], out)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per --out
+
+
+HOLD_LOCK = """import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("4242\\n")
+f.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys, monkeypatch):
+    """Another process holds --out's lock: one line naming it and exit 2, nothing written; killed (SIGKILL), it holds
+    nothing (the OS drops a dead process's lock) and the run goes ahead."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        argv = cli(out, ratio=0, steps=0, eval="")
+        assert run.main(argv) == 2
+        assert only_line(capsys.readouterr().err) == (f"error: --out {out} is in use by another run (process 4242); "
+                                                      "wait for it to end or use another --out")
+        assert listing(out) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.main(argv) == 0 and (out / "report.json").exists()
+
+    # a run that creates --out takes the lock then: another run that got there first while it loaded stops it
+    out, other = tmp_path / "new", train.OutLock(tmp_path / "new")
+    load = run.load
+
+    def load_while_another_run_starts(*args, **kwargs):
+        inputs = load(*args, **kwargs)
+        out.mkdir()
+        other.take()
+        return inputs
+    monkeypatch.setattr(run, "load", load_while_another_run_starts)
+    try:
+        assert run.main(cli(out, ratio=0, steps=0, eval="")) == 2
+    finally:
+        other.release()
+    assert f"is in use by another run (process {os.getpid()})" in only_line(capsys.readouterr().err)
+    assert listing(out) == [".lock"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a write the system refuses: a file size limit (ulimit -f; EFBIG) stands in for a full disk, so CI needs no mount
+
+
+LIMITED = """import resource, sys
+from pathlib import Path
+import formats, run
+limit, target = int(sys.argv[1]), sys.argv[2]
+
+
+def limited(write):  # the file size limit set just before `target` is written ("*": from the start)
+    def wrapped(path, *args, **kwargs):
+        if Path(path).name == target:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        return write(path, *args, **kwargs)
+    return wrapped
+
+
+if target == "*":
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+formats.atomic_write, formats.atomic_write_folder = limited(formats.atomic_write), limited(formats.atomic_write_folder)
+sys.exit(run.main(sys.argv[3:]))
+"""
+
+
+def limited_run(limit: int, target: str, argv: list) -> subprocess.CompletedProcess:
+    """run.main(argv) in a process whose files may grow to `limit` bytes, from the start or from the write of
+    `target` on: Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as one on a full disk fails with
+    ENOSPC."""
+    return subprocess.run([sys.executable, "-c", LIMITED, str(limit), target, *argv], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
+def not_written(path, kept: bool, limit: str, needs: bool = True) -> str:
+    """The line a refused write prints, as a regex."""
+    return (rf"error: {re.escape(str(path))}: not written \(File too large: "
+            + (r"it needs about [\d.]+ [kM]B, " if needs else "") + rf"the file size limit \(ulimit -f\) is {limit}\); "
+            + (f"the earlier {re.escape(Path(path).name)} is unchanged" if kept else "nothing was left behind"))
+
+
+def test_disk_full_while_saving_resume_pt(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert killed_after(2, cli(out, save_every=2), monkeypatch) == 0
+    before = (out / "resume.pt").read_bytes()  # step 2's, 0.7 MB
+    result = limited_run(100_000, "*", cli(out, save_every=2, resume=True))
+    assert result.returncode == 2, result.stderr
+    line = only_line(result.stderr)
+    assert re.fullmatch(not_written(out / "resume.pt", kept=True, limit="100.0 kB"), line), line
+    assert (out / "resume.pt").read_bytes() == before and listing(out) == [".lock", "log.txt", "resume.pt"]
+    assert (out / "log.txt").read_text().splitlines()[-1] == line
+
+
+def test_disk_full_while_saving_the_model_keeps_the_earlier_one(finished, tmp_path):
+    """A finished run's folder without its report: --resume slices and saves model/ again, which the limit refuses."""
+    out = shutil.copytree(finished[0], tmp_path / "out")
+    (out / "report.json").unlink()
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    result = limited_run(100_000, "*", cli(out, steps=24, resume=True))
+    assert result.returncode == 2, result.stderr
+    line = only_line(result.stderr)
+    assert re.fullmatch(not_written(out / "model", kept=True, limit="100.0 kB"), line), line
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    assert listing(out) == [".lock", "log.txt", "model", "resume.pt"]
+
+
+@pytest.mark.parametrize("target, flags", [("report.json", {}), ("model.gguf", {"gguf": "f32"}), ("hf", {"hf": True})])
+def test_disk_full_while_writing_the_report_or_an_export(target, flags, tmp_path):
+    out = tmp_path / "out"
+    result = limited_run(1000, target, cli(out, ratio=0, steps=0, eval="", **flags))
+    assert result.returncode == 2, result.stderr
+    line = only_line(result.stderr)
+    assert re.fullmatch(not_written(out / target, kept=False, limit="1.0 kB"), line), line
+    assert listing(out) == [".lock", "log.txt", "model"]  # model/ was written before; no temporary beside it
+
+
+def test_disk_full_while_appending_to_the_log(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert killed_after(2, cli(out, save_every=2), monkeypatch) == 0
+    log, state = (out / "log.txt").read_text(), (out / "resume.pt").read_bytes()
+    result = limited_run(len(log.encode()) + 20, "*", cli(out, save_every=2, resume=True))
+    assert result.returncode == 2, result.stderr
+    assert only_line(result.stderr) == f"error: {out / 'log.txt'}: not written (File too large); the lines before " \
+                                       "are kept"
+    assert (out / "log.txt").read_text().startswith(log) and (out / "resume.pt").read_bytes() == state
+
+
+# ----------------------------------------------------------------------------------------------
+# a missing optional extra: one line naming it, before the checkpoint is read, --out untouched
+
+
+BLOCKED = """import contextlib, importlib.abc, io, json, sys
+import run
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):  # as if the packages in `names` were not installed
+    names = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NotInstalled())
+results = []
+for names, argv in json.loads(sys.argv[1]):
+    NotInstalled.names = set(names)
+    for module in [m for m in sys.modules if m.split(".")[0] in NotInstalled.names | {"harness"}]:
+        del sys.modules[module]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path):
+    from conftest import ROPE_THETA, hf_model, train_bpe, write_llama_gguf
+    tok = train_bpe("smollm")
+    bpe_gguf = write_llama_gguf(tmp_path / "bpe.gguf", hf_model(vocab_size=tok.get_vocab_size(),
+                                                                tie_word_embeddings=True, rope_theta=ROPE_THETA), tok)
+    not_a_checkpoint = _write(tmp_path / "x.bin", bytes(100))  # read first, it would fail otherwise
+    out = tmp_path / "out"
+    cases = [  # (packages missing, flags, the line)
+        (["gguf"], cli(out, ckpt=not_a_checkpoint, gguf="f16"), "--gguf needs gguf"),
+        (["gguf"], cli(out, ckpt=bpe_gguf), f"reading {bpe_gguf} needs gguf"),
+        (["tokenizers"], cli(out, ckpt=bpe_gguf), f"the BPE tokenizer in {bpe_gguf} needs tokenizers"),
+        (["tokenizers"], cli(out, ckpt=not_a_checkpoint, tokenizer=_write(tmp_path / "tokenizer.json", "{}")),
+         f"reading {tmp_path / 'tokenizer.json'} needs tokenizers"),
+        (["tiktoken"], cli(out, ckpt=not_a_checkpoint, tokenizer=_write(tmp_path / "tok.tiktoken", "")),
+         f"reading {tmp_path / 'tok.tiktoken'} (a tiktoken BPE file) needs tiktoken"),
+        (["lm_eval"], cli(out, ckpt=not_a_checkpoint, tasks="boolq"), "--tasks needs lm_eval"),
+    ]
+    extra = {"gguf": "gguf", "tokenizers": "tokenizers", "tiktoken": "tiktoken", "lm_eval": "eval"}
+    result = subprocess.run([sys.executable, "-c", BLOCKED, json.dumps([[names, argv] for names, argv, _ in cases])],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    for (names, _, words), (code, err) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
+        line = only_line(err)
+        assert code == 2 and line.startswith(f"error: {words}, which does not import (No module named "), line
+        assert line.endswith(f"pip install -e '.[{extra[names[0]]}]'"), line
     assert not out.exists()
