@@ -20,6 +20,7 @@ import shutil
 import signal
 import struct
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -660,12 +661,21 @@ def _not_written(path: Path, error: Exception, written: list, size: Optional[int
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM held back until the block ends (then delivered): renames that belong together all happen."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """SIGINT and SIGTERM held back until the block ends, then raised again for the handlers there were: renames that
+    belong together all happen. (Python runs handlers in the main thread only, where this holds them.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
 
 
 def atomic_write(path, write: Callable, size: Optional[int] = None) -> Path:

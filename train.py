@@ -646,8 +646,8 @@ def check_out_dir(out: Path, resume: bool) -> None:
 class OutLock:
     """One run per output folder: take() holds an exclusive fcntl.flock on OUT/.lock until release() or the end of
     the process (the OS drops it then, so a killed run leaves no stale lock); a second run gets a ValueError naming
-    the process that holds it. Once it holds the lock, take() removes the temporary files a killed run left (no
-    other run can be writing them)."""
+    the process that holds it. Once it holds the lock, take() tidies what a run killed while writing left (no other
+    run can be writing now): temporary files go, a folder caught between its old and new version gets its old one."""
 
     def __init__(self, out: Path):
         self.out, self.file = out, None
@@ -668,8 +668,14 @@ class OutLock:
         file.write(f"{os.getpid()}\n")
         file.flush()
         self.file = file
-        for stale in [*self.out.glob("*.tmp-*"), *self.out.glob("*.old-*")]:  # formats.atomic_write's temporaries
+        for stale in self.out.glob("*.tmp-*"):  # formats.atomic_write's temporaries: never a whole file
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        for old in self.out.glob("*.old-*"):  # a folder formats.atomic_write_folder was replacing when killed
+            new = self.out / old.name.rsplit(".old-", 1)[0]
+            if new.exists():
+                shutil.rmtree(old)
+            else:
+                old.rename(new)  # the new one never arrived: the earlier one goes back
 
     def release(self) -> None:
         if self.file is not None:

@@ -3,9 +3,14 @@ llama.cpp writes them), the real files in shared/data (llama2.c's stories260K, t
 choice of reader, the readers' error messages, our own format's save -> load round trip, the atomic writes and the
 umask, and the GGUF and Hugging Face exports read back by llama.cpp and transformers. Tiny models on CPU, float32,
 seeded, no network."""
+import errno
 import json
 import os
+import re
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -778,6 +783,84 @@ def test_atomic_write_folder_replaces_the_folder_whole_or_not_at_all(tmp_path):
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
         formats.atomic_write_folder(folder, half_then_full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["b.txt"]
+
+
+def test_a_full_disk_names_the_file_the_space_needed_and_what_is_free(tmp_path):
+    """ENOSPC (faked: no mount in CI) as a writer raises it: one OSError naming the file, the bytes the caller said
+    the write needs and the space free, the earlier file kept and no temporary file beside it."""
+    path = formats.atomic_write(tmp_path / "resume.pt", lambda tmp: Path(tmp).write_text("step 1"))
+
+    def disk_full(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError) as e:
+        formats.atomic_write(path, disk_full, size=2_500_000)
+    words = rf"not written \(No space left on device: it needs about 2\.5 MB, [\d.]+ [kMGT]?B free\); the earlier " \
+            r"resume\.pt is unchanged"
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path) and re.fullmatch(words, e.value.strerror)
+    assert path.read_text() == "step 1" and [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+    with pytest.raises(OSError, match=r"not written \(No space left on device: [\d.]+ [kMGT]?B free\); nothing was "
+                                      r"left behind"):
+        formats.atomic_write_folder(tmp_path / "model", lambda tmp: disk_full(tmp / "model.safetensors"))
+    assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+
+
+REFUSED = """import json, resource, sys
+from pathlib import Path
+import numpy as np, torch
+from safetensors.torch import save_file
+import formats
+folder = Path(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+x = torch.zeros(50_000)
+writes = {  # what the system refuses each writer reports in its own words: torch.save as 'unexpected pos', numpy
+    # as 'requested and written', safetensors as '(os error 27)'; a bug is no refusal, even under the limit
+    "torch.save": lambda: formats.atomic_write(folder / "a.pt", lambda tmp: torch.save({"x": x}, tmp), size=200_000),
+    "numpy": lambda: formats.atomic_write(folder / "b.bin", lambda tmp: x.numpy().tofile(tmp)),
+    "safetensors": lambda: formats.atomic_write_folder(folder / "c", lambda tmp: save_file({"x": x}, tmp / "x.st")),
+    "a bug": lambda: formats.atomic_write(folder / "d.txt", lambda tmp: Path(tmp).write_text(str(1 / 0))),
+}
+results = {}
+for name, write in writes.items():
+    try:
+        write()
+    except Exception as e:
+        results[name] = [type(e).__name__, getattr(e, "errno", None), str(e)]
+print(json.dumps(results))
+"""
+
+
+def test_a_refused_write_is_told_apart_from_a_failed_one(tmp_path):
+    """Under a file size limit (EFBIG in a subprocess) the errno behind every writer's failure is found and named;
+    an error of the writer itself stays as it was."""
+    result = subprocess.run([sys.executable, "-c", REFUSED, str(tmp_path)], cwd=Path(formats.__file__).parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    limit = "the file size limit (ulimit -f) is 20.0 kB); nothing was left behind"
+    assert results.pop("a bug") == ["ZeroDivisionError", None, "division by zero"]
+    assert results == {
+        "torch.save": ["OSError", errno.EFBIG, f"[Errno 27] not written (File too large: it needs about 200.0 kB, "
+                                               f"{limit}: '{tmp_path / 'a.pt'}'"],
+        "numpy": ["OSError", errno.EFBIG, f"[Errno 27] not written (File too large: {limit}: '{tmp_path / 'b.bin'}'"],
+        "safetensors": ["OSError", errno.EFBIG, f"[Errno 27] not written (File too large: {limit}: '{tmp_path / 'c'}'"]}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_cannot_split_the_folder_swap(tmp_path, monkeypatch):
+    """SIGINT arriving between the renames that put a new folder in place of the old one is held until both are
+    done: the new folder is whole, nothing is left beside it, then the interrupt is raised."""
+    folder = formats.atomic_write_folder(tmp_path / "model", lambda tmp: (tmp / "a.txt").write_text("old"))
+    replace = os.replace
+
+    def signal_on_first_rename(src, dst):
+        monkeypatch.setattr(os, "replace", replace)
+        replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # held: the handler runs once the swap is done
+    monkeypatch.setattr(os, "replace", signal_on_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        formats.atomic_write_folder(folder, lambda tmp: (tmp / "b.txt").write_text("new"))
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["b.txt"]
 
 

@@ -459,3 +459,26 @@ def test_backward_batch_distills_against_a_reference_and_alpha_zero_is_plain_ce(
         expected = grads_of(lambda: reference(alpha, 2.0))
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_out_lock_tidies_what_a_killed_run_left(tmp_path):
+    """Under the lock no other run writes --out: temporaries go, a folder caught mid-swap gets its earlier version."""
+    out = tmp_path / "out"
+    for folder in ("model.tmp-x1", "model.old-7", "hf", "hf.old-7"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "w").write_text(folder)
+    (out / "resume.pt.tmp-x2").write_text("half")
+    (out / "resume.pt").write_text("whole")
+    lock = train.OutLock(out)
+    lock.take()
+    try:
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "hf", "model", "resume.pt"]
+        assert (out / "model" / "w").read_text() == "model.old-7" and (out / "hf" / "w").read_text() == "hf"
+        assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match=f"--out {out} is in use by another run \\(process {os.getpid()}\\)"):
+            train.OutLock(out).take()
+    finally:
+        lock.release()
+    again = train.OutLock(out)
+    again.take()  # released: free again
+    again.release()
