@@ -83,7 +83,7 @@ def read_text(path: Path, what: str) -> str:
     other bytes are a one-line error naming it."""
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder, expected a file")
-    if not path.is_file():
+    if not path.exists():  # (a pipe is fine: --data <(zcat stories.txt.gz))
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return path.read_text(encoding="utf-8")

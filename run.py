@@ -219,7 +219,7 @@ def check_args(args, world: int = 1) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
-    need(args.out != "", "--out is empty; expected a folder")  # Path("") would be the current folder
+    need(args.ckpt != "" and args.out != "", "--ckpt and --out must name a path, found ''")  # Path("") is "."
     need(0 <= args.ratio < 1, f"--ratio must be in [0, 1), found {args.ratio}")
     need(args.steps >= 0, f"--steps must be >= 0, found {args.steps}")
     need(args.ratio == 0 or args.steps >= 1, f"--ratio {args.ratio} needs --steps >= 1 to prune, found 0")

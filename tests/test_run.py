@@ -299,7 +299,8 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     # what a careless user passes where a file of another kind is expected
     "out is a file": (lambda d: {"out": _write(d / "file", "x")}, "file is a file, expected a folder"),
     "out under a file": (lambda d: {"out": _write(d / "file", "x") / "sub"}, "file is a file, expected a folder"),
-    "out empty": (lambda d: {"out": ""}, "--out is empty; expected a folder"),
+    "out empty": (lambda d: {"out": ""}, "--ckpt and --out must name a path, found ''"),
+    "ckpt empty": (lambda d: {"ckpt": ""}, "--ckpt and --out must name a path, found ''"),
     "data is a folder": (lambda d: {"data": d}, f"document file {{d}} is a folder, expected a file"),
     "binary data": (lambda d: {"data": _write(d / "x.txt", BINARY)}, "x.txt: expected text in UTF-8, found byte 0x80 "
                     "at offset 128 (a binary file?)"),
