@@ -73,8 +73,8 @@ HEAD_UNITS = {"kv": loraprune.KVGroups(), "query": variants.QueryHeads()}  # --h
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Exit codes: 0 done, 2 bad input, "
-                                "1 NaN/inf loss (out/resume.pt keeps the last good step), 130 / 143 stopped by SIGINT / "
-                                "SIGTERM (out/resume.pt holds the last finished step; continue with --resume).")
+                                "1 NaN/inf loss (out/resume.pt keeps the last good step), 130 / 143 stopped by "
+                                "SIGINT / SIGTERM (out/resume.pt holds the last finished step; continue with --resume).")
     g = p.add_argument_group("input")
     g.add_argument("--ckpt", required=True, help="checkpoint: our own folder, a Meta or Hugging Face folder, a "
                    "llama2.c .bin or a .gguf (anything formats.load reads)")
@@ -642,7 +642,8 @@ def run(args, log: train.Log, ranks: train.Ranks, lock: train.OutLock, signals: 
 
     net = ranks.wrap(inputs.model, device)  # after the Pruner: with vanilla it has switched on dL/dW
     ranks.check_same(lora_params + t.masks(), "LoRA adapters and masks")
-    times = fine_tune(args, t, net, inputs.rows, ranks, device, log, save, signals, stop_after, trace) if args.steps else []
+    times = (fine_tune(args, t, net, inputs.rows, ranks, device, log, save, signals, stop_after, trace)
+             if args.steps else [])
     if signals.received is not None:  # the loop stopped at its safe point, resume.pt written
         raise Interrupted(signals.received)
     if t.step < args.steps:
