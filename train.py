@@ -664,6 +664,10 @@ class OutLock:
             file.close()
             raise ValueError(f"--out {self.out} is in use by another run (process {holder}); wait for it to end or "
                              "use another --out") from None
+        except OSError as e:  # a file system without flock (some cluster file systems unless mounted with it)
+            file.close()
+            raise OSError(e.errno, f"cannot lock it ({e.strerror}); use an --out on a file system with flock",
+                          str(self.out / ".lock")) from None
         file.truncate(0)
         file.write(f"{os.getpid()}\n")
         file.flush()

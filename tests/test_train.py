@@ -4,6 +4,7 @@ fresh runs, resume in process, NaN), self-distillation's loss and teacher, and d
 both ranks and as one process, and only rank 0 writing --out. Plus the pieces: digests, and ranks that disagree fail
 loudly."""
 import copy
+import errno
 import json
 import os
 import subprocess
@@ -461,7 +462,7 @@ def test_backward_batch_distills_against_a_reference_and_alpha_zero_is_plain_ce(
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_out_lock_tidies_what_a_killed_run_left(tmp_path):
+def test_out_lock_tidies_what_a_killed_run_left(tmp_path, monkeypatch):
     """Under the lock no other run writes --out: temporaries go, a folder caught mid-swap gets its earlier version."""
     out = tmp_path / "out"
     for folder in ("model.tmp-x1", "model.old-7", "hf", "hf.old-7"):
@@ -482,3 +483,11 @@ def test_out_lock_tidies_what_a_killed_run_left(tmp_path):
     again = train.OutLock(out)
     again.take()  # released: free again
     again.release()
+
+    def no_flock(file, operation):  # as on a file system mounted without flock
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(train.fcntl, "flock", no_flock)
+    with pytest.raises(OSError, match="cannot lock it \\(No locks available\\); use an --out on a file system with "
+                                      "flock") as e:
+        train.OutLock(out).take()
+    assert e.value.filename == str(out / ".lock")
