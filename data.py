@@ -189,6 +189,7 @@ class _GGUFVocab:
                              "or 'llama' (SentencePiece)")
         if pre not in formats.BPE_PRE:
             raise ValueError(f"{path}: GGUF tokenizer.ggml.pre {pre!r} is not supported; known: {list(formats.BPE_PRE)}")
+        formats.import_extra("tokenizers", "tokenizers", f"the BPE tokenizer in {path}")  # (bpe_tokenizer's, named)
         self.tok = formats.bpe_tokenizer(meta("tokens"), meta("merges"), meta("token_type", []), pre)
         self.vocab_size = len(meta("tokens"))
         self.bos_id, self.eos_id = meta("bos_token_id", -1), meta("eos_token_id", -1)

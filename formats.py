@@ -1078,10 +1078,7 @@ def bpe_tokenizer(tokens: list, merges: list, types: list, pre: str, bos_id: int
     ('a b'), token types (control tokens become special added tokens, user-defined ones added tokens: both matched
     whole in the text), the split llama.cpp uses for `pre` (BPE_PRE) and, if add_bos, BOS put first by the
     post-processor, as a tokenizer.json that adds BOS does."""
-    try:
-        import tokenizers
-    except ImportError as e:
-        raise ImportError("a byte-level BPE vocabulary needs the tokenizers extra: pip install tokenizers") from e
+    tokenizers = import_extra("tokenizers", "tokenizers", "a byte-level BPE vocabulary")
     from tokenizers import decoders, normalizers, pre_tokenizers, processors
     if pre not in BPE_PRE:
         raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; known: {list(BPE_PRE)}")
@@ -1136,12 +1133,11 @@ def hf_tokenizer_specials(path) -> tuple[int, int, bool]:
     tokens named in the tokenizer_config.json beside it (else LLaMA's or Llama 3's names where the vocabulary has
     them), and BOS first exactly when the tokenizer's own post-processor adds it (transformers 5 then encodes with
     it, whatever add_bos_token says). -1 for a token the vocabulary lacks."""
-    import tokenizers
     path = Path(path)
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok = import_extra("tokenizers", "tokenizers", f"reading {path}").Tokenizer.from_file(str(path))
     config_path = path.parent / "tokenizer_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = _read_json(config_path)
         names = [config.get("bos_token"), config.get("eos_token")]
         names = [n["content"] if isinstance(n, dict) else n for n in names]  # AddedToken or str
     else:
@@ -1156,11 +1152,10 @@ def tokenizer_json_gguf_fields(path: Path, vocab_size: int) -> list:
     """GGUF tokenizer metadata for a byte-level BPE tokenizer.json, as llama.cpp's converter writes it (model
     'gpt2', its pre, tokens by id padded with unused [PAD<i>] up to the embedding's rows, 'a b' merges, control
     and user-defined types, BOS/EOS ids, add_bos_token as the tokenizer adds BOS)."""
-    import gguf
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    gguf = import_extra("gguf", "gguf", "GGUF export")
+    spec = _read_json(path)
     pre = bpe_pre_of(spec, path)
-    import tokenizers
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok = import_extra("tokenizers", "tokenizers", f"reading {path}").Tokenizer.from_file(str(path))
     by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
         raise ValueError(f"{path}: token id {max(by_id)}, but the model's embedding has only {vocab_size} rows")
@@ -1255,7 +1250,7 @@ def save_tokenizer(tokenizer_path, folder) -> Path:
         if name == "tokenizer.json" and (src.parent / "tokenizer_config.json").is_file():  # BOS/EOS
             shutil.copyfile(src.parent / "tokenizer_config.json", folder / "tokenizer_config.json")
         return folder / name
-    import gguf
+    gguf = import_extra("gguf", "gguf", f"saving the vocabulary of {src}")
     writer = gguf.GGUFWriter(str(folder / name), "llama")  # every GGUF names an architecture; no tensors follow
     for key, value, kind, item in gguf_tokenizer_fields(src, 0):
         writer.add_key_value(key, value, kind, sub_type=item)

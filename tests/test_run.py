@@ -324,7 +324,8 @@ BAD = {  # name -> (overrides built from tmp_path, words the message must hold)
     "truncated llama2.c": (lambda d: {"ckpt": _write(d / "x.bin", shared_file("stories260K.bin").read_bytes()[:9999]),
                                       "tokenizer": shared_file("tok512.model")}, "x.bin: 9999 bytes, but header"),
     "foreign config.json": (lambda d: {"ckpt": _write(d / "hf" / "config.json", '{"model_type": "llama"}').parent},
-                            "hf/config.json: expected a LLaMA config.json, found no hidden_size"),
+                            "hf/config.json: expected a Hugging Face config.json of a llama model, found no "
+                            "hidden_size"),
     "config.json a list": (lambda d: {"ckpt": _write(d / "hf" / "config.json", "[]").parent},
                            "expected a JSON object, found a list"),
     "params.json wrong types": (lambda d: {"ckpt": _write(_own(d) / "params.json", json.dumps(
