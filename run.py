@@ -74,7 +74,8 @@ HEAD_UNITS = {"kv": loraprune.KVGroups(), "query": variants.QueryHeads()}  # --h
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Exit codes: 0 done, 2 bad input, "
                                 "1 NaN/inf loss (out/resume.pt keeps the last good step), 130 / 143 stopped by "
-                                "SIGINT / SIGTERM (out/resume.pt holds the last finished step; continue with --resume).")
+                                "SIGINT / SIGTERM (out/resume.pt holds the last finished step; continue with "
+                                "--resume).")
     g = p.add_argument_group("input")
     g.add_argument("--ckpt", required=True, help="checkpoint: our own folder, a Meta or Hugging Face folder, a "
                    "llama2.c .bin or a .gguf (anything formats.load reads)")
