@@ -535,7 +535,7 @@ def test_tasks_scored_before_and_after_pruning(tmp_path, capsys, monkeypatch):
     assert "lm-eval task" in table and "stories_mc" in table
 
 
-def test_tasks_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+def test_tasks_bad_input_is_one_line_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
     assert run.main(cli(out, tasks="boolq,no_such_task")) == 2
     err = capsys.readouterr().err.strip().splitlines()
