@@ -317,7 +317,7 @@ def main():
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora)")
-    p.add_argument("--more", default="int8:0.05,bf16:0.05,bf16:0,bf16:nockpt", help="7B variants if time is left")
+    p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
     p.add_argument("--anchor", default=".carry/hf_peft_anchor.py", help="the anchor script (bench/README.md)")

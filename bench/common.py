@@ -166,7 +166,7 @@ def lora_model(args: llama.ModelArgs, device: str, int8: bool, mode: str, backen
                criterion: str = "lora", exact_sample=None, dtype: torch.dtype = torch.bfloat16):
     """A random model with LoRA r 8 (alpha 16, dropout 0.05) on all seven projections, set up as run.py does for
     `mode`: 'eager' (checkpointed eager blocks), 'nockpt' (compiled, no recomputation) or a recompute budget ('0.1':
-    compiled and checkpointed, llama.compile_blocks(recompute_budget=0.1)); the Pruner (ratio 0.2, every step, a
+    compiled and checkpointed, llama.compile_blocks(recompute_budget=0.05)); the Pruner (ratio 0.2, every step, a
     run.py --criterion) holds the masks from the start. Returns the model, the adapters and the Pruner."""
     model = build_random(args, device, int8, dtype=dtype)
     params = llama.add_lora(model, r=8, alpha=16.0, dropout=0.05)  # fp32 adapters on the weights' device
