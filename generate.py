@@ -8,7 +8,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llama import KVCache, Transformer
+from llama import Transformer
+
+# ----------------------------------------------------------------------------------------------
+# KV caches (Attention.forward writes each new position's keys and values into its layer's)
+
+
+class KVCache:
+    """Keys and values of one layer for positions [0, S) of a generation, as gpt-fast's KVCache: two (B, K, S, D)
+    tensors, K that layer's kv heads (a pruned layer has its own)."""
+
+    def __init__(self, B: int, K: int, S: int, D: int, dtype: torch.dtype, device=None):
+        self.k = torch.zeros(B, K, S, D, dtype=dtype, device=device)
+        self.v = torch.zeros(B, K, S, D, dtype=dtype, device=device)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, T, D) at positions (T,); return the whole cache (B, K, S, D), unwritten slots too."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+def kv_caches(model: Transformer, S: int, B: int = 1) -> list:
+    """One KVCache of S positions per layer, in the model's dtype and device, each with its layer's kv heads. Pass the
+    same list to several `generate(..., compiled=True)` calls: a CUDA graph replays on fixed addresses, so new
+    caches would make it record again."""
+    emb = model.tok_embeddings.weight
+    return [KVCache(B, layer.attention.n_kv_heads, S, model.args.head_dim, emb.dtype, emb.device)
+            for layer in model.layers]
+
 
 # ----------------------------------------------------------------------------------------------
 # sampling
@@ -31,16 +59,7 @@ def sample_probs(logits: Tensor, temperature: float, top_k: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------------------------
-# the KV caches and one decode step
-
-
-def kv_caches(model: Transformer, S: int, B: int = 1) -> list:
-    """One KVCache of S positions per layer, in the model's dtype and device, each with its layer's kv heads. Pass the
-    same list to several `generate(..., compiled=True)` calls: a CUDA graph replays on fixed addresses, so new
-    caches would make it record again."""
-    emb = model.tok_embeddings.weight
-    return [KVCache(B, layer.attention.n_kv_heads, S, model.args.head_dim, emb.dtype, emb.device)
-            for layer in model.layers]
+# one decode step
 
 
 def decode_step(model: Transformer, token: Tensor, position: Tensor, caches: list) -> Tensor:

@@ -1,6 +1,6 @@
 """LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes, so a pruned model is an ordinary
-model: config, RMSNorm and RoPE, LoRALinear, the KV cache attention writes into, attention, MLP, blocks, the
-transformer, and the LoRA / int8 helpers. Generation is in generate.py; every checkpoint format, reading and
+model: config, RMSNorm and RoPE, LoRALinear, attention, MLP, blocks, the transformer, and the LoRA / int8
+helpers. Generation (and the KV cache attention writes into) is in generate.py; every checkpoint format, reading and
 writing, in formats.py.
 
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
@@ -284,21 +284,6 @@ class LoRALinear(nn.Module):
 # modules: attention, MLP, block, transformer
 
 
-class KVCache:
-    """Keys and values of one layer for positions [0, S) of a generation, as gpt-fast's KVCache: two (B, K, S, D)
-    tensors, K that layer's kv heads (a pruned layer has its own)."""
-
-    def __init__(self, B: int, K: int, S: int, D: int, dtype: torch.dtype, device=None):
-        self.k = torch.zeros(B, K, S, D, dtype=dtype, device=device)
-        self.v = torch.zeros(B, K, S, D, dtype=dtype, device=device)
-
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, K, T, D) at positions (T,); return the whole cache (B, K, S, D), unwritten slots too."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, q_per_kv: list):
         super().__init__()
@@ -314,9 +299,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.register_buffer("head_mask", None, persistent=False)  # Eq. 13: (H,) 0/1 per query head (apply_masks)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
-                positions: Optional[Tensor] = None) -> Tensor:
-        """x (B, T, C) at `positions` (T,) -> (B, T, C); without a cache the positions are 0..T-1 (causal)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, positions: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, C) at `positions` (T,) -> (B, T, C); without a cache (generate.KVCache) the positions are
+        0..T-1 (causal)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
@@ -365,8 +350,7 @@ class TransformerBlock(nn.Module):
         self.checkpoint = False  # recompute activations in backward instead of keeping them (checkpoint_activations)
         self.compiled = None  # compile_blocks: {recompute: _forward compiled}
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
-                positions: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, positions: Optional[Tensor] = None) -> Tensor:
         recompute = self.checkpoint and torch.is_grad_enabled()
         if self.compiled is not None:  # compiled: what to recompute is Inductor's choice under a memory budget
             return self.compiled[recompute](x, cos, sin, cache, positions)
@@ -374,7 +358,7 @@ class TransformerBlock(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, cache, positions, use_reentrant=False)
         return self._forward(x, cos, sin, cache, positions)
 
-    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], positions: Optional[Tensor]):
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache, positions: Optional[Tensor]):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
         return h + self.feed_forward(self.ffn_norm(h))
 

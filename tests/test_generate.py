@@ -26,7 +26,7 @@ def test_cached_logits_equal_full_forward(shape):
     model = tiny_model(seed=20, **PRUNED_SHAPES[shape])
     ids = tokens(128, T=12, B=1, seed=3)
     full = our_logits(model, ids)[0]  # (12, V)
-    caches = [llama.KVCache(1, layer.attention.n_kv_heads, 12, 16, torch.float32) for layer in model.layers]
+    caches = [generate.KVCache(1, layer.attention.n_kv_heads, 12, 16, torch.float32) for layer in model.layers]
     with torch.no_grad():
         got = [model(ids[:, :5], 0, caches)[0]] + [model(ids[:, t:t + 1], t, caches)[0] for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(got), full, atol=1e-5, rtol=1e-5)
