@@ -282,11 +282,18 @@ def runs_of(s: Setting, estimates, seeds, distill: float) -> list:
 
 def best_two(s: Setting, runs: dict, chosen: Optional[list]) -> Optional[list]:
     """`chosen`, or the two main criteria with the lowest mean ratio to vanilla of the perplexity after fine-tuning
-    over the cells of the whole main matrix (None until it is complete)."""
-    if chosen or any(key(c) not in runs for c in runs_of(s, MAIN, s.seeds, 0.0)):
+    over the cells of the whole main matrix (None until it is complete). A criterion whose final masks are those of
+    a better one in every run (exact is vanilla with one micro-batch a step) would repeat its rows: the next counts."""
+    main = runs_of(s, MAIN, s.seeds, 0.0)
+    if chosen or any(key(c) not in runs for c in main):
         return chosen
     ratios = criterion_ratios(s, runs, "ppl_after", MAIN, 0.0)
-    return sorted(MAIN, key=lambda c: ratios[c]["mean"])[:2]
+    masks = {e: [runs[key(c)]["masks"] for c in main if c["estimate"] == e] for e in MAIN}
+    best = []
+    for e in sorted(MAIN, key=lambda c: ratios[c]["mean"]):
+        if all(masks[e] != masks[b] for b in best):
+            best.append(e)
+    return best[:2]
 
 
 def plan(s: Setting, runs: dict, distill_for: Optional[list]) -> list:
@@ -434,14 +441,19 @@ def mean_sd(values: list) -> tuple[float, float]:
 
 
 def criterion_ratios(s: Setting, runs: dict, metric: str, rows, distill: float) -> dict:
-    """{row: {"mean": mean over cells of mean(row) / mean(vanilla), "worst": (ratio, cell), "cells": n}} over the
-    cells where the row and vanilla (no distillation) both have runs; None for a row with none."""
+    """{row: {"mean": mean over cells of mean(row) / mean(vanilla), "worst": (ratio, cell), "sign": [cells below
+    vanilla, within, above]}} over the cells where the row and vanilla (no distillation) both have runs, a difference
+    of the means within the larger of the two seed sds counting as within; None for a row with none."""
     table, out = cells(s, runs, metric), {}
     for row in rows:
         name = row_name(row, distill)
-        ratios = [(mean_sd(c[name])[0] / mean_sd(c["vanilla"])[0], cell) for cell, c in sorted(table.items())
-                  if name in c and "vanilla" in c]
-        out[row] = {"mean": statistics.fmean(r for r, _ in ratios), "worst": max(ratios), "cells": len(ratios)} \
+        both = [(c[name], c["vanilla"], cell) for cell, c in sorted(table.items()) if name in c and "vanilla" in c]
+        ratios = [(mean_sd(a)[0] / mean_sd(v)[0], cell) for a, v, cell in both]
+        sign = [0, 0, 0]
+        for a, v, _ in both:
+            d, spread = mean_sd(a)[0] - mean_sd(v)[0], max(mean_sd(a)[1], mean_sd(v)[1])
+            sign[0 if d < -spread else 2 if d > spread else 1] += 1
+        out[row] = {"mean": statistics.fmean(r for r, _ in ratios), "worst": max(ratios), "sign": sign} \
             if ratios else None
     return out
 
@@ -499,10 +511,12 @@ def markdown(res: dict, agreement: Optional[dict] = None) -> str:
             lines.append(f"| {row} | " + " | ".join(parts) + " |")
         lines.append("")
     overlap = mask_overlap(runs)
-    lines += ["### Summary: per criterion, the cell means' ratio to vanilla's (below 1 is better), mean over cells "
-              "and the worst cell", "",
-              "| criterion | after fine-tuning: mean | worst (cell) | masks alone: mean | worst (cell) | removed groups "
-              "shared with vanilla |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["### Summary: per criterion, the cell means' ratio to vanilla's (below 1 is better), mean over cells, "
+              "the worst cell, and in how many cells it is below, within or above vanilla's (a difference of the "
+              "means larger than either seed sd)", "",
+              "| criterion | after fine-tuning: mean | worst (cell) | cells below / within / above vanilla's spread "
+              "| masks alone: mean | worst (cell) | below / within / above | removed groups shared with vanilla |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for distill, estimates in ((0.0, MAIN + ("magnitude",)), (DISTILL, tuple(res.get("distill_for") or ()))):
         ra, rm = criterion_ratios(s, runs, "ppl_after", estimates, distill), \
             criterion_ratios(s, runs, "ppl_masks", estimates, distill)
@@ -510,8 +524,10 @@ def markdown(res: dict, agreement: Optional[dict] = None) -> str:
             if ra[e] is None:
                 continue
             worst = lambda r: f"{r['worst'][0]:.3f} ({r['worst'][1][0]} {r['worst'][1][1]})"  # noqa: E731
-            lines.append(f"| {row_name(e, distill)} | {ra[e]['mean']:.3f} | {worst(ra[e])} | {rm[e]['mean']:.3f} | "
-                         f"{worst(rm[e])} | {overlap.get(row_name(e, distill), math.nan):.2f} |")
+            sign = lambda r: " / ".join(map(str, r["sign"]))  # noqa: E731
+            lines.append(f"| {row_name(e, distill)} | {ra[e]['mean']:.3f} | {worst(ra[e])} | {sign(ra[e])} | "
+                         f"{rm[e]['mean']:.3f} | {worst(rm[e])} | {sign(rm[e])} | "
+                         f"{overlap.get(row_name(e, distill), math.nan):.2f} |")
     if "exact" in next(iter(after.values()), {}):
         within = [abs(mean_sd(c["exact"])[0] - mean_sd(c["vanilla"])[0]) <= max(mean_sd(c["vanilla"])[1], 1e-9)
                   for c in after.values() if "exact" in c and "vanilla" in c]
