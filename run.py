@@ -91,16 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--criterion", choices=CRITERIA, default="lora",
                    help="importance (default %(default)s: Eq. 10 as the paper writes it). lora-directional: rows "
-                   "from s*gB@A, columns from s*B@gA, for when Eq. 10 mixes other rows into a column's score. exact: "
-                   "Eq. 3 from each projection's own backward at LoRA's memory (compiled too), for Eq. 3's ranking "
-                   "where dL/dW does not fit or W is int8. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, "
+                   "from s*gB@A, columns from s*B@gA (Eq. 10's gB@A scrambles the columns of wo and w2; with "
+                   "--normalize ahead of Eq. 10 on average in studies/RESULTS.md, behind it in some cells). exact: "
+                   "Eq. 3 from each projection's own backward at LoRA's memory (compiled too): vanilla's masks, the "
+                   "best measured, for 1.4x the step time. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, "
                    "random: baselines")
     g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
                    "instead of summing each micro-batch's scores (default: the sum)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise each "
-                   "projection's group scores before Eq. 4 adds them, as the official code does, for when one "
-                   "projection's scale (with LoRA, its fixed random A) would decide a group's score (default: off)")
+                   "projection's group scores before Eq. 4 adds them, as the official code does; measured worse than "
+                   "without on both study models, as it discards the projections' relative size (default: off)")
     power = g.add_mutually_exclusive_group()
     power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.lora_sums, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-unit", choices=HEAD_UNITS, default="kv",
                    help="attention unit pruned: kv = a kv head with all its query heads (the paper's group), query = "
                    "single query heads, a kv head going with its last one, for grouped-query attention where a kv "
-                   "group is too coarse a step (default %(default)s)")
+                   "group is too coarse a step (better in one study protocol at 20%%, worse at 50%%) (default "
+                   "%(default)s)")
     g.add_argument("--uniform", action="store_true", help="every pruned layer loses the same kv groups and channels "
                    "(no rounding carried between layers): with --layers covering all layers the pruned model has one "
                    "layer shape, which --hf needs")
@@ -148,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", type=float, default=_default(train.TrainArgs, "distill"), metavar="ALPHA",
                    help="self-distillation weight: loss = (1 - ALPHA) CE + ALPHA T^2 KL(teacher || student), the "
                    "teacher being the frozen loaded weights with no masks and LoRA off (one more forward per "
-                   "micro-batch without grad, no second copy of the weights); the loss shown is this sum; 0 = off "
-                   "(default %(default)s)")
+                   "micro-batch without grad, no second copy of the weights); the loss shown is this sum; the largest "
+                   "gain in studies/RESULTS.md (0.5), recovering more with the same masks; 0 = off (default "
+                   "%(default)s)")
     g.add_argument("--distill-temperature", type=float, default=_default(train.TrainArgs, "distill_temperature"),
                    metavar="T", help="softmax temperature T of --distill (default %(default)s)")
 
@@ -491,8 +494,8 @@ def run_config(args, inputs: Inputs, pruner: loraprune.Pruner, world: int) -> di
         "exact_sample": args.exact_sample, "uniform": args.uniform, "tasks": (inputs.tasks or {}).get("tasks", []),
         "tasks_fewshot": args.tasks_fewshot,
         "tasks_limit": args.tasks_limit,
-        "dtype": args.dtype, "save_dtype": args.save_dtype, "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve())
-                                      for n in args.eval.split(",") if n],
+        "dtype": args.dtype, "save_dtype": args.save_dtype,
+        "eval": [n if n in data.EVAL_FILES else str(Path(n).resolve()) for n in args.eval.split(",") if n],
         "eval_seq_len": inputs.eval_seq_len, "eval_tokens": args.eval_tokens,
         **({"world_size": world} if world > 1 else {})}  # each rank's dropout stream is its own: resume with as many
 
