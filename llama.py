@@ -408,38 +408,26 @@ class Transformer(nn.Module):
 RECOMPUTE_BUDGET = 0.05  # compiled checkpointed blocks keep ~5% of their activations (bench/RESULTS.md)
 
 
-def under_memory_budget(backend: str, budget: float):
-    """torch.compile's `backend` with the partitioner's activation memory budget set only while it compiles a graph
-    (not for the process): backward then recomputes all but ~`budget` of the activations that a graph without
-    recomputation keeps, the cheapest to recompute first (0: only the inputs are kept, as by a checkpoint)."""
-    compile_graph = torch._dynamo.lookup_backend(backend)
-
-    def compile_under_budget(gm, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
-            return compile_graph(gm, example_inputs)
-    return compile_under_budget
-
-
 def compile_blocks(model: Transformer, backend: str = "inductor", recompute_budget: float = RECOMPUTE_BUDGET) -> int:
     """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
-    and residual adds around the matmuls; a checkpointed block with grad has graphs of its own, compiled under
-    `recompute_budget` (under_memory_budget) instead of a checkpoint call. Returns the number of distinct block
-    shapes. Blocks of one shape share a graph, compiled once per mode (train or eval, grad or not, recompute or not,
-    masks or none; with grad block 0 once more, as its input needs no grad); new mask values (tensors) reuse it.
-    Static shapes (dynamic=False): each shape and mode is a graph of its own, hence the raised recompile limit."""
+    and residual adds around the matmuls. A checkpointed block with grad has graphs of its own, compiled with the
+    partitioner's activation memory budget set to `recompute_budget` (only while it compiles, not for the process):
+    backward recomputes all but that fraction of the activations, the cheapest first, instead of a checkpoint call.
+    Blocks of one shape share a graph per mode (train or eval, grad or not, recompute or not, masks or none; with grad
+    block 0 once more, as its input needs no grad); new mask values (tensors) reuse it. Static shapes (dynamic=False):
+    each shape and mode is a graph of its own, hence the raised recompile limit. Returns the number of block shapes."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
-    recompute_backend = under_memory_budget(backend, recompute_budget)  # one object: the blocks share its graphs
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def under_budget(gm, example_inputs):  # one function for every block, so they share its graphs
+        with torch._functorch.config.patch(activation_memory_budget=recompute_budget):
+            return compile_graph(gm, example_inputs)
     for layer in model.layers:
         layer.compiled = {False: torch.compile(layer._forward, dynamic=False, backend=backend),
-                          True: torch.compile(layer._forward, dynamic=False, backend=recompute_backend)}
+                          True: torch.compile(layer._forward, dynamic=False, backend=under_budget)}
     return len(shapes)
-
-
-def is_compiled(model: Transformer) -> bool:
-    """Whether compile_blocks prepared the model's blocks."""
-    return any(layer.compiled is not None for layer in model.layers)
 
 
 # names of the seven projections LoRA may sit on (the paper's q, k, v, o, gate, down, up)

@@ -485,7 +485,7 @@ def train_loop(t: Training, rows: Tensor, args: TrainArgs, device: torch.device 
     per_rank = args.batch_size // ranks.world  # sequences of each optimizer step this rank runs
     tokens_per_step = args.batch_size * (rows.shape[1] - 1)
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
-    compiled = llama.is_compiled(t.model)  # the progress line then shows the compile warm-up
+    compiled = any(layer.compiled is not None for layer in t.model.layers)  # the progress line then shows the compile warm-up
     saved_step, times, t_session = t.step if save and t.step else None, [], time.time()
     t.model.train()
     while t.step < until:
