@@ -10,7 +10,7 @@ import formats
 import llama
 import loraprune
 import quant8
-from conftest import saved_for_backward, shared_file
+from conftest import random_kv_masks, saved_for_backward, shared_file
 from llama import LoRALinear
 from quant8 import Int8Matmul, dequantize, int8_linear, int8_matmul, quantization_error, quantize
 
@@ -211,25 +211,6 @@ def test_int8_perplexity_matches_float32():
         assert abs(p / FP32_PPL - 1) < 0.02, ppl
 
 
-def _random_masks(args, g):
-    """One mask pair per layer: kv groups kept = all, 1, random, 1, all; random channels, at least one kept."""
-    masks = []
-    for l, (K, Fw) in enumerate(zip(args.layer_kv_heads, args.layer_hidden_dims)):
-        heads = torch.ones(K, dtype=torch.bool)
-        if l in (1, 3):
-            heads = torch.zeros(K, dtype=torch.bool)
-            heads[torch.randint(0, K, (1,), generator=g)] = True
-        elif 0 < l < args.n_layers - 1:
-            heads = torch.rand(K, generator=g) < 0.5
-            heads[torch.randint(0, K, (1,), generator=g)] = True
-        channels = torch.rand(Fw, generator=g) < 0.5
-        channels[torch.randint(0, Fw, (1,), generator=g)] = True
-        if l == args.n_layers - 1:
-            channels[:] = True
-        masks.append((heads, channels))
-    return masks
-
-
 def test_masked_int8_model_equals_sliced_model_and_requantizes():
     model = _load(int8=True)
     llama.add_lora(model, r=4, alpha=8.0, dropout=0.0, seed=0)
@@ -238,8 +219,8 @@ def test_masked_int8_model_equals_sliced_model_and_requantizes():
         for l in range(model.args.n_layers):
             for lin in llama.projections(model, l).values():
                 lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=g) * 0.05)
-    masks = _random_masks(model.args, g)
-    assert [int(h.sum()) for h, _ in masks][1] == 1 and [int(h.sum()) for h, _ in masks][3] == 1
+    masks = random_kv_masks(model.args, g, single_group_layer=1)
+    assert int(masks[1][0].sum()) == 1 and not all(h.all() and c.all() for h, c in masks)
     loraprune.apply_masks(model, masks)
     model.eval()
     tokens = torch.randint(0, model.args.vocab_size, (2, 48), generator=g)
