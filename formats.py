@@ -21,7 +21,7 @@ import signal
 import struct
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -77,9 +77,13 @@ def _safetensors(path: Path):
 
 
 def _model_args(params: dict, source: str) -> llama.ModelArgs:
-    """ModelArgs from a config dict; a value of the wrong kind is a ValueError naming the file."""
+    """ModelArgs from a config dict; an unknown key or a value of the wrong kind is a ValueError naming the file."""
+    known = {f.name for f in fields(llama.ModelArgs)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown model parameter(s) {unknown}; known: {sorted(known)}")
     try:
-        return llama.ModelArgs.from_dict(params, source=source)
+        return llama.ModelArgs(**params)
     except (TypeError, ZeroDivisionError) as e:  # e.g. "dim": "4096", or a zero head count
         raise ValueError(f"{source}: not a model config ({error_words(e)})") from None
 

@@ -1,13 +1,10 @@
 """LLaMA with built-in LoRA linears (frozen W in float or int8) and per-layer sizes, so a pruned model is an ordinary
-model: config, RMSNorm and RoPE, LoRALinear, attention, MLP, blocks, the transformer, and the LoRA / int8
-helpers. Generation (and the KV cache attention writes into) is in generate.py; every checkpoint format, reading and
-writing, in formats.py.
-
+model: config, RMSNorm and RoPE, LoRALinear, attention, MLP, blocks, the transformer, the LoRA / int8 helpers.
+Generation (and its KV cache) is in generate.py; every checkpoint format, reading and writing, in formats.py.
 Shapes: B batch, T time, C model dim, H query heads, K kv heads, D head dim, F MLP width, V vocab, r LoRA rank.
-Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...).
-"""
+Parameter names are Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1.weight`, ...)."""
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -88,14 +85,6 @@ class ModelArgs:
     def layer_n_heads(self) -> list:
         """Query heads of every layer (H_l)."""
         return [sum(self.q_per_kv(l)) for l in range(self.n_layers)]
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "params") -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown model parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -200,9 +189,7 @@ class LoRALinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None  # Qwen2's q/k/v
         self.register_buffer("scales", None)  # (out,) float32 when W is int8
-        self.r, self.scaling = 0, 0.0
-        self.lora_A = self.lora_B = None
-        self.lora_dropout = nn.Identity()
+        self.drop_lora()  # r = 0, no adapters until add_lora
         self.adapters_on = True  # False: the base layer alone (e.g. a teacher forward for self-distillation)
         self.register_module("probe", None)  # criterion 'exact' sets a module here (variants.ExactProbe)
 
@@ -222,8 +209,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def drop_lora(self):
-        self.r, self.scaling, self.lora_A, self.lora_B = 0, 0.0, None, None
-        self.lora_dropout = nn.Identity()
+        self.r, self.scaling, self.lora_A, self.lora_B, self.lora_dropout = 0, 0.0, None, None, nn.Identity()
 
     def base(self, x: Tensor) -> Tensor:
         """The frozen part x @ W.T + b."""
@@ -347,11 +333,10 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.layer_hidden_dims[layer_id])
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.checkpoint = False  # recompute activations in backward instead of keeping them (checkpoint_activations)
         self.compiled = None  # compile_blocks: {recompute: _forward compiled}
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, positions: Optional[Tensor] = None) -> Tensor:
-        recompute = self.checkpoint and torch.is_grad_enabled()
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, positions: Optional[Tensor] = None,
+                recompute: bool = False) -> Tensor:
         if self.compiled is not None:  # compiled: what to recompute is Inductor's choice under a memory budget
             return self.compiled[recompute](x, cos, sin, cache, positions)
         if recompute:  # eager: keep only x, recompute the whole block in backward
@@ -375,22 +360,12 @@ class Transformer(nn.Module):
         self.output.weight.requires_grad_(False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    @property
-    def checkpoint_activations(self) -> bool:
-        """Recompute each block in backward (7B at 2048 tokens then fits one GPU); set on the model, kept per block."""
-        return all(layer.checkpoint for layer in self.layers)
-
-    @checkpoint_activations.setter
-    def checkpoint_activations(self, on: bool):
-        for layer in self.layers:
-            layer.checkpoint = bool(on)
+        self.checkpoint_activations = False  # recompute each block in backward (7B at 2048 tokens then fits one GPU)
 
     def forward(self, tokens: Tensor, start=0, caches: Optional[list] = None) -> Tensor:
-        """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T, V). With `caches` (one KVCache per
-        layer, as generate.kv_caches makes them) attention also reads the keys and values of the earlier positions.
-        start: an int, or a (1,) int64 tensor (the compiled decode step: one graph for every position; the caller
-        checks the length then)."""
+        """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T, V). With `caches` (generate.kv_caches)
+        attention also reads the earlier positions' keys and values. start: an int, or a (1,) int64 tensor (the
+        compiled decode step: one graph for every position; the caller checks the length then)."""
         B, T = tokens.shape
         if isinstance(start, Tensor):
             positions = start + torch.arange(T, device=tokens.device)  # (T,)
@@ -400,8 +375,9 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)  # (T, D/2)
         h = self.tok_embeddings(tokens)  # (B, T, C)
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache, positions)
+            h = layer(h, cos, sin, recompute=recompute) if cache is None else layer(h, cos, sin, cache, positions)
         return self.output(self.norm(h))  # (B, T, V)
 
 
@@ -410,12 +386,11 @@ RECOMPUTE_BUDGET = 0.05  # compiled checkpointed blocks keep ~5% of their activa
 
 def compile_blocks(model: Transformer, backend: str = "inductor", recompute_budget: float = RECOMPUTE_BUDGET) -> int:
     """torch.compile every block in place (run.py --compile): Inductor fuses the norms, RoPE, SwiGLU, LoRA dropout
-    and residual adds around the matmuls. A checkpointed block with grad has graphs of its own, compiled with the
-    partitioner's activation memory budget set to `recompute_budget` (only while it compiles, not for the process):
-    backward recomputes all but that fraction of the activations, the cheapest first, instead of a checkpoint call.
-    Blocks of one shape share a graph per mode (train or eval, grad or not, recompute or not, masks or none; with grad
-    block 0 once more, as its input needs no grad); new mask values (tensors) reuse it. Static shapes (dynamic=False):
-    each shape and mode is a graph of its own, hence the raised recompile limit. Returns the number of block shapes."""
+    and residual adds around the matmuls. A recomputing block has graphs of its own, compiled with the partitioner's
+    activation memory budget set to `recompute_budget` (only while it compiles): backward recomputes all but that
+    fraction of the activations, the cheapest first. Blocks of one shape share a graph per mode (train or eval, grad,
+    recompute, masks or none; block 0 once more with grad); new mask values reuse it. Static shapes: each shape and
+    mode is a graph of its own, hence the raised recompile limit. Returns the number of block shapes."""
     shapes = {(layer.attention.q_per_kv, layer.feed_forward.w1.out_features) for layer in model.layers}
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 8 * len(shapes))  # the limit counts every shape and mode
