@@ -92,16 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", choices=CRITERIA, default="lora",
                    help="importance (default %(default)s: Eq. 10 as the paper writes it). lora-directional: rows "
                    "from s*gB@A, columns from s*B@gA (Eq. 10's gB@A scrambles the columns of wo and w2; with "
-                   "--normalize ahead of Eq. 10 on average in studies/RESULTS.md, behind it in some cells). exact: "
-                   "Eq. 3 from each projection's own backward at LoRA's memory (compiled too): vanilla's masks, the "
-                   "best measured, for 1.4x the step time. vanilla: Eq. 3 from dL/dW (LLM-Pruner's). magnitude, "
-                   "random: baselines")
+                   "--normalize level with Eq. 10 or slightly ahead in studies/RESULTS.md, behind it in some "
+                   "cells). exact: Eq. 3 from each projection's own backward at LoRA's memory (compiled too): "
+                   "vanilla's masks, the best measured, for 1.4x the step time. vanilla: Eq. 3 from dL/dW "
+                   "(LLM-Pruner's). magnitude, random: baselines")
     g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "
                    "instead of summing each micro-batch's scores (default: the sum)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise each "
-                   "projection's group scores before Eq. 4 adds them, as the official code does; measured worse than "
-                   "without on both study models, as it discards the projections' relative size (default: off)")
+                   "projection's group scores before Eq. 4 adds them, as the official code does (the projections "
+                   "then weigh equally); measured worse than without on both study models (default: off)")
     power = g.add_mutually_exclusive_group()
     power.add_argument("--square", dest="square", action="store_true", default=_default(loraprune.lora_sums, "square"),
                        help="score = (gradient x weight)^2 as Eq. 3/10 write it (default)")
@@ -150,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", type=float, default=_default(train.TrainArgs, "distill"), metavar="ALPHA",
                    help="self-distillation weight: loss = (1 - ALPHA) CE + ALPHA T^2 KL(teacher || student), the "
                    "teacher being the frozen loaded weights with no masks and LoRA off (one more forward per "
-                   "micro-batch without grad, no second copy of the weights); the loss shown is this sum; the largest "
-                   "gain in studies/RESULTS.md (0.5), recovering more with the same masks; 0 = off (default "
-                   "%(default)s)")
+                   "micro-batch without grad, no second copy of the weights); the loss shown is this sum; 0.5 with "
+                   "--criterion exact is the best quality in studies/RESULTS.md; 0 = off (default %(default)s)")
     g.add_argument("--distill-temperature", type=float, default=_default(train.TrainArgs, "distill_temperature"),
                    metavar="T", help="softmax temperature T of --distill (default %(default)s)")
 
