@@ -1,8 +1,8 @@
-"""LoRAPrune (Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",
-arXiv 2305.18403), the paper's method only, in its order: per-weight importance (Eq. 7-10; Eq. 3 and two baselines)
-reduced to row and column sums, group importance (Eq. 4, Pruner.score), the moving average (Eq. 11), thresholds
-(Eq. 12), the ratio and Algorithm 1's schedule, masks (Eq. 13), slicing, and the Pruner (Algorithm 1), which takes its
-criterion and attention unit as arguments (variants.py holds those that are not in the paper).
+"""LoRAPrune (Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning", arXiv
+2305.18403), the paper's method only, in its order: per-weight importance (Eq. 7-10; Eq. 3, two baselines) as row and
+column sums, group importance (Eq. 4, Pruner.score), the moving average (Eq. 11), thresholds (Eq. 12), the ratio and
+Algorithm 1's schedule, masks (Eq. 13), slicing, and the Pruner (Algorithm 1), which takes its criterion and attention
+unit as arguments (variants.py holds those that are not in the paper).
 Shapes: W (out, in); A (r, in); B (out, r); per layer K kv heads, H query heads, F MLP channels; D head dim, C dim."""
 import math
 from typing import Callable, Optional
@@ -224,19 +224,18 @@ def prune_counts(args: ModelArgs, ratio: float, layers: list, channel_multiple: 
                          f"found {sorted(shapes)}")
     per_head, per_channel = head_params(args), group_params(args)[1]
     target = ratio * count_base_params(args, args.layer_kv_heads, args.layer_hidden_dims, args.layer_n_heads)
-    prunable = sum((args.layer_kv_heads[l] + args.layer_n_heads[l]) * per_head
-                   + args.layer_hidden_dims[l] * per_channel for l in layers)
-    f = target / prunable if prunable else 0.0
+    block = {l: (args.layer_kv_heads[l] + args.layer_n_heads[l]) * per_head + args.layer_hidden_dims[l] * per_channel
+             for l in layers}  # each pruned layer's prunable parameters
+    f = target / sum(block.values()) if block else 0.0
     counts, carry = [(0, 0)] * args.n_layers, 0.0
     for l in layers:
-        K, H, Fw = args.layer_kv_heads[l], args.layer_n_heads[l], args.layer_hidden_dims[l]
         units, per_unit = unit.size(args, l), unit.params(args, l)
         heads = round(f * units)
         if heads >= units or f >= 1:
             raise ValueError(f"ratio {ratio} needs {f:.1%} of each pruned layer's parameters, which would remove "
                              f"every {unit.name} head of layer {l} ({units}); lower the ratio or prune more layers")
-        want = f * ((K + H) * per_head + Fw * per_channel) + carry  # parameters this layer should lose
-        channels = round_channels((want - heads * per_unit) / per_channel, Fw, channel_multiple)
+        want = f * block[l] + carry  # parameters this layer should lose
+        channels = round_channels((want - heads * per_unit) / per_channel, args.layer_hidden_dims[l], channel_multiple)
         carry = 0.0 if uniform else want - heads * per_unit - channels * per_channel
         counts[l] = (heads, channels)
     return counts
