@@ -3,6 +3,7 @@ sys.path (there is no tests/__init__.py), and the repo root is added below so th
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,6 +44,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, whatever pytest was started under: a process started with
+    nohup or `&` inherits SIGINT ignored (run.py then rightly leaves it ignored) and so do its children."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------

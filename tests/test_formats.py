@@ -848,7 +848,7 @@ def test_a_refused_write_is_told_apart_from_a_failed_one(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupt_cannot_split_the_folder_swap(tmp_path, monkeypatch):
+def test_an_interrupt_cannot_split_the_folder_swap(tmp_path, monkeypatch, terminal_sigint):
     """SIGINT arriving between the renames that put a new folder in place of the old one is held until both are
     done: the new folder is whole, nothing is left beside it, then the interrupt is raised."""
     folder = formats.atomic_write_folder(tmp_path / "model", lambda tmp: (tmp / "a.txt").write_text("old"))

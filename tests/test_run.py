@@ -608,7 +608,7 @@ def signals_during(step: int, *signums):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_after_the_step_and_resume_equals_uninterrupted(signum, code, uninterrupted, tmp_path, capsys,
-                                                                     monkeypatch):
+                                                                     monkeypatch, terminal_sigint):
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         m.setattr(run, "tracer", signals_during(3, signum))
@@ -622,7 +622,8 @@ def test_signal_stops_after_the_step_and_resume_equals_uninterrupted(signum, cod
     assert_same_run(uninterrupted, out)
 
 
-def test_a_second_signal_stops_at_once_losing_nothing_saved(uninterrupted, tmp_path, capsys, monkeypatch):
+def test_a_second_signal_stops_at_once_losing_nothing_saved(uninterrupted, tmp_path, capsys, monkeypatch,
+                                                            terminal_sigint):
     """Two Ctrl-C during step 3: no waiting for the step; resume.pt keeps step 2 (save_every 2). A second Ctrl-C while
     resume.pt is being written: the write is dropped whole, resume.pt still holds step 2 and no temporary is left."""
     out = tmp_path / "out"
@@ -650,7 +651,21 @@ def test_a_second_signal_stops_at_once_losing_nothing_saved(uninterrupted, tmp_p
     assert_same_run(uninterrupted, out)
 
 
-def test_ctrl_c_on_a_real_process(finished, tmp_path):
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
+    """Started under nohup or with `&`, a process has SIGINT ignored: run.py leaves it so for the whole run (a Ctrl-C
+    meant for the terminal's foreground job must not stop it) and after."""
+    seen = []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(run, "tracer", lambda path, rank: lambda t, norm: seen.append(signal.getsignal(signal.SIGINT)))
+            assert run.main(cli(tmp_path / "out", steps=2, eval="")) == 0
+        assert seen == [signal.SIG_IGN] * 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_on_a_real_process(finished, tmp_path, terminal_sigint):
     """`python run.py` sent SIGINT as a terminal's Ctrl-C sends it, once training is under way: exit 130, one line on
     stderr, a notice on stdout, resume.pt of the step it stopped at; --resume then ends as the uninterrupted run."""
     out, trace = tmp_path / "out", tmp_path / "trace"
