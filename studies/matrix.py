@@ -30,6 +30,7 @@ LoRA-only estimate with vanilla per projection and per group, the projections' s
 ||B|| per projection (studies/RESULTS.md, the off-domain diagnosis).
 """
 import argparse
+import base64
 import json
 import math
 import platform
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,14 +217,14 @@ def b_norms(model: llama.Transformer, layers: list) -> dict:
 
 
 def pack_masks(masks: list, layers: list) -> str:
-    """The pruned layers' keep-masks (heads, then channels, layer by layer) as a hex string."""
-    bits = torch.cat([torch.cat([h, c]) for l, (h, c) in enumerate(masks) if l in layers]).cpu().tolist()
-    bits += [False] * (-len(bits) % 4)
-    return "".join("%x" % int("".join("1" if b else "0" for b in bits[i:i + 4]), 2) for i in range(0, len(bits), 4))
+    """The pruned layers' keep-masks (heads, then channels, layer by layer), 8 to a byte, in base64."""
+    bits = torch.cat([torch.cat([h, c]) for l, (h, c) in enumerate(masks) if l in layers]).cpu().numpy()
+    return base64.b64encode(np.packbits(bits).tobytes()).decode()
 
 
 def unpack_masks(text: str) -> list:
-    return [b == "1" for ch in text for b in format(int(ch, 16), "04b")]
+    """pack_masks' bits, padded with False to a whole byte."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8)).astype(bool).tolist()
 
 
 def run_config(study: Study, cfg: dict) -> dict:
