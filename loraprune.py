@@ -1,8 +1,7 @@
-"""LoRAPrune (Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning", arXiv
-2305.18403), the paper's method only, in its order: per-weight importance (Eq. 7-10; Eq. 3, two baselines) as row and
-column sums, group importance (Eq. 4, Pruner.score), the moving average (Eq. 11), thresholds (Eq. 12), the ratio and
-Algorithm 1's schedule, masks (Eq. 13), slicing, and the Pruner (Algorithm 1), which takes its criterion and attention
-unit as arguments (variants.py holds those that are not in the paper).
+"""LoRAPrune (Zhang et al. 2023, arXiv 2305.18403), the paper's method only, in its order: per-weight importance
+(Eq. 7-10; Eq. 3, two baselines) as row and column sums, group importance (Eq. 4, Pruner.score), the moving average
+(Eq. 11), thresholds (Eq. 12), the ratio and Algorithm 1's schedule, masks (Eq. 13), slicing, and the Pruner
+(Algorithm 1), which takes its criterion and attention unit as arguments (variants.py has those not in the paper).
 Shapes: W (out, in); A (r, in); B (out, r); per layer K kv heads, H query heads, F MLP channels; D head dim, C dim."""
 import math
 from typing import Callable, Optional
@@ -98,9 +97,8 @@ def vanilla_sums(linear, square: bool = True, chunk_rows: Optional[int] = None) 
 
 def magnitude_sums(linear, square: bool = True, chunk_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """The magnitude baseline (W + s * B @ A)^2 as row and column sums (the official code's: Eq. 3 with dL/dW = 1)."""
-    one = torch.ones((), device=linear.weight.device)
-    return projection_sums(linear, lambda rows, W: vanilla_importance(merged_rows(linear, rows, W), one, square),
-                           chunk_rows)
+    power = torch.square if square else torch.abs
+    return projection_sums(linear, lambda rows, W: power(merged_rows(linear, rows, W)), chunk_rows)
 
 
 class RandomSums:
@@ -259,8 +257,8 @@ def counts_at(final_counts: list, fraction: float) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Eq. 13: masks in the model, and slicing them away. A head mask is one flag per kv group (K,) or, as saved models
-# may have it, one per query head (H,); a kv head's wk/wv rows go with its last query head.
+# Eq. 13: masks in the model, and slicing them away. A head mask is one flag per kv group (K,) or (as saved models
+# may have it) per query head (H,); a kv head's wk/wv rows go with its last query head.
 
 
 def full_masks(args: ModelArgs, device=None, unit=KVGroups()) -> list:
@@ -281,8 +279,7 @@ def query_keep(heads: Tensor, q_per_kv: list) -> Tensor:
 
 def query_heads_left(q_keep: Tensor, q_per_kv: list) -> Tensor:
     """Kept query heads of each kv head: (H,) bool -> (K,) int64. A kv head is live while this is > 0."""
-    kv = kv_of_heads(q_per_kv, q_keep.device)  # (H,)
-    return torch.zeros(len(q_per_kv), dtype=torch.int64, device=q_keep.device).index_add_(0, kv, q_keep.long())
+    return torch.bincount(kv_of_heads(q_per_kv, q_keep.device)[q_keep], minlength=len(q_per_kv))  # (K,)
 
 
 def apply_masks(model: Transformer, masks: list, clear_kept: bool = True) -> None:

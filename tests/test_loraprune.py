@@ -136,6 +136,17 @@ def test_threshold_mask_exact_count_and_no_revival():
     assert int((~ties).sum()) == 2
 
 
+def test_query_head_masks_by_hand():
+    q_per_kv = [2, 1, 3]  # kv head 0 serves query heads 0-1, kv head 1 head 2, kv head 2 heads 3-5
+    assert lp.kv_of_heads(q_per_kv).tolist() == [0, 0, 1, 2, 2, 2]
+    assert lp.query_keep(torch.tensor([True, False, True]), q_per_kv).tolist() == [True, True, False, True, True, True]
+    q_keep = torch.tensor([True, False, False, True, True, False])
+    assert lp.query_keep(q_keep, q_per_kv) is q_keep
+    assert lp.query_heads_left(q_keep, q_per_kv).tolist() == [1, 0, 2]  # kv head 1 is emptied
+    with pytest.raises(ValueError, match="3 kv heads and 6 query heads"):
+        lp.query_keep(torch.ones(4, dtype=torch.bool), q_per_kv)
+
+
 @pytest.mark.parametrize("args", [MHA, GQA], ids=["mha", "gqa"])
 def test_masked_model_equals_sliced_model(args):
     model = random_model(args).double()
