@@ -40,8 +40,10 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """y = x @ (q * scale).T computed as (x @ q.T) * scale, (..., in) -> (..., out): q in x's float dtype is exact
     (|q| <= 127 needs 7 bits, bf16 has 8), and the scale, one per output row, multiplies y after the matmul in
     float32 (or in x's dtype if wider). The only float W is the cast of q, a temporary."""
-    y = F.linear(x, q.to(x.dtype))  # (..., out)
-    return (y * scale).to(x.dtype)  # bf16 * float32 computes in float32
+    y = F.linear(x, q.to(x.dtype)) * scale  # (..., out); bf16 * float32 computes in float32
+    # no .to() where it would do nothing: torch 2.11 on CUDA compiled Int8Matmul whose forward ended in a no-op
+    # .to() (float32 x) with a zero gradient for its output, so dL/dx = 0 (tests/gpu_checks.py found it)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int8_grad_input(grad_y: Tensor, q: Tensor, scale: Tensor) -> Tensor:

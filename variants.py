@@ -9,6 +9,7 @@ imports this file). None of them is in the paper; each is opt-in in run.py, and 
 
 Shapes as in loraprune.py: W (out, in); A (r, in); B (out, r); per layer K kv heads, H query heads, F channels.
 """
+import os
 from typing import Optional
 
 import torch
@@ -73,9 +74,11 @@ def l2_normalized(v: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # criterion 'exact': Eq. 3's group sums from each projection's own backward, at LoRA's memory, compiled or not.
 # A probe (llama.LoRALinear.probe) leaves the projection's output as it is and puts an autograd.Function on it whose
-# backward forms dL/dW = dy^T x a block of rows at a time and returns its row and column sums as the gradient of the
-# probe's parameter: autograd accumulates them over micro-batches, an activation checkpoint recomputes x like any
-# activation, DDP all-reduces them like any gradient, and torch.compile traces them into the block's graph.
+# backward forms dL/dW = dy^T x and returns the row and column sums of Eq. 3 as the gradient of the probe's parameter:
+# autograd accumulates them over micro-batches, an activation checkpoint recomputes x like any activation, DDP
+# all-reduces them like any gradient, and torch.compile traces them into the block's graph. gradient_sums below is
+# the reference form (a block of rows at a time); on CUDA one Triton pass over dL/dW does the rest (exact_kernel.py):
+# 1.26-1.37x the default's 7B micro-step where this form took 1.40-1.42x (bench/RESULTS.md).
 
 
 def merged_block(W: Tensor, scales: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor], scaling: float,
@@ -121,6 +124,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def fused_gradient_sums():
+    """exact_kernel.gradient_sums (one Triton pass over dL/dW; on CUDA: as gradient_sums, at a fraction of its
+    elementwise cost), or None where triton is not installed."""
+    try:
+        import exact_kernel
+    except ImportError:
+        return None
+    return exact_kernel.gradient_sums
+
+
 class _GradientSums(torch.autograd.Function):
     """y as it is; backward passes dL/dy through and returns gradient_sums (rows, then columns) as the gradient of
     `sums` (out + in,). x is saved as autograd saves an activation (recomputed under a checkpoint); W, A, B are the
@@ -135,9 +148,13 @@ class _GradientSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, W, scales, A, B = ctx.saved_tensors
-        rows, cols = gradient_sums(x, dy, lambda r: merged_block(W, scales, A, B, ctx.scaling, r), ctx.square,
-                                   ctx.chunk_rows)
-        return dy, None, torch.cat([rows, cols]), None, None, None, None, None, None, None
+        fused = fused_gradient_sums() if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
+        if fused is not None:
+            sums = fused(x, dy, W, scales, A, B, ctx.scaling, ctx.square)
+        else:
+            sums = torch.cat(gradient_sums(x, dy, lambda r: merged_block(W, scales, A, B, ctx.scaling, r),
+                                           ctx.square, ctx.chunk_rows))
+        return dy, None, sums, None, None, None, None, None, None, None
 
 
 class _SampledGradient(torch.autograd.Function):

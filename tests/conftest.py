@@ -366,7 +366,7 @@ def random_model(args, r=4, seed=0, lora_b=0.1):
 def random_batch(model, seed=1, T=16, B=2):
     """(B, T+1) random tokens from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.args.vocab_size, (B, T + 1), generator=g)
+    return torch.randint(0, model.args.vocab_size, (B, T + 1), generator=g).to(next(model.parameters()).device)
 
 
 def loss_and_grads(model, seed=1, T=16, B=2):
