@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from s*gB@A, columns from s*B@gA (Eq. 10's gB@A scrambles the columns of wo and w2; with "
                    "--normalize level with Eq. 10 or slightly ahead in studies/RESULTS.md, behind it in some "
                    "cells). exact: Eq. 3 from each projection's own backward at LoRA's memory (compiled too): "
-                   "vanilla's masks, the best measured, for 1.4x the step time. vanilla: Eq. 3 from dL/dW "
+                   "vanilla's masks, the best measured, for 1.26-1.37x the step time (7B, H100). vanilla: Eq. 3 from dL/dW "
                    "(LLM-Pruner's). magnitude, random: baselines")
     g.add_argument("--exact-sample", type=int, metavar="K", help="with --criterion exact and gradient "
                    "accumulation: keep K importance-sampled columns of each projection's batch gradient (unbiased) "

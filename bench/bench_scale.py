@@ -48,6 +48,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: llama, loraprune, train
 import llama  # noqa: E402
 import loraprune  # noqa: E402
+import variants  # noqa: E402
 from common import (Run, chosen_parts, lora_model, matmul_rate, peaks, pruning_steps, read_results, reset,  # noqa: E402
                     step_flops, step_fn, sync, table, timed)
 
@@ -110,22 +111,32 @@ def kernel_profile(step, out: Path, n: int = 2, top: int = 15) -> dict:
 # part: the 7B micro-step, with MFU
 
 
+def time_7b(model, params, pruner, T: int, small: bool) -> dict:
+    """The micro-step's and the criterion's seconds, and the memory after building and at peak."""
+    weights = peaks().get("allocated_gib")
+    r = pruning_steps(step_fn(model, params, pruner, T), T, warm=1 if small else 2, n=2 if small else 5, at_warm=peaks)
+    return dict(weights_gib=weights, **r, **peaks())
+
+
 def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool, backend: str,
            profile: bool = False):
     w0, mode, criterion = (variant.split(":") + ["lora"])[:3]
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
-    model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
-    weights = peaks().get("allocated_gib")
-    step = step_fn(model, params, pruner, T)
-    r = pruning_steps(step, T, warm=1 if small else 2, n=2 if small else 5, at_warm=peaks)
-    r.update(peaks())
+    fused = variants.fused_gradient_sums
+    if criterion == "exact-unfused":  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
+        variants.fused_gradient_sums, criterion = (lambda: None), "exact"
+    try:
+        model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
+        r = time_7b(model, params, pruner, T, small)
+    finally:
+        variants.fused_gradient_sums = fused
     if profile:
-        r.update(kernel_profile(step, run.out_dir / f"profile_7b_{w0}.txt"))
+        r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / f"profile_7b_{w0}.txt"))
     fl = step_flops(args, T)
     hw = fl["useful"] if mode == "nockpt" else fl["hardware"]
     mfu = (lambda f: round(f / r["microstep_s"] / 1e12 / rate, 3)) if rate else (lambda f: None)
-    run.log(**tag, wall_s=round(time.perf_counter() - t0, 1), weights_gib=weights, **r,
+    run.log(**tag, wall_s=round(time.perf_counter() - t0, 1), **r,
             hardware_tflops=round(hw / r["microstep_s"] / 1e12, 1), mfu_hardware=mfu(hw), mfu_useful=mfu(fl["useful"]),
             useful_tflop=round(fl["useful"] / 1e12, 2), hardware_tflop=round(hw / 1e12, 2))
     del model, params, pruner
@@ -316,7 +327,8 @@ def main():
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
-                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora)")
+                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora, or exact-unfused: exact "
+                   "without exact_kernel, its torch form)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")

@@ -1,10 +1,12 @@
 """Does criterion 'exact' (variants.ExactSums, Eq. 3 from each projection's own backward) give vanilla's sums (from
 W.grad) on the device it runs on, with and without compiled blocks and activation checkpointing? One micro-batch, so
 the two must agree (in bf16 up to rounding: both form dL/dW in bf16). Prints the largest relative difference of the
-row and column sums per configuration.
+row and column sums per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
+(2048 tokens, r 8), the kernel (exact_kernel.py) beside dy^T x alone and the unfused torch form.
 
-    python bench/check_exact.py            # cuda if available
+    python bench/check_exact.py [--speed]   # cuda if available
 """
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama  # noqa: E402
 import variants  # noqa: E402
+from common import timed  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
@@ -49,7 +52,31 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
     return worst
 
 
+def speed(T: int = 2048, r: int = 8, reps: int = 20) -> None:
+    """Median ms of each form of Eq. 3's sums per projection shape of LLaMA-7B, and its rate counted as dy^T x."""
+    import exact_kernel
+    print("| out x in | form | ms | TFLOP/s (2·T·out·in) |\n|---|---|---|---|")
+    for out_features, in_features in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        g = torch.Generator("cuda").manual_seed(0)
+        x, dy, W, A, B = (torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16) for s in
+                          [(T, in_features), (T, out_features), (out_features, in_features), (r, in_features),
+                           (out_features, r)])
+        forms = {"dy^T x alone (torch.matmul)": lambda: dy.T @ x,
+                 "exact_kernel.gradient_sums": lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True),
+                 "variants.gradient_sums (torch)": lambda: variants.gradient_sums(
+                     x, dy, lambda rows: variants.merged_block(W, None, A, B, 2.0, rows))}
+        for name, fn in forms.items():
+            for _ in range(3):  # warm-up (and the kernel's tuning)
+                fn()
+            ms = 1e3 * statistics.median(timed(fn) for _ in range(reps))
+            tflops = 2 * T * out_features * in_features / ms / 1e9
+            print(f"| {out_features} x {in_features} | {name} | {ms:.3f} | {tflops:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
+    if "--speed" in sys.argv:
+        speed()
+        sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch {torch.__version__}")
     print("| dtype | compiled | checkpoint | max relative difference of exact vs W.grad sums (3 steps) |")
