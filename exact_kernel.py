@@ -6,9 +6,8 @@ shape, compiled, that cost about as much as the product itself. Here torch forms
 (cuBLAS, as autograd forms W.grad; one projection's G at a time: 86 MiB at 7B's MLP in bf16), and one Triton kernel
 reads it once: each program takes a tile of G, builds the same tile of M from W (int8 with its row scales, or float)
 and the rank-r LoRA factors in registers, and adds the tile's row and column sums of (G ⊙ M)^2 into the output with
-atomics. (A kernel that also forms G in registers, never writing it, ran at 300-330 TFLOP/s on an H100 against
-cuBLAS's 700: slower than writing G and reading it back. At 7B the pass adds about 45% to cuBLAS's product:
-bench/RESULTS.md.)
+atomics. (A Triton matmul that also kept G in registers, never writing it, was tried: on an H100 it ran at well
+under half of cuBLAS's rate, slower than writing G and reading it back; bench/RESULTS.md.)
 
 Imports triton at the top: variants imports this file only for tensors on a CUDA device (or under TRITON_INTERPRET=1,
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it
@@ -47,7 +46,7 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
     tl.atomic_add(sums_ptr + OUT + i, tl.sum(I, axis=0), mask=in_i)
 
 
-TILE = (64, 128, 4)  # BLOCK_O, BLOCK_I, warps: see bench/RESULTS.md
+TILE = (64, 128, 4)  # BLOCK_O, BLOCK_I, warps: among the fastest of the tiles tried on an H100 (the pass reads memory)
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
