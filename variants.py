@@ -9,6 +9,7 @@ imports this file). None of them is in the paper; each is opt-in in run.py, and 
 
 Shapes as in loraprune.py: W (out, in); A (r, in); B (out, r); per layer K kv heads, H query heads, F channels.
 """
+import functools
 import os
 from typing import Optional
 
@@ -124,6 +125,7 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@functools.cache  # once: without triton, each backward would search the path for it again
 def fused_gradient_sums():
     """exact_kernel.gradient_sums (one Triton pass over dL/dW; on CUDA: as gradient_sums, at a fraction of its
     elementwise cost), or None where triton is not installed."""
