@@ -2,11 +2,10 @@
 W.grad) on the device it runs on, with and without compiled blocks and activation checkpointing? One micro-batch, so
 the two must agree (in bf16 up to rounding: both form dL/dW in bf16). Prints the largest relative difference of the
 row and column sums per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
-(2048 tokens, r 8), the kernel (exact_kernel.py) beside dy^T x alone and the unfused torch form.
+(2048 tokens, r 8), the kernel (exact_kernel.py; float and int8 W) beside dy^T x alone and the unfused torch form.
 
     python bench/check_exact.py [--speed]   # cuda if available
 """
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama  # noqa: E402
+import quant8  # noqa: E402
 import variants  # noqa: E402
-from common import timed  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
@@ -52,8 +51,11 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
     return worst
 
 
-def speed(T: int = 2048, r: int = 8, reps: int = 20) -> None:
-    """Median ms of each form of Eq. 3's sums per projection shape of LLaMA-7B, and its rate counted as dy^T x."""
+def speed(T: int = 2048, r: int = 8) -> None:
+    """Median ms of each form of Eq. 3's sums per projection shape of LLaMA-7B (CUDA events around each call:
+    triton.testing.do_bench), and its rate counted as dy^T x."""
+    import triton
+
     import exact_kernel
     print("| out x in | form | ms | TFLOP/s (2·T·out·in) |\n|---|---|---|---|")
     for out_features, in_features in [(4096, 4096), (11008, 4096), (4096, 11008)]:
@@ -61,14 +63,15 @@ def speed(T: int = 2048, r: int = 8, reps: int = 20) -> None:
         x, dy, W, A, B = (torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16) for s in
                           [(T, in_features), (T, out_features), (out_features, in_features), (r, in_features),
                            (out_features, r)])
+        q, scales = quant8.quantize(W)
         forms = {"dy^T x alone (torch.matmul)": lambda: dy.T @ x,
                  "exact_kernel.gradient_sums": lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True),
+                 "exact_kernel.gradient_sums, int8 W": lambda: exact_kernel.gradient_sums(x, dy, q, scales, A, B, 2.0,
+                                                                                         True),
                  "variants.gradient_sums (torch)": lambda: variants.gradient_sums(
                      x, dy, lambda rows: variants.merged_block(W, None, A, B, 2.0, rows))}
         for name, fn in forms.items():
-            for _ in range(3):  # warm-up (and the kernel's tuning)
-                fn()
-            ms = 1e3 * statistics.median(timed(fn) for _ in range(reps))
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             tflops = 2 * T * out_features * in_features / ms / 1e9
             print(f"| {out_features} x {in_features} | {name} | {ms:.3f} | {tflops:.0f} |", flush=True)
 
