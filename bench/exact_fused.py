@@ -8,7 +8,7 @@ from TMA loads of dy and x (float32 accumulators), rounds it to the activations'
 reads W's tile, builds M = W + s * B @ A (tl.dot, r padded to 16) and adds the row and column sums of (G ⊙ M)^2 into
 the output with atomics. The knobs are the variants swept (see VARIANTS).
 
-    python bench/exact_fused.py            # CUDA: each variant against dy^T x alone and exact_kernel, LLaMA-7B shapes
+    python bench/exact_fused.py [--shapes 4096x4096,...]   # CUDA: each variant against dy^T x and exact_kernel
     TRITON_INTERPRET=1 python bench/exact_fused.py --check   # CPU: each variant equals Eq. 3 by hand (float32)
 """
 import argparse
@@ -149,15 +149,15 @@ def check() -> None:
             assert err < 1e-5 or "not exact" in name, f"{name}: expected Eq. 3 by hand within 1e-5, found {err:.1e}"
 
 
-def speed(T: int = 2048, r: int = 8) -> None:
+def speed(shapes: list, T: int = 2048, r: int = 8) -> None:
     """Median ms (CUDA events, triton.testing.do_bench) of each variant at LLaMA-7B's projection shapes, bf16
     activations and W, float32 LoRA factors as training keeps them; beside dy^T x alone and exact_kernel."""
     import exact_kernel
     print(f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; T {T}, r {r}; ms (x dy^T x alone), relative error of the sums, registers / spills")
-    print("| variant | 4096 x 4096 | 11008 x 4096 | 4096 x 11008 |\n|---|---|---|---|")
+    print("| variant | " + " | ".join(f"{o} x {i}" for o, i in shapes) + " |\n|---|" + "---|" * len(shapes))
     rows = {}
-    for out_f, in_f in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+    for out_f, in_f in shapes:
         g = torch.Generator("cuda").manual_seed(0)
         x, dy, W = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in [(T, in_f), (T, out_f), (out_f, in_f)])
         A, B = (torch.randn(*s, device="cuda", generator=g) * 0.1 for s in [(r, in_f), (out_f, r)])
@@ -187,5 +187,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare each variant with Eq. 3 by hand (CPU: set "
                     "TRITON_INTERPRET=1)")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="out x in of each projection timed")
     args = ap.parse_args()
-    check() if args.check else speed()
+    check() if args.check else speed([tuple(map(int, s.split("x"))) for s in args.shapes.split(",")])
