@@ -1,6 +1,6 @@
 """What needs a CUDA device to be tested: exact_kernel.gradient_sums (criterion 'exact') against Eq. 3 by hand, the
 probes that call it (eager and in compiled blocks) against W.grad, and compiled int8 matmuls against eager. Run it on a
-GPU (`python -m pytest tests/gpu_checks.py`); tests/test_exact_kernel.py runs it on the CPU under the Triton interpreter
+GPU (`python -m pytest tests/gpu_checks.py`); tests/test_gpu_checks.py runs it on the CPU under the Triton interpreter
 (TRITON_INTERPRET=1, set before triton is imported), bf16 aside. Not collected with the rest: outside those two it has
 nothing to run."""
 import os
