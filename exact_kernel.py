@@ -22,10 +22,10 @@ from torch import Tensor
 
 
 @triton.jit
-def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, rows_ptr, cols_ptr, OUT, IN, scaling, stride_g, stride_w,
-                     stride_a, stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr,
+def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
+                     stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr,
                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """rows (OUT,) += row sums, cols (IN,) += column sums, of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) on one
+    """sums (OUT + IN,) += row sums, then column sums, of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) on one
     (BLOCK_O, BLOCK_I) tile: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A;
     W (OUT, IN), A (R, IN), B (OUT, R)."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # rows of W
@@ -42,51 +42,41 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, rows_ptr, cols_ptr,
         M += scaling * b[:, None] * a[None, :]
     I = G * M  # Eq. 3 on the tile; zero outside W, where G is
     I = I * I if SQUARE else tl.abs(I)
-    tl.atomic_add(rows_ptr + o, tl.sum(I, axis=1), mask=in_o)
-    tl.atomic_add(cols_ptr + i, tl.sum(I, axis=0), mask=in_i)
+    tl.atomic_add(sums_ptr + o, tl.sum(I, axis=1), mask=in_o)
+    tl.atomic_add(sums_ptr + OUT + i, tl.sum(I, axis=0), mask=in_i)
 
 
 TILE = (64, 128, 4)  # BLOCK_O, BLOCK_I, warps: among the fastest of the tiles tried on an H100 (the pass reads memory)
-CHUNK_BYTES = 0  # G formed and read this many bytes of rows at a time (0: whole)
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
 def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
-                  B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
-                  chunk_bytes: Optional[int] = None) -> Tensor:
+                  B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None) -> Tensor:
     """Row sums (out,), then column sums (in,), of (G ⊙ M)^2 (Eq. 3; |G ⊙ M| unless `square`), one float32 tensor
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. `tile` = [BLOCK_O, BLOCK_I, warps]
-    (default TILE); G is formed and read `chunk_bytes` of its rows at a time (default CHUNK_BYTES; 0: whole)."""
+    (default TILE)."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
         raise ValueError(f"gradient_sums: expected x (N, {W.shape[1]}) and dy (N, {W.shape[0]}) of one dtype for W "
                          f"{tuple(W.shape)}, found x {tuple(x.shape)} {x.dtype} and dy {tuple(dy.shape)} {dy.dtype}")
+    G = dy.T @ x  # (out, N) @ (N, in): dL/dW, as autograd forms it
     W = W.contiguous()
     out_features, in_features = W.shape
     r = 0 if A is None else A.shape[0]
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
-    scales = W if scales is None else scales
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
     block_o, block_i, warps = tile or TILE
-    rows = out_features
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if chunk_bytes:
-        rows = max(block_o, chunk_bytes // (in_features * x.element_size()) // block_o * block_o)
-    G = x.new_empty(min(rows, out_features), in_features)
-    for r0 in range(0, out_features, rows):
-        r1 = min(r0 + rows, out_features)
-        g = torch.mm(dy.T[r0:r1], x, out=G[:r1 - r0])  # (rows, N) @ (N, in): rows of dL/dW, as autograd forms it
-        grid = (triton.cdiv(r1 - r0, block_o), triton.cdiv(in_features, block_i))
-        _eq3_sums_kernel[grid](g, W[r0:r1], scales[r0:r1] if scales is not W else W, A, B[r0:r1] if r else B,
-                               sums[r0:r1], sums[out_features:], r1 - r0, in_features, float(scaling), g.stride(0),
-                               W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not W, SQUARE=square,
-                               BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps)
+    grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
+    _eq3_sums_kernel[grid](G, W, W if scales is None else scales, A, B, sums, out_features, in_features,
+                           float(scaling), G.stride(0), W.stride(0), A.stride(0), B.stride(0), R=r,
+                           HAS_SCALES=scales is not None, SQUARE=square, BLOCK_O=block_o, BLOCK_I=block_i,
+                           num_warps=warps)
     return sums
 
 
 @gradient_sums.register_fake
-def _(x, dy, W, scales, A, B, scaling, square, tile=None, chunk_bytes=None):
+def _(x, dy, W, scales, A, B, scaling, square, tile=None):
     return x.new_empty(W.shape[0] + W.shape[1], dtype=torch.float32)

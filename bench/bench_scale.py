@@ -123,20 +123,14 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     w0, mode, criterion = (variant.split(":") + ["lora"])[:3]
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
-    fused, chunk = variants.fused_gradient_sums, None
+    fused = variants.fused_gradient_sums
     if criterion == "exact-unfused":  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums, criterion = (lambda: None), "exact"
-    if criterion.startswith("exact-chunk"):  # exact_kernel forming dL/dW this many MiB of its rows at a time
-        import exact_kernel
-        chunk, exact_kernel.CHUNK_BYTES = exact_kernel.CHUNK_BYTES, int(criterion[len("exact-chunk"):]) << 20
-        criterion = "exact"
     try:
         model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
         r = time_7b(model, params, pruner, T, small)
     finally:
         variants.fused_gradient_sums = fused
-        if chunk is not None:
-            exact_kernel.CHUNK_BYTES = chunk
     if profile:
         r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / f"profile_7b_{w0}.txt"))
     fl = step_flops(args, T)
@@ -333,9 +327,8 @@ def main():
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
-                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora, exact-unfused: exact "
-                   "without exact_kernel, its torch form, or exact-chunkN: exact_kernel forming dL/dW N MiB at a "
-                   "time)")
+                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora, or exact-unfused: exact "
+                   "without exact_kernel, its torch form)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")

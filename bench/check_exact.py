@@ -4,7 +4,7 @@ the two must agree (in bf16 up to rounding: both form dL/dW in bf16). Prints the
 row and column sums per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
 (2048 tokens, r 8), the kernel (exact_kernel.py; float and int8 W) beside dy^T x alone and the unfused torch form.
 
-    python bench/check_exact.py [--speed [--graph]]   # cuda if available; --graph: each form replayed as a CUDA graph
+    python bench/check_exact.py [--speed]   # cuda if available
 """
 import sys
 from pathlib import Path
@@ -51,7 +51,7 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
     return worst
 
 
-def speed(T: int = 2048, r: int = 8, graphed: bool = False) -> None:
+def speed(T: int = 2048, r: int = 8) -> None:
     """Median ms of each form of Eq. 3's sums per projection shape of LLaMA-7B (CUDA events around each call:
     triton.testing.do_bench), and its rate counted as dy^T x."""
     import triton
@@ -68,24 +68,17 @@ def speed(T: int = 2048, r: int = 8, graphed: bool = False) -> None:
                  "exact_kernel.gradient_sums": lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True),
                  "exact_kernel.gradient_sums, int8 W": lambda: exact_kernel.gradient_sums(x, dy, q, scales, A, B, 2.0,
                                                                                          True),
-                 **{f"exact_kernel.gradient_sums, G {mib} MiB at a time": (lambda mib=mib: exact_kernel.gradient_sums(
-                     x, dy, W, None, A, B, 2.0, True, None, mib << 20)) for mib in (8, 16, 32)},
                  "variants.gradient_sums (torch)": lambda: variants.gradient_sums(
                      x, dy, lambda rows: variants.merged_block(W, None, A, B, 2.0, rows))}
         for name, fn in forms.items():
-            if graphed and "torch" in name:
-                continue  # the torch form's cost is not launches
-            if graphed:  # replayed as one CUDA graph: the GPU's time, without the host's launches between kernels
-                ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            else:
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             tflops = 2 * T * out_features * in_features / ms / 1e9
             print(f"| {out_features} x {in_features} | {name} | {ms:.3f} | {tflops:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
     if "--speed" in sys.argv:
-        speed(graphed="--graph" in sys.argv)
+        speed()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch {torch.__version__}")
