@@ -8,7 +8,7 @@ reads it once: each program takes a tile of G, builds the same tile of M from W 
 and the rank-r LoRA factors in registers, and adds the tile's row and column sums of (G ⊙ M)^2 into the output with
 atomics. (A Triton matmul with these sums in its epilogue, G never written, was tried: its product runs at cuBLAS's
 rate, but its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md.
-G formed in chunks small enough to stay in L2 was tried too: more launches, and no faster where it was measured.)
+G formed in chunks small enough to stay in L2 was tried too: more launches, slower in the one call that timed it.)
 
 Imports triton at the top: variants imports this file only for tensors on a CUDA device (or under TRITON_INTERPRET=1,
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it
