@@ -75,11 +75,11 @@ def l2_normalized(v: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # criterion 'exact': Eq. 3's group sums from each projection's own backward, at LoRA's memory, compiled or not.
 # A probe (llama.LoRALinear.probe) leaves the projection's output as it is and puts an autograd.Function on it whose
-# backward forms dL/dW = dy^T x and returns the row and column sums of Eq. 3 as the gradient of the probe's parameter:
-# autograd accumulates them over micro-batches, an activation checkpoint recomputes x like any activation, DDP
-# all-reduces them like any gradient, and torch.compile traces them into the block's graph. gradient_sums below is
-# the reference form (a block of rows at a time); on CUDA one Triton pass over dL/dW does the rest (exact_kernel.py):
-# 1.26-1.37x the default's 7B micro-step where this form took 1.40-1.42x (bench/RESULTS.md).
+# backward forms dL/dW = dy^T x and returns the row sums of Eq. 3 (the column sums for wo and w2: the side Eq. 4 reads)
+# as the gradient of the probe's parameter: autograd accumulates them over micro-batches, an activation checkpoint
+# recomputes x like any activation, DDP all-reduces them like any gradient, and torch.compile traces them into the
+# block's graph. gradient_sums below is the reference form (a block of rows at a time, both sides); on CUDA one Triton
+# pass over dL/dW does the rest (exact_kernel.py; 7B micro-step times against the default's in bench/RESULTS.md).
 
 
 def merged_block(W: Tensor, scales: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor], scaling: float,
@@ -142,21 +142,22 @@ class _GradientSums(torch.autograd.Function):
     projection's own parameters."""
 
     @staticmethod
-    def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows):
+    def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows, by_rows):
         ctx.save_for_backward(x, W, scales, A, B)
-        ctx.scaling, ctx.square, ctx.chunk_rows = scaling, square, chunk_rows
+        ctx.scaling, ctx.square, ctx.chunk_rows, ctx.by_rows = scaling, square, chunk_rows, by_rows
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
         x, W, scales, A, B = ctx.saved_tensors
         fused = fused_gradient_sums() if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
-        if fused is not None:
-            sums = fused(x, dy, W, scales, A, B, ctx.scaling, ctx.square)
+        if fused is not None:  # one side only where asked: the kernel's other reduction is not free
+            sums = fused(x, dy, W, scales, A, B, ctx.scaling, ctx.square, None, ctx.by_rows is not False,
+                         ctx.by_rows is not True)
         else:
             sums = torch.cat(gradient_sums(x, dy, lambda r: merged_block(W, scales, A, B, ctx.scaling, r),
                                            ctx.square, ctx.chunk_rows))
-        return dy, None, sums, None, None, None, None, None, None, None
+        return dy, None, sums, None, None, None, None, None, None, None, None
 
 
 class _SampledGradient(torch.autograd.Function):
@@ -176,23 +177,27 @@ class _SampledGradient(torch.autograd.Function):
 
 
 class ExactProbe(nn.Module):
-    """Criterion 'exact' on one projection: after backward, `sums.grad` (out + in,) holds the row and column sums of
-    Eq. 3 of every micro-batch since the last take(), added (see ExactSums)."""
+    """Criterion 'exact' on one projection: after backward, `sums.grad` (out + in,) holds the row sums (by_rows True),
+    the column sums (False) or both (None) of Eq. 3 of every micro-batch since the last take(), added (see ExactSums);
+    a side not kept reads zero."""
 
-    def __init__(self, lin, square: bool = True, chunk_rows: Optional[int] = None):
+    def __init__(self, lin, by_rows: Optional[bool], square: bool = True, chunk_rows: Optional[int] = None):
         super().__init__()
         self.sums = nn.Parameter(torch.zeros(lin.out_features + lin.in_features, device=lin.weight.device))
-        self.square, self.chunk_rows = square, chunk_rows or max(1, 2**24 // lin.in_features)
+        self.by_rows, self.square = by_rows, square
+        self.chunk_rows = chunk_rows or max(1, 2**24 // lin.in_features)
 
     def forward(self, x: Tensor, y: Tensor, lin) -> Tensor:
         return _GradientSums.apply(y, x, self.sums, lin.weight, lin.scales, lin.lora_A, lin.lora_B, lin.scaling,
-                                   self.square, self.chunk_rows)
+                                   self.square, self.chunk_rows, self.by_rows)
 
     def take(self, lin) -> tuple[Tensor, Tensor]:
-        """(row sums (out,), column sums (in,)) since the last take; zeroes them."""
+        """(row sums (out,), column sums (in,)) since the last take, the side not kept zero; zeroes them."""
         g, self.sums.grad = self.sums.grad, None
         g = torch.zeros_like(self.sums) if g is None else g.detach() / world_size()  # see ExactSums on DDP
-        return g[:lin.out_features], g[lin.out_features:]
+        rows, cols = g[:lin.out_features], g[lin.out_features:]
+        return (rows if self.by_rows is not False else torch.zeros_like(rows),
+                cols if self.by_rows is not True else torch.zeros_like(cols))
 
 
 class SampledProbe(nn.Module):
@@ -266,6 +271,8 @@ class ExactSums:
     the probes' gradients over the processes; as each process's dL/dy is that of its own share's mean loss, N times
     the whole batch's, the averaged squares are N times those of one process on the whole batch, and take() divides
     by N (the sampled columns are linear in dL/dy: their average is already the whole batch's).
+    Each probe keeps the side of its projection that Eq. 4 reads (loraprune.Pruner.score: rows of wq, wk, wv, w1, w3,
+    columns of wo and w2); the other side reads zero.
     sample=k instead keeps k sampled columns of the batch gradient per projection (SampledProbe): an unbiased estimate
     of the batch's Eq. 4 sums whatever the accumulation, at (out + in) * k floats per projection. Its generator, draws
     and last-step norms are its state_dict, so a resumed run draws as an unbroken one."""
@@ -276,8 +283,9 @@ class ExactSums:
         self.linears = {}  # (layer, projection name) -> LoRALinear
         for l in layers:
             for name, lin in projections(model, l).items():
-                lin.probe = (SampledProbe(lin, name not in ("wo", "w2"), sample, square, self.generator) if sample
-                             else ExactProbe(lin, square))
+                by_rows = name not in ("wo", "w2")  # the side Eq. 4 reads (loraprune.Pruner.score)
+                lin.probe = (SampledProbe(lin, by_rows, sample, square, self.generator) if sample
+                             else ExactProbe(lin, by_rows, square))
                 self.linears[l, name] = lin
 
     def __call__(self, linear) -> tuple[Tensor, Tensor]:

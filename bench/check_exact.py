@@ -1,10 +1,11 @@
 """Does criterion 'exact' (variants.ExactSums, Eq. 3 from each projection's own backward) give vanilla's sums (from
 W.grad) on the device it runs on, with and without compiled blocks and activation checkpointing? One micro-batch, so
 the two must agree (in bf16 up to rounding: both form dL/dW in bf16). Prints the largest relative difference of the
-row and column sums per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
-(2048 tokens, r 8), the kernel (exact_kernel.py; float and int8 W) beside dy^T x alone and the unfused torch form.
+sums Eq. 4 reads per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
+(2048 tokens, r 8), the kernel (exact_kernel.py; float and int8 W, both sides or the one ExactSums asks) beside
+dy^T x alone and the unfused torch form; with --sweep, the kernel's pass at each tile of SWEEP.
 
-    python bench/check_exact.py [--speed]   # cuda if available
+    python bench/check_exact.py [--speed | --sweep]   # cuda if available
 """
 import sys
 from pathlib import Path
@@ -45,10 +46,25 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
         for name, lin in llama.projections(model, 1).items():
             W = lin.merged_weight(torch.float32)
             I = (lin.weight.grad.float() * W).square()
-            for mine, ref in zip(got[name], (I.sum(1), I.sum(0))):
-                worst = max(worst, ((mine - ref).abs().max() / ref.abs().max()).item())
+            side = 1 if name in ("wo", "w2") else 0  # the side the probe keeps (Eq. 4's); the other reads zero
+            mine, ref = got[name][side], I.sum(1 - side)
+            worst = max(worst, ((mine - ref).abs().max() / ref.abs().max()).item())
         model.zero_grad(set_to_none=True)
     return worst
+
+
+SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # out x in: wq wk wv wo; w1 w3; w2
+LAYER = [((4096, 4096), "rows", 3), ((4096, 4096), "cols", 1), ((11008, 4096), "rows", 2), ((4096, 11008), "cols", 1)]
+SWEEP = {"rows": [(32, 64, 4, 4), (32, 128, 8, 4), (32, 64, 4, 2), (32, 64, 4, 8), (32, 64, 2, 4), (16, 64, 2, 4),
+                  (32, 128, 8, 2), (32, 128, 8, 8), (64, 64, 8, 4), (32, 64, 8, 4), (16, 128, 4, 2), (64, 128, 4, 1)],
+         "cols": [(64, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 8), (128, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 4),
+                  (64, 64, 8, 4), (128, 32, 4, 4), (64, 64, 2, 4), (32, 64, 4, 4), (256, 32, 8, 4), (64, 128, 4, 1)]}
+
+
+def inputs(out_features: int, in_features: int, T: int, r: int):
+    g = torch.Generator("cuda").manual_seed(0)
+    return (torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16) for s in
+            [(T, in_features), (T, out_features), (out_features, in_features), (r, in_features), (out_features, r)])
 
 
 def speed(T: int = 2048, r: int = 8) -> None:
@@ -58,16 +74,17 @@ def speed(T: int = 2048, r: int = 8) -> None:
 
     import exact_kernel
     print("| out x in | form | ms | TFLOP/s (2·T·out·in) |\n|---|---|---|---|")
-    for out_features, in_features in [(4096, 4096), (11008, 4096), (4096, 11008)]:
-        g = torch.Generator("cuda").manual_seed(0)
-        x, dy, W, A, B = (torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16) for s in
-                          [(T, in_features), (T, out_features), (out_features, in_features), (r, in_features),
-                           (out_features, r)])
+    for out_features, in_features in SHAPES_7B:
+        x, dy, W, A, B = inputs(out_features, in_features, T, r)
         q, scales = quant8.quantize(W)
+        side = dict(rows=out_features >= in_features, cols=out_features < in_features)  # as ExactSums asks it
         forms = {"dy^T x alone (torch.matmul)": lambda: dy.T @ x,
-                 "exact_kernel.gradient_sums": lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True),
-                 "exact_kernel.gradient_sums, int8 W": lambda: exact_kernel.gradient_sums(x, dy, q, scales, A, B, 2.0,
-                                                                                         True),
+                 "exact_kernel.gradient_sums, both sides": lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B,
+                                                                                               2.0, True),
+                 f"exact_kernel.gradient_sums, {'rows' if side['rows'] else 'columns'}": lambda: (
+                     exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True, None, **side)),
+                 "exact_kernel.gradient_sums, int8 W, both sides": lambda: exact_kernel.gradient_sums(
+                     x, dy, q, scales, A, B, 2.0, True),
                  "variants.gradient_sums (torch)": lambda: variants.gradient_sums(
                      x, dy, lambda rows: variants.merged_block(W, None, A, B, 2.0, rows))}
         for name, fn in forms.items():
@@ -76,9 +93,49 @@ def speed(T: int = 2048, r: int = 8) -> None:
             print(f"| {out_features} x {in_features} | {name} | {ms:.3f} | {tflops:.0f} |", flush=True)
 
 
+def sweep(T: int = 2048, r: int = 8) -> None:
+    """exact_kernel's pass at each tile of SWEEP, one side at a time (as ExactSums asks it): ms of G and the pass
+    beyond dy^T x alone per shape, and a layer's sum for that side (LAYER: wq, wk, wv take rows at 4096 x 4096, w1 and
+    w3 at 11008 x 4096; wo columns at 4096 x 4096, w2 at 4096 x 11008). Ends with each side's fastest tile."""
+    import triton
+
+    import exact_kernel
+    ms = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    base, cells = {}, {}
+    for shape in SHAPES_7B:
+        x, dy, W, A, B = inputs(*shape, T, r)
+        base[shape] = ms(lambda: dy.T @ x)
+        for shape_, side, _ in LAYER:
+            for tile in SWEEP[side] if shape_ == shape else []:
+                fn = lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True, list(tile), side == "rows",
+                                                        side == "cols")
+                cells[tile, shape, side] = ms(fn) - base[shape]
+        print(f"({shape[0]} x {shape[1]} done)", file=sys.stderr, flush=True)
+    layer_base = sum(base[shape] * n for shape, _, n in LAYER)
+    print(f"T {T}, r {r}, bf16; dy^T x alone: " + ", ".join(f"{o} x {i} {base[o, i]:.3f} ms" for o, i in SHAPES_7B)
+          + f"; a layer {layer_base:.3f} ms")
+    best = {}
+    for side, tiles in SWEEP.items():
+        parts = [(shape, n) for shape, s, n in LAYER if s == side]
+        print(f"\n| {side}: tile (BLOCK_O, BLOCK_I, warps, steps) | "
+              + " | ".join(f"{o} x {i} (x{n}) ms" for (o, i), n in parts) + " | the layer's, ms |\n|---|"
+              + "---|" * (len(parts) + 1))
+        totals = {tile: sum(cells[tile, shape, side] * n for shape, n in parts) for tile in tiles}
+        for tile in tiles:
+            print(f"| {tile} | " + " | ".join(f"{cells[tile, shape, side]:.3f}" for shape, _ in parts)
+                  + f" | {totals[tile]:.3f} |", flush=True)
+        best[side] = min(totals, key=totals.get)
+    passes = sum(min(sum(cells[t, shape, side] * n for shape, s, n in LAYER if s == side) for t in SWEEP[side])
+                 for side in SWEEP)
+    print(f"\na layer's passes at the best tiles {passes:.3f} ms: the layer {(layer_base + passes) / layer_base:.3f}x "
+          "dy^T x alone")
+    for side, tile in best.items():
+        print(f"best {side} tile: {'x'.join(map(str, tile))}")
+
+
 if __name__ == "__main__":
-    if "--speed" in sys.argv:
-        speed()
+    if "--speed" in sys.argv or "--sweep" in sys.argv:
+        speed() if "--speed" in sys.argv else sweep()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch {torch.__version__}")

@@ -36,23 +36,32 @@ SHAPES = [(37, 50, 70, 8), (64, 96, 64, 0), (130, 33, 200, 16)]
 DTYPES = [torch.float32] + ([] if INTERPRETED else [torch.bfloat16])
 
 
+# (tile, rows, cols): one tile a program, several (a walk whose last tiles lie past W), the default; each side alone
+TILINGS = [([16, 32, 4, 1], True, True), ([8, 16, 4, 3], True, False), ([8, 16, 4, 3], False, True),
+           (None, True, True), (None, True, False), (None, False, True)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tile", [[16, 32, 4], None], ids=lambda t: str(t or "default-tile"))
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: f"{t[0] or 'default-tile'}-{'rows' * t[1]}{'cols' * t[2]}")
 @pytest.mark.parametrize("square", [True, False], ids=["square", "abs"])
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernel_equals_eq3_by_hand(shape, int8, square, tile, dtype):
+def test_kernel_equals_eq3_by_hand(shape, int8, square, tiling, dtype):
+    """Row and column sums as asked (a side not asked stays zero) against Eq. 3 in float64."""
     N, out_features, in_features, r = shape
+    tile, rows, cols = tiling
     g = torch.Generator().manual_seed(N + r)
     x, dy = (torch.randn(2, N, n, generator=g).to(DEVICE, dtype) for n in (in_features, out_features))  # 2N tokens
     W, scales = torch.randn(out_features, in_features, generator=g), None
     W, scales = quant8.quantize(W) if int8 else (W.to(dtype), None)
     A, B = (torch.randn(r, in_features, generator=g), torch.randn(out_features, r, generator=g)) if r else (None, None)
     W, scales, A, B = (t if t is None else t.to(DEVICE) for t in (W, scales, A, B))
-    got = exact_kernel.gradient_sums(x, dy, W, scales, A, B, 2.0, square, tile)
+    got = exact_kernel.gradient_sums(x, dy, W, scales, A, B, 2.0, square, tile, rows, cols)
     G = dy.flatten(0, 1).T @ x.flatten(0, 1)  # dL/dW in the activations' dtype, as the kernel reads it
     want = eq3_sums_by_hand(G, W, scales, A, B, 2.0, square)
     assert got.dtype == torch.float32 and want.abs().min() > 0
+    want[:out_features] *= rows
+    want[out_features:] *= cols
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 

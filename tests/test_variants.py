@@ -195,14 +195,16 @@ def per_micro_batch_eq3(twin, layers, seeds):
 
 
 def assert_exact_sums(criterion, expected, layers):
+    """The side Eq. 4 reads of every projection (rows; columns of wo and w2) equals `expected`, the other is zero."""
     for l in layers:
         got = criterion.take(l)
         assert set(got) == set(llama.PROJECTIONS)
         for name, pair in got.items():
-            for mine, ref in zip(pair, expected[l, name]):
-                assert ref.abs().sum() > 0
-                torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
-        assert all(r.abs().sum() == 0 for r, _ in criterion.take(l).values())  # take() zeroed them
+            kept = 1 if name in ("wo", "w2") else 0
+            ref = expected[l, name][kept]
+            assert ref.abs().sum() > 0 and pair[1 - kept].abs().sum() == 0
+            torch.testing.assert_close(pair[kept], ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+        assert all(p.abs().sum() == 0 for pair in criterion.take(l).values() for p in pair)  # take() zeroed them
 
 
 def exact_model(int8: bool):
