@@ -124,7 +124,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
     fused = variants.fused_gradient_sums
-    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxS
+    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxSxD
     if "unfused" in knobs:  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums = lambda: None
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
@@ -247,9 +247,14 @@ def summary(results: list, command: str) -> str:
            "bf16 matmul: not measured"]
     sevens = [r for r in R if r.get("part") == "7b"]
     bf16 = {r["mode"]: r for r in sevens if r["w0"] == "bf16" and r.get("criterion", "lora") == "lora"}
-    rows = [[r["w0"], r["mode"], r.get("criterion", "lora"), r["microstep_s"], r.get("peak_gib"), r["tokens_per_s"], r["hardware_tflops"],
-             r["mfu_hardware"], r["mfu_useful"], r["criterion_s"],
-             round(r["microstep_s"] / bf16[r["mode"]]["microstep_s"], 3) if r["mode"] in bf16 else None,
+
+    def default_of(r):  # the bf16 default row of r's mode run last before r (rows given alternating pair up)
+        before = [d for d in sevens[:sevens.index(r)] if d["w0"] == "bf16" and d["mode"] == r["mode"]
+                  and d.get("criterion", "lora") == "lora"]
+        return before[-1] if before else bf16.get(r["mode"])
+    rows = [[r["w0"], r["mode"], r.get("criterion", "lora"), r["microstep_s"], r.get("peak_gib"), r["tokens_per_s"],
+             r["hardware_tflops"], r["mfu_hardware"], r["mfu_useful"], r["criterion_s"],
+             round(r["microstep_s"] / default_of(r)["microstep_s"], 3) if default_of(r) else None,
              round(anchor["s_per_step_median"] / r["microstep_s"], 2) if anchor else None] for r in sevens]
     if rows:
         out.append("LLaMA-7B LoRA micro-step (forward + backward + AdamW), T=2048; mode: a recompute budget "
@@ -257,7 +262,7 @@ def summary(results: list, command: str) -> str:
                    + (f"; anchor (HF+PEFT, gradient checkpointing): {anchor['s_per_step_median']} s, "
                       f"{anchor['peak_gib']} GiB" if anchor else "") + "\n\n"
                    + table(["W0", "mode", "criterion", "s", "peak GiB", "tok/s", "hw TFLOP/s", "MFU hw", "MFU useful",
-                            "criterion s", "/ bf16 same mode", "anchor / ours"], rows))
+                            "criterion s", "/ bf16 default before it", "anchor / ours"], rows))
         for r in sevens:
             ms = {k[len("kernel_ms_"):]: v for k, v in r.items() if k.startswith("kernel_ms_")}
             if ms:
@@ -292,9 +297,14 @@ def summary(results: list, command: str) -> str:
     targets.append(["7B int8 step / bf16 step <= 1.25", ratio, verdict(ratio, lambda v: v <= 1.25)])
     targets.append(["7B int8 step: peak GiB <= 9", i8 and i8.get("peak_gib"), verdict(i8 and i8.get("peak_gib"),
                                                                                       lambda v: v <= 9)])
-    ex = next((r for r in sevens if r["w0"] == "bf16" and r["mode"] == default and r.get("criterion") == "exact"), None)
-    ratio = round(ex["microstep_s"] / b["microstep_s"], 3) if b and ex else None
-    targets.append(["7B criterion exact, compiled: step / the default's <= 1.25", ratio,
+    exacts = [r for r in sevens if r["w0"] == "bf16" and r["mode"] == default and default_of(r)  # exact as run.py
+              and r.get("criterion", "").split("-")[0] == "exact"  # runs it (its tiles aside)
+              and not {"unfused", "both"} & set(r["criterion"].split("-"))]
+    ex = exacts[0] if exacts else None
+    ratios = [r["microstep_s"] / default_of(r)["microstep_s"] for r in exacts]
+    ratio = round(statistics.mean(ratios), 3) if ratios else None
+    targets.append(["7B criterion exact, compiled: step / the default's <= 1.25 (mean over pairs)",
+                    f"{ratio} ({len(ratios)}: " + ", ".join(f"{v:.3f}" for v in ratios) + ")" if ratios else None,
                     verdict(ratio, lambda v: v <= 1.25)])
     extra = round(ex["peak_gib"] - b["peak_gib"], 2) if b and ex and ex.get("peak_gib") and b.get("peak_gib") else None
     targets.append(["7B criterion exact, compiled: peak GiB - the default's <= 1", extra,
@@ -338,9 +348,10 @@ def main():
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
-                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after dashes: "
-                   "unfused (without exact_kernel, its torch form), both (both sides' sums), SIDEtileBOxBIxWARPSxSTEPS "
-                   "(exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. exact-rowstile32x64x4x4)")
+                   "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
+                   "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
+                   "SIDEtileBOxBIxWARPSxSTEPSxDOT (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
+                   "exact-rowstile32x64x4x4x1)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
