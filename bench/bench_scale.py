@@ -131,7 +131,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
              if "tile" in k}
     if tiles:  # exact_kernel.TILES for this row (imports triton: CUDA only)
         import exact_kernel
-        tiles, exact_kernel.TILES = exact_kernel.TILES, dict(exact_kernel.TILES, **tiles)
+        saved_tiles, exact_kernel.TILES = exact_kernel.TILES, dict(exact_kernel.TILES, **tiles)
     try:
         model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
         if "both" in knobs:  # both sides' sums, as the kernel formed them before it formed only Eq. 4's side
@@ -141,7 +141,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     finally:
         variants.fused_gradient_sums = fused
         if tiles:
-            exact_kernel.TILES = tiles
+            exact_kernel.TILES = saved_tiles
     if profile:
         r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / f"profile_7b_{w0}.txt"))
     fl = step_flops(args, T)

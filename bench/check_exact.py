@@ -114,7 +114,7 @@ def sweep(T: int = 2048, r: int = 8) -> None:
     layer_base = sum(base[shape] * n for shape, _, n in LAYER)
     print(f"T {T}, r {r}, bf16; dy^T x alone: " + ", ".join(f"{o} x {i} {base[o, i]:.3f} ms" for o, i in SHAPES_7B)
           + f"; a layer {layer_base:.3f} ms")
-    best = {}
+    best, passes = {}, 0.0
     for side, tiles in SWEEP.items():
         parts = [(shape, n) for shape, s, n in LAYER if s == side]
         print(f"\n| {side}: tile (BLOCK_O, BLOCK_I, warps, steps) | "
@@ -125,8 +125,7 @@ def sweep(T: int = 2048, r: int = 8) -> None:
             print(f"| {tile} | " + " | ".join(f"{cells[tile, shape, side]:.3f}" for shape, _ in parts)
                   + f" | {totals[tile]:.3f} |", flush=True)
         best[side] = min(totals, key=totals.get)
-    passes = sum(min(sum(cells[t, shape, side] * n for shape, s, n in LAYER if s == side) for t in SWEEP[side])
-                 for side in SWEEP)
+        passes += totals[best[side]]
     print(f"\na layer's passes at the best tiles {passes:.3f} ms: the layer {(layer_base + passes) / layer_base:.3f}x "
           "dy^T x alone")
     for side, tile in best.items():

@@ -66,11 +66,12 @@ def test_kernel_equals_eq3_by_hand(shape, int8, square, tiling, dtype):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("int8, checkpoint, compiled", [(False, False, False), (True, True, False),
-                                                        (False, True, True), (True, True, True)],
+@pytest.mark.parametrize("int8, checkpoint, compiled, both", [(False, False, False, False), (True, True, False, False),
+                                                              (False, True, True, False), (True, True, True, False),
+                                                              (False, True, True, True)],
                          ids=["float", "int8-checkpointing", "float-checkpointing-compiled",
-                              "int8-checkpointing-compiled"])
-def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled):
+                              "int8-checkpointing-compiled", "float-checkpointing-compiled-both-sides"])
+def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both):
     """variants.ExactSums on the device, where its probes' backward calls the kernel: two micro-batches a step for two
     steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break."""
     from torch._dynamo.utils import counters
@@ -79,6 +80,8 @@ def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compi
     twin = float_twin(model)
     model.checkpoint_activations = checkpoint
     criterion = variants.ExactSums(model, [1])
+    for lin in criterion.linears.values():
+        lin.probe.by_rows = None if both else lin.probe.by_rows  # None: both sides (bench_scale's `both`)
     if compiled:
         llama.compile_blocks(model)
     counters.clear()
@@ -86,7 +89,7 @@ def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compi
         seeds = [10 * step + 1, 10 * step + 2]
         for seed in seeds:
             loss_and_grads(model, seed=seed)
-        assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1])
+        assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1], both)
         model.zero_grad(set_to_none=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()

@@ -194,16 +194,19 @@ def per_micro_batch_eq3(twin, layers, seeds):
     return total
 
 
-def assert_exact_sums(criterion, expected, layers):
-    """The side Eq. 4 reads of every projection (rows; columns of wo and w2) equals `expected`, the other is zero."""
+def assert_exact_sums(criterion, expected, layers, both: bool = False):
+    """The side Eq. 4 reads of every projection (rows; columns of wo and w2) equals `expected`, the other is zero
+    (`both`: both sides equal it)."""
     for l in layers:
         got = criterion.take(l)
         assert set(got) == set(llama.PROJECTIONS)
         for name, pair in got.items():
             kept = 1 if name in ("wo", "w2") else 0
-            ref = expected[l, name][kept]
-            assert ref.abs().sum() > 0 and pair[1 - kept].abs().sum() == 0
-            torch.testing.assert_close(pair[kept], ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+            for side in (0, 1) if both else (kept,):
+                ref = expected[l, name][side]
+                assert ref.abs().sum() > 0
+                torch.testing.assert_close(pair[side], ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+            assert both or pair[1 - kept].abs().sum() == 0
         assert all(p.abs().sum() == 0 for pair in criterion.take(l).values() for p in pair)  # take() zeroed them
 
 
@@ -239,6 +242,17 @@ def test_exact_scores_equal_eq3_from_w_grad(micro_batches, checkpoint, int8):
     loss_and_grads(model, seed=3)
     assert all(lin.probe is None for lin in llama.projections(model, 1).values())
     assert not any("probe" in name for name, _ in model.named_parameters())  # removed: nothing left to add to
+
+
+def test_exact_probes_asked_for_both_sides_give_both():
+    """ExactProbe.by_rows = None (bench_scale's `both` knob) keeps the row and the column sums, each Eq. 3 from W.grad."""
+    model = exact_model(False)
+    twin = float_twin(model)
+    criterion = variants.ExactSums(model, [1])
+    for lin in criterion.linears.values():
+        lin.probe.by_rows = None
+    loss_and_grads(model, seed=1)
+    assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], [1]), [1], both=True)
 
 
 @pytest.mark.parametrize("int8, checkpoint, sample", [(False, False, None), (False, True, None), (True, True, None),
