@@ -86,7 +86,11 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def kernel_profile(step, out: Path, n: int = 2, top: int = 15) -> dict:
+def profile_name(variant: str) -> str:
+    return "profile_7b_" + variant.replace(":", "_") + ".txt"
+
+
+def kernel_profile(step, out: Path, n: int = 2, top: int = 40) -> dict:
     """torch.profiler over n steps: GPU kernel time per step by group (matmul, attention, elementwise, other) and
     the top kernels (written to `out`); on a CPU the aten ops' self time, only to run the code path."""
     from torch.profiler import ProfilerActivity, profile
@@ -124,7 +128,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
     fused = variants.fused_gradient_sums
-    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxS
+    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxSxD
     if "unfused" in knobs:  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums = lambda: None
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
@@ -143,7 +147,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
         if tiles:
             exact_kernel.TILES = saved_tiles
     if profile:
-        r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / f"profile_7b_{w0}.txt"))
+        r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / profile_name(variant)))
     fl = step_flops(args, T)
     hw = fl["useful"] if mode == "nockpt" else fl["hardware"]
     mfu = (lambda f: round(f / r["microstep_s"] / 1e12 / rate, 3)) if rate else (lambda f: None)
@@ -266,8 +270,10 @@ def summary(results: list, command: str) -> str:
         for r in sevens:
             ms = {k[len("kernel_ms_"):]: v for k, v in r.items() if k.startswith("kernel_ms_")}
             if ms:
-                out.append(f"Kernel time per step, {r['w0']} {r['mode']} (torch.profiler; top kernels in "
-                           f"profile_7b_{r['w0']}.txt): " + ", ".join(f"{g} {v} ms" for g, v in ms.items()))
+                variant = ":".join([r["w0"], r["mode"]] + ([r["criterion"]] if r.get("criterion", "lora") != "lora"
+                                                              else []))
+                out.append(f"Kernel time per step, {variant} (torch.profiler; top kernels in {profile_name(variant)}): "
+                           + ", ".join(f"{g} {v} ms" for g, v in ms.items()) + f"; all {sum(ms.values()):.2f} ms")
     rows = []
     for r in R:
         if r.get("phase") == "train":
@@ -350,8 +356,8 @@ def main():
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
                    "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
-                   "SIDEtileBOxBIxWARPSxSTEPS (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
-                   "exact-rowstile32x64x4x4)")
+                   "SIDEtileBOxBIxWARPSxSTEPSxDOT (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
+                   "exact-rowstile32x64x4x4x0)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
@@ -383,6 +389,7 @@ def main():
         reset()
     sevens = [("7b", v) for v in opts.seven.split(",") if "7b" in parts]
     sevens += [("more", v) for v in opts.more.split(",") if "more" in parts]
+    profiled = set()
     for part in PARTS[1:]:
         if part not in parts:
             continue
@@ -390,9 +397,12 @@ def main():
             for _, v in [x for x in sevens if x[0] == part]:
                 tag = dict(part="7b", w0=v.split(":")[0], mode=v.split(":")[1], seq=T,
                            criterion=(v.split(":") + ["lora"])[2])
+                first = v not in profiled  # profile each variant's first row
+                profiled.add(v)
                 if run.fits(need(35)):
                     guarded(run, tag, lambda: run_7b(run, device, S["7b"], T, v, rate, opts.small, opts.backend,
-                                                  profile=part == "7b" and v.endswith(f":{llama.RECOMPUTE_BUDGET}")))
+                                                  profile=part == "7b" and first and
+                                                  v.split(":")[1] == str(llama.RECOMPUTE_BUDGET)))
                 else:
                     run.skip(35, **tag)
         elif part == "anchor":
