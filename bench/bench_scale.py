@@ -31,6 +31,7 @@ summary.md (the tables); prints the short table last.
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -90,14 +91,16 @@ def profile_name(variant: str) -> str:
     return "profile_7b_" + variant.replace(":", "_") + ".txt"
 
 
-def kernel_profile(step, out: Path, n: int = 2, top: int = 40) -> dict:
-    """torch.profiler over n steps: GPU kernel time per step by group (matmul, attention, elementwise, other) and
-    the top kernels (written to `out`); on a CPU the aten ops' self time, only to run the code path."""
+def kernel_profile(step, out: Path, n: int = 3, top: int = 40) -> dict:
+    """torch.profiler over n forward + backward passes (step_fn's step.forward_backward, each between syncs): GPU
+    kernel time per pass by group (matmul, attention, elementwise, other), the time the GPU was busy (the union of
+    the kernels' intervals) against the wall time, and the top kernels (written to `out`); on a CPU the aten ops'
+    self time, only to run the code path."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for _ in range(n):
-            step()
+        wall = sum(timed(step.forward_backward) for _ in range(n))
     rows = []
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else (e.self_cpu_time_total if e.key.startswith("aten::") else 0)
@@ -107,8 +110,14 @@ def kernel_profile(step, out: Path, n: int = 2, top: int = 40) -> dict:
     groups = {}
     for name, ms, _ in rows:
         groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+    busy, end = 0.0, float("-inf")  # the union of the kernels' intervals, us
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                              if e.device_type == DeviceType.CUDA):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
     out.write_text("\n".join(f"{ms:9.3f} ms x{calls:5d} [{kernel_group(k)}] {k[:120]}" for k, ms, calls in rows[:top]) + "\n")
-    return {f"kernel_ms_{g}": round(ms, 2) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])}
+    return dict({f"kernel_ms_{g}": round(ms, 2) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])},
+                profile_wall_ms=round(wall / n * 1e3, 2), profile_busy_ms=round(busy / n / 1e3, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +147,15 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
         saved_tiles, exact_kernel.TILES = exact_kernel.TILES, dict(exact_kernel.TILES, **tiles)
     try:
         model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
+        if "nogc" in knobs:  # diagnosis: Python's collector off while timing
+            gc.collect()
+            gc.disable()
         if "both" in knobs:  # both sides' sums, as the kernel formed them before it formed only Eq. 4's side
             for lin in pruner.criterion.linears.values():
                 lin.probe.by_rows = None
         r = time_7b(model, params, pruner, T, small)
     finally:
+        gc.enable()
         variants.fused_gradient_sums = fused
         if tiles:
             exact_kernel.TILES = saved_tiles
@@ -272,8 +285,10 @@ def summary(results: list, command: str) -> str:
             if ms:
                 variant = ":".join([r["w0"], r["mode"]] + ([r["criterion"]] if r.get("criterion", "lora") != "lora"
                                                               else []))
-                out.append(f"Kernel time per step, {variant} (torch.profiler; top kernels in {profile_name(variant)}): "
-                           + ", ".join(f"{g} {v} ms" for g, v in ms.items()) + f"; all {sum(ms.values()):.2f} ms")
+                out.append(f"Kernel time per forward + backward, {variant} (torch.profiler; top kernels in "
+                           f"{profile_name(variant)}): " + ", ".join(f"{g} {v} ms" for g, v in ms.items())
+                           + f"; all {sum(ms.values()):.2f} ms; GPU busy {r['profile_busy_ms']} ms of "
+                           f"{r['profile_wall_ms']} ms wall")
     rows = []
     for r in R:
         if r.get("phase") == "train":

@@ -3,9 +3,10 @@ W.grad) on the device it runs on, with and without compiled blocks and activatio
 the two must agree (in bf16 up to rounding: both form dL/dW in bf16). Prints the largest relative difference of the
 sums Eq. 4 reads per configuration. With --speed, on CUDA: what the sums cost at LLaMA-7B's projection shapes
 (2048 tokens, r 8), the kernel (exact_kernel.py; float and int8 W, both sides or the one ExactSums asks) beside
-dy^T x alone and the unfused torch form; with --sweep, the kernel's pass at each tile of SWEEP.
+dy^T x alone and the unfused torch form; with --sweep, the kernel's pass at each tile of SWEEP; with --overhead,
+the host's time per call of the pass's pieces.
 
-    python bench/check_exact.py [--speed | --sweep]   # cuda if available
+    python bench/check_exact.py [--speed | --sweep | --overhead]   # cuda if available
 """
 import sys
 from pathlib import Path
@@ -132,9 +133,39 @@ def sweep(T: int = 2048, r: int = 8) -> None:
         print(f"best {side} tile: {'x'.join(map(str, tile))}")
 
 
+def overhead(calls: int = 2000) -> None:
+    """Host time per call of the exact pass's pieces at a tiny shape (64 x 64, 16 tokens: the GPU's part is
+    negligible, so `calls` calls queued without a sync take the host's time): what each of a 7B step's 196 calls
+    (7 projections x 28 pruned layers) costs the CPU that launches them."""
+    import time
+
+    import exact_kernel
+    x, dy, W, A, B = inputs(64, 64, 16, 8)
+    G, sums = dy.T @ x, torch.zeros(128, device="cuda")
+    body = exact_kernel.gradient_sums._init_fn  # the op's function without torch.library's dispatch around it
+    forms = {"exact_kernel.gradient_sums (the custom op, rows)":
+             lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True, None, True, False),
+             "its function body alone": lambda: body(x, dy, W, None, A, B, 2.0, True, None, True, False),
+             "dy^T x alone": lambda: dy.T @ x, "torch.zeros alone": lambda: torch.zeros(128, device="cuda"),
+             "the kernel's launch alone": lambda: exact_kernel._eq3_sums_kernel[(2, 1)](
+                 G, W, W, A, B, sums, 64, 64, 2.0, 64, 64, 64, 8, R=8, HAS_SCALES=False, SQUARE=True, ROWS=True,
+                 COLS=False, BLOCK_O=32, BLOCK_I=128, STEPS=4, DOT=False, RP=16, num_warps=8)}
+    print(f"| form | host us per call (median of 5 x {calls} calls) |\n|---|---|")
+    for name, fn in forms.items():
+        runs = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            runs.append((time.perf_counter() - t) / calls * 1e6)
+        print(f"| {name} | {sorted(runs[1:])[2]:.1f} |", flush=True)
+
+
 if __name__ == "__main__":
-    if "--speed" in sys.argv or "--sweep" in sys.argv:
-        speed() if "--speed" in sys.argv else sweep()
+    if "--speed" in sys.argv or "--sweep" in sys.argv or "--overhead" in sys.argv:
+        speed() if "--speed" in sys.argv else sweep() if "--sweep" in sys.argv else overhead()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch {torch.__version__}")

@@ -191,10 +191,13 @@ def step_fn(model, params, pruner, T: int, distill: float = 0.0):
     opt = torch.optim.AdamW(params, lr=1e-4)
     steps = iter(range(int(pruner.warmup * pruner.total_steps) + 1, 10**9))  # inside the cubic ramp
 
+    def forward_backward():
+        train.backward_batch(model, rows, 1, device, distill=distill)
+
     def step() -> tuple:
-        return (timed(lambda: train.backward_batch(model, rows, 1, device, distill=distill)),
-                timed(lambda: pruner.update(next(steps))),
+        return (timed(forward_backward), timed(lambda: pruner.update(next(steps))),
                 timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True))))
+    step.forward_backward = forward_backward  # the micro-step's own part, for a profile
     return step
 
 
@@ -210,6 +213,7 @@ def pruning_steps(step, T: int, warm: int, n: int, at_warm=None) -> dict:
     c = statistics.median(crit)
     return dict(microstep_s=round(micro, 4), forward_backward_s=round(statistics.median(fb), 4),
                 adamw_s=round(statistics.median(adam), 4), criterion_s=round(c, 3),
+                forward_backward_each_s=[round(t, 4) for t in fb],
                 tokens_per_s=round(T / micro, 1), tokens_per_s_paper=round(PAPER_ACCUM * T / (PAPER_ACCUM * micro + c), 1),
                 steps=f"{warm}+{n}")
 
