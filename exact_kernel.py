@@ -29,28 +29,26 @@ from torch import Tensor
 def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
                      stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr,
-                     DOT: tl.constexpr, RP: tl.constexpr):
+                     REVERSE: tl.constexpr):
     """sums (OUT + IN,) += row sums (ROWS), then column sums (COLS), of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) over STEPS
     (BLOCK_O, BLOCK_I) tiles: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A; W (OUT, IN),
     A (R, IN), B (OUT, R). A program walks along a row of tiles (down a column of tiles when only COLS), keeping the
-    sums it is walking along in registers and adding them once at the end."""
+    sums it is walking along in registers and adding them once at the end. REVERSE takes the programs and their
+    walks last to first."""
     DOWN: tl.constexpr = COLS and not ROWS
+    own, walk = tl.program_id(0), tl.program_id(1)
+    if REVERSE:  # the part of G written last by dy^T x may still be in L2
+        own, walk = tl.num_programs(0) - 1 - own, tl.num_programs(1) - 1 - walk
     if DOWN:
-        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
+        i = own * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
         in_i = i < IN
     else:
-        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
+        o = own * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
         in_o = o < OUT
-    j = tl.arange(0, RP)  # B @ A's inner dimension, r padded to a power of two >= 16 (tl.dot)
-    if DOT and R > 0:  # the factor that stays the same along the walk, loaded once
-        if DOWN:
-            a = tl.load(a_ptr + j[:, None] * stride_a + i[None, :], mask=(j < R)[:, None] & in_i[None, :], other=0)
-        else:
-            b = tl.load(b_ptr + o[:, None] * stride_b + j[None, :], mask=in_o[:, None] & (j < R)[None, :], other=0)
     row_sums = tl.zeros((BLOCK_O,), dtype=tl.float32)
     col_sums = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for step in range(STEPS):
-        block = tl.program_id(1) * STEPS + step
+        block = walk * STEPS + (STEPS - 1 - step if REVERSE else step)
         if DOWN:
             o = block * BLOCK_O + tl.arange(0, BLOCK_O)
             in_o = o < OUT
@@ -62,17 +60,12 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         M = tl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_tile, other=0).to(tl.float32)
         if HAS_SCALES:
             M = M * tl.load(scales_ptr + o, mask=in_o, other=0).to(tl.float32)[:, None]
-        if DOT and R > 0:  # s * B @ A's tile as one product in float32 (variants.merged_block's addmm)
-            if DOWN:
-                b = tl.load(b_ptr + o[:, None] * stride_b + j[None, :], mask=in_o[:, None] & (j < R)[None, :], other=0)
-            else:
-                a = tl.load(a_ptr + j[:, None] * stride_a + i[None, :], mask=(j < R)[:, None] & in_i[None, :], other=0)
-            M += scaling * tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-        else:
-            for jj in range(R):  # as r outer products, in a loop: unrolled, the loads of all r rows of A are hoisted
-                bj = tl.load(b_ptr + o * stride_b + jj, mask=in_o, other=0).to(tl.float32)  # and stay live, and
-                aj = tl.load(a_ptr + jj * stride_a + i, mask=in_i, other=0).to(tl.float32)  # fewer programs fit
-                M += scaling * bj[:, None] * aj[None, :]
+        # s * B @ A as r outer products (variants.merged_block's addmm), in a loop: unrolled, the loads of all r rows
+        # of A are hoisted and stay live, and fewer programs fit an SM; as one tl.dot (r padded to 16), twice as slow
+        for j in range(R):
+            b = tl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(tl.float32)
+            a = tl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(tl.float32)
+            M += scaling * b[:, None] * a[None, :]
         I = G * M  # Eq. 3 on the tile; zero outside W, where G is
         I = I * I if SQUARE else tl.abs(I)
         if ROWS:
@@ -88,7 +81,7 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
 
 
-# (BLOCK_O, BLOCK_I, warps, tiles per program, B @ A by tl.dot) per side asked: the fastest in
+# (BLOCK_O, BLOCK_I, warps, tiles per program, last to first) per side asked: the fastest in
 # `python bench/check_exact.py --sweep` on an H100 (bench/RESULTS.md); "both" is the kernel's first tile
 TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128, 4, 1, 0)}
 
@@ -101,7 +94,7 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
     or only the column sums (`rows` False): the other side stays zero. `tile` = [BLOCK_O, BLOCK_I, warps, tiles
-    per program, B @ A by tl.dot 0/1 (BLOCK_O, BLOCK_I >= 16)] (default TILES of the side asked)."""
+    per program, last to first 0/1] (default TILES of the side asked)."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
@@ -116,15 +109,14 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps, dot = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps, reverse = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
     _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, DOT=bool(dot),
-        RP=max(16, triton.next_power_of_2(max(r, 1))), num_warps=warps)
+        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, REVERSE=bool(reverse), num_warps=warps)
     return sums
 
 

@@ -137,7 +137,7 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
     fused = variants.fused_gradient_sums
-    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxSxD
+    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxSxR
     if "unfused" in knobs:  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums = lambda: None
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
@@ -371,7 +371,7 @@ def main():
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
                    "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
-                   "SIDEtileBOxBIxWARPSxSTEPSxDOT (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
+                   "SIDEtileBOxBIxWARPSxSTEPSxREVERSE (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
                    "exact-rowstile32x64x4x4x0)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
