@@ -90,6 +90,17 @@ TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128
 def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
                   B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
                   rows: bool = True, cols: bool = True) -> Tensor:
+    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, lambda kernel: kernel)
+
+
+@torch.library.triton_op("loraprune::gradient_sums_traced", mutates_args=())
+def gradient_sums_traced(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
+                         B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
+                         rows: bool = True, cols: bool = True) -> Tensor:
+    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, torch.library.wrap_triton)
+
+
+def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, launch) -> Tensor:
     """Row sums (out,), then column sums (in,), of (G ⊙ M)^2 (Eq. 3; |G ⊙ M| unless `square`), one float32 tensor
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
@@ -113,7 +124,7 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
+    launch(_eq3_sums_kernel)[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
         COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, REVERSE=bool(reverse), num_warps=warps)

@@ -140,6 +140,9 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxSxR
     if "unfused" in knobs:  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums = lambda: None
+    if "traced" in knobs:  # exact_kernel's pass as a triton_op: the compiler launches it (CUDA only)
+        import exact_kernel
+        variants.fused_gradient_sums = lambda: exact_kernel.gradient_sums_traced
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
              if "tile" in k}
     if tiles:  # exact_kernel.TILES for this row (imports triton: CUDA only)
@@ -370,9 +373,9 @@ def main():
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
-                   "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
-                   "SIDEtileBOxBIxWARPSxSTEPSxREVERSE (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
-                   "exact-rowstile32x64x4x4x0)")
+                   "dashes: unfused (without exact_kernel, its torch form), traced (its triton_op), nogc (Python's "
+                   "collector off), both (both sides' sums), SIDEtileBOxBIxWARPSxSTEPSxREVERSE "
+                   "(exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. exact-rowstile32x64x4x4x0)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
