@@ -28,27 +28,22 @@ from torch import Tensor
 @triton.jit
 def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
                      stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr,
-                     REVERSE: tl.constexpr):
+                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr):
     """sums (OUT + IN,) += row sums (ROWS), then column sums (COLS), of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) over STEPS
     (BLOCK_O, BLOCK_I) tiles: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A; W (OUT, IN),
     A (R, IN), B (OUT, R). A program walks along a row of tiles (down a column of tiles when only COLS), keeping the
-    sums it is walking along in registers and adding them once at the end. REVERSE takes the programs and their
-    walks last to first."""
+    sums it is walking along in registers and adding them once at the end."""
     DOWN: tl.constexpr = COLS and not ROWS
-    own, walk = tl.program_id(0), tl.program_id(1)
-    if REVERSE:  # the part of G written last by dy^T x may still be in L2
-        own, walk = tl.num_programs(0) - 1 - own, tl.num_programs(1) - 1 - walk
     if DOWN:
-        i = own * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
         in_i = i < IN
     else:
-        o = own * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
         in_o = o < OUT
     row_sums = tl.zeros((BLOCK_O,), dtype=tl.float32)
     col_sums = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for step in range(STEPS):
-        block = walk * STEPS + (STEPS - 1 - step if REVERSE else step)
+        block = tl.program_id(1) * STEPS + step
         if DOWN:
             o = block * BLOCK_O + tl.arange(0, BLOCK_O)
             in_o = o < OUT
@@ -81,31 +76,20 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
 
 
-# (BLOCK_O, BLOCK_I, warps, tiles per program, last to first) per side asked: the fastest in
+# (BLOCK_O, BLOCK_I, warps, tiles per program) per side asked: the fastest in
 # `python bench/check_exact.py --sweep` on an H100 (bench/RESULTS.md); "both" is the kernel's first tile
-TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128, 4, 1, 0)}
+TILES = {"rows": (32, 128, 8, 4), "cols": (64, 64, 4, 4), "both": (64, 128, 4, 1)}
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
 def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
                   B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
                   rows: bool = True, cols: bool = True) -> Tensor:
-    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, lambda kernel: kernel)
-
-
-@torch.library.triton_op("loraprune::gradient_sums_traced", mutates_args=())
-def gradient_sums_traced(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
-                         B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
-                         rows: bool = True, cols: bool = True) -> Tensor:
-    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, torch.library.wrap_triton)
-
-
-def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, launch) -> Tensor:
     """Row sums (out,), then column sums (in,), of (G ⊙ M)^2 (Eq. 3; |G ⊙ M| unless `square`), one float32 tensor
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
     or only the column sums (`rows` False): the other side stays zero. `tile` = [BLOCK_O, BLOCK_I, warps, tiles
-    per program, last to first 0/1] (default TILES of the side asked)."""
+    per program] (default TILES of the side asked)."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
@@ -120,14 +104,14 @@ def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, la
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps, reverse = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    launch(_eq3_sums_kernel)[(own, triton.cdiv(along, steps))](
+    _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, REVERSE=bool(reverse), num_warps=warps)
+        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps)
     return sums
 
 
