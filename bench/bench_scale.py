@@ -86,10 +86,6 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def profile_name(variant: str) -> str:
-    return "profile_7b_" + variant.replace(":", "_") + ".txt"
-
-
 def kernel_profile(step, out: Path, n: int = 3, top: int = 40) -> dict:
     """torch.profiler over n forward + backward passes (step_fn's step.forward_backward, each between syncs): GPU
     kernel time per pass by group (matmul, attention, elementwise, other), the time the GPU was busy (the union of
@@ -155,7 +151,8 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
         if tiles:
             exact_kernel.TILES = saved_tiles
     if profile:
-        r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / profile_name(variant)))
+        name = "profile_7b_" + variant.replace(":", "_") + ".txt"
+        r.update(kernel_profile(step_fn(model, params, pruner, T), run.out_dir / name), profile_file=name)
     fl = step_flops(args, T)
     hw = fl["useful"] if mode == "nockpt" else fl["hardware"]
     mfu = (lambda f: round(f / r["microstep_s"] / 1e12 / rate, 3)) if rate else (lambda f: None)
@@ -278,10 +275,9 @@ def summary(results: list, command: str) -> str:
         for r in sevens:
             ms = {k[len("kernel_ms_"):]: v for k, v in r.items() if k.startswith("kernel_ms_")}
             if ms:
-                variant = ":".join([r["w0"], r["mode"]] + ([r["criterion"]] if r.get("criterion", "lora") != "lora"
-                                                              else []))
-                out.append(f"Kernel time per forward + backward, {variant} (torch.profiler; top kernels in "
-                           f"{profile_name(variant)}): " + ", ".join(f"{g} {v} ms" for g, v in ms.items())
+                out.append(f"Kernel time per forward + backward, {r['w0']} {r['mode']} {r.get('criterion', 'lora')} "
+                           f"(torch.profiler; top kernels in {r['profile_file']}): "
+                           + ", ".join(f"{g} {v} ms" for g, v in ms.items())
                            + f"; all {sum(ms.values()):.2f} ms; GPU busy {r['profile_busy_ms']} ms of "
                            f"{r['profile_wall_ms']} ms wall")
     rows = []

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama  # noqa: E402
 import quant8  # noqa: E402
 import variants  # noqa: E402
+from common import timed  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
@@ -137,8 +138,6 @@ def overhead(calls: int = 2000) -> None:
     """Host time per call of the exact pass's pieces at a tiny shape (64 x 64, 16 tokens: the GPU's part is
     negligible, so `calls` calls queued without a sync take the host's time): what each of a 7B step's 196 calls
     (7 projections x 28 pruned layers) costs the CPU that launches them."""
-    import time
-
     import exact_kernel
     x, dy, W, A, B = inputs(64, 64, 16, 8)
     G, sums = dy.T @ x, torch.zeros(128, device="cuda")
@@ -152,14 +151,7 @@ def overhead(calls: int = 2000) -> None:
                  COLS=False, BLOCK_O=32, BLOCK_I=128, STEPS=4, num_warps=8)}
     print(f"| form | host us per call (median of 5 x {calls} calls) |\n|---|---|")
     for name, fn in forms.items():
-        runs = []
-        for _ in range(6):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-            runs.append((time.perf_counter() - t) / calls * 1e6)
+        runs = [timed(lambda: [fn() for _ in range(calls)]) / calls * 1e6 for _ in range(6)]  # the first warms up
         print(f"| {name} | {sorted(runs[1:])[2]:.1f} |", flush=True)
 
 
