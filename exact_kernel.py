@@ -17,6 +17,8 @@ Imports triton at the top: variants imports this file only for tensors on a CUDA
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it
 is, inside the backward it compiles.
 """
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -28,22 +30,27 @@ from torch import Tensor
 @triton.jit
 def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
                      stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr):
+                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr,
+                     REVERSE: tl.constexpr):
     """sums (OUT + IN,) += row sums (ROWS), then column sums (COLS), of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) over STEPS
     (BLOCK_O, BLOCK_I) tiles: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A; W (OUT, IN),
     A (R, IN), B (OUT, R). A program walks along a row of tiles (down a column of tiles when only COLS), keeping the
-    sums it is walking along in registers and adding them once at the end."""
+    sums it is walking along in registers and adding them once at the end. REVERSE takes the programs and their
+    walks last to first."""
     DOWN: tl.constexpr = COLS and not ROWS
+    own, walk = tl.program_id(0), tl.program_id(1)
+    if REVERSE:  # the part of G written last by dy^T x may still be in L2
+        own, walk = tl.num_programs(0) - 1 - own, tl.num_programs(1) - 1 - walk
     if DOWN:
-        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
+        i = own * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
         in_i = i < IN
     else:
-        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
+        o = own * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
         in_o = o < OUT
     row_sums = tl.zeros((BLOCK_O,), dtype=tl.float32)
     col_sums = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for step in range(STEPS):
-        block = tl.program_id(1) * STEPS + step
+        block = walk * STEPS + (STEPS - 1 - step if REVERSE else step)
         if DOWN:
             o = block * BLOCK_O + tl.arange(0, BLOCK_O)
             in_o = o < OUT
@@ -76,20 +83,40 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
 
 
-# (BLOCK_O, BLOCK_I, warps, tiles per program) per side asked: the fastest in
+# (BLOCK_O, BLOCK_I, warps, tiles per program, last to first) per side asked: the fastest in
 # `python bench/check_exact.py --sweep` on an H100 (bench/RESULTS.md); "both" is the kernel's first tile
-TILES = {"rows": (32, 128, 8, 4), "cols": (64, 64, 4, 4), "both": (64, 128, 4, 1)}
+TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128, 4, 1, 0)}
+
+
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream `gradient_sums(overlap=True)` runs its pass on, one per device."""
+    return torch.cuda.Stream(device)
+
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
 def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
                   B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
-                  rows: bool = True, cols: bool = True) -> Tensor:
+                  rows: bool = True, cols: bool = True, overlap: bool = False) -> Tensor:
+    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap, lambda kernel: kernel)
+
+
+@torch.library.triton_op("loraprune::gradient_sums_traced", mutates_args=())
+def gradient_sums_traced(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
+                         B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
+                         rows: bool = True, cols: bool = True, overlap: bool = False) -> Tensor:
+    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap,
+                          torch.library.wrap_triton)
+
+
+def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap, launch) -> Tensor:
     """Row sums (out,), then column sums (in,), of (G ⊙ M)^2 (Eq. 3; |G ⊙ M| unless `square`), one float32 tensor
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
     or only the column sums (`rows` False): the other side stays zero. `tile` = [BLOCK_O, BLOCK_I, warps, tiles
-    per program] (default TILES of the side asked)."""
+    per program, last to first 0/1] (default TILES of the side asked). `overlap`: the pass runs on side_stream(),
+    and the caller makes its stream wait for that one before it reads the result."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
@@ -104,17 +131,23 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps, reverse = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
-        G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
-        W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps)
+    side = side_stream(x.device) if overlap else None
+    if side is not None:  # the pass overlaps what the backward does next; sums is ready once side is waited for
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        G.record_stream(side)  # G's memory is not reused before the pass has read it
+        sums.record_stream(side)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        launch(_eq3_sums_kernel)[(own, triton.cdiv(along, steps))](
+            G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
+            W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
+            COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, REVERSE=bool(reverse), num_warps=warps)
     return sums
 
 
 @gradient_sums.register_fake
-def _(x, dy, W, scales, A, B, scaling, square, tile=None, rows=True, cols=True):
+def _(x, dy, W, scales, A, B, scaling, square, tile=None, rows=True, cols=True, overlap=False):
     return x.new_empty(W.shape[0] + W.shape[1], dtype=torch.float32)

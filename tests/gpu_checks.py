@@ -36,9 +36,10 @@ SHAPES = [(37, 50, 70, 8), (64, 96, 64, 0), (130, 33, 200, 16)]
 DTYPES = [torch.float32] + ([] if INTERPRETED else [torch.bfloat16])
 
 
-# (tile, rows, cols): one tile a program, several (a walk whose last tiles lie past W), the default tiles; each side
-# alone
-TILINGS = [([16, 32, 4, 1], True, True), ([8, 16, 4, 3], True, False), ([8, 16, 4, 3], False, True),
+# (tile, rows, cols): one tile a program, several (a walk whose last tiles lie past W), the walks taken last to first,
+# the default tiles; each side alone
+TILINGS = [([16, 32, 4, 1, 0], True, True), ([8, 16, 4, 3, 0], True, False), ([8, 16, 4, 3, 0], False, True),
+           ([16, 32, 4, 3, 1], True, False), ([32, 16, 4, 2, 1], False, True), ([16, 16, 4, 2, 1], True, True),
            (None, True, True), (None, True, False), (None, False, True)]
 
 
@@ -66,12 +67,15 @@ def test_kernel_equals_eq3_by_hand(shape, int8, square, tiling, dtype):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("int8, checkpoint, compiled, both", [(False, False, False, False), (True, True, False, False),
-                                                              (False, True, True, False), (True, True, True, False),
-                                                              (False, True, True, True)],
+@pytest.mark.parametrize("int8, checkpoint, compiled, both, overlap",
+                         [(False, False, False, False, False), (True, True, False, False, False),
+                          (False, True, True, False, False), (True, True, True, False, False),
+                          (False, True, True, True, False), (False, True, True, False, True),
+                          (True, False, False, False, True)],
                          ids=["float", "int8-checkpointing", "float-checkpointing-compiled",
-                              "int8-checkpointing-compiled", "float-checkpointing-compiled-both-sides"])
-def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both):
+                              "int8-checkpointing-compiled", "float-checkpointing-compiled-both-sides",
+                              "float-checkpointing-compiled-overlap", "int8-overlap"])
+def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both, overlap):
     """variants.ExactSums on the device, where its probes' backward calls the kernel: two micro-batches a step for two
     steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break."""
     from torch._dynamo.utils import counters
@@ -79,7 +83,11 @@ def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compi
     model = exact_model(int8).to(DEVICE)
     twin = float_twin(model)
     model.checkpoint_activations = checkpoint
-    criterion = variants.ExactSums(model, [1])
+    variants.OVERLAP = overlap  # the pass on a side stream (on a GPU; the interpreter has none)
+    try:
+        criterion = variants.ExactSums(model, [1])
+    finally:
+        variants.OVERLAP = False
     for lin in criterion.linears.values():
         lin.probe.by_rows = None if both else lin.probe.by_rows  # None: both sides (bench_scale's `both`)
     if compiled:
