@@ -86,13 +86,13 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
 # (BLOCK_O, BLOCK_I, warps, tiles per program, last to first) per side asked: the fastest in
 # `python bench/check_exact.py --sweep` on an H100 (bench/RESULTS.md); "both" is the kernel's first tile
 TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128, 4, 1, 0)}
+OVERLAP_PRODUCT = False  # with overlap, dy^T x on the side stream too (bench_scale's overlapall knob)
 
 
 @functools.cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream `gradient_sums(overlap=True)` runs its pass on, one per device."""
     return torch.cuda.Stream(device)
-
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
@@ -124,7 +124,12 @@ def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, ov
                          f"{tuple(W.shape)}, found x {tuple(x.shape)} {x.dtype} and dy {tuple(dy.shape)} {dy.dtype}")
     if not (rows or cols):
         raise ValueError("gradient_sums: expected rows, cols or both, found neither")
-    G = dy.T @ x  # (out, N) @ (N, in): dL/dW, as autograd forms it
+    side = side_stream(x.device) if overlap else None
+    product_aside = side is not None and OVERLAP_PRODUCT
+    if product_aside:  # a compiled graph may reuse x's and dy's memory once this returns: the side stream reads copies
+        x, dy = x.clone(), dy.clone()
+    else:
+        G = dy.T @ x  # (out, N) @ (N, in): dL/dW, as autograd forms it
     W = W.contiguous()
     out_features, in_features = W.shape
     r = 0 if A is None else A.shape[0]
@@ -135,12 +140,13 @@ def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, ov
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    side = side_stream(x.device) if overlap else None
     if side is not None:  # the pass overlaps what the backward does next; sums is ready once side is waited for
         side.wait_stream(torch.cuda.current_stream(x.device))
-        G.record_stream(side)  # G's memory is not reused before the pass has read it
-        sums.record_stream(side)
+        for t in [sums] + ([x, dy] if product_aside else [G]):
+            t.record_stream(side)  # memory not reused before the side stream has read it
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        if product_aside:
+            G = dy.T @ x
         launch(_eq3_sums_kernel)[(own, triton.cdiv(along, steps))](
             G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
             W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,

@@ -139,7 +139,10 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     if "traced" in knobs:  # exact_kernel's pass as a triton_op: the compiler launches it (CUDA only)
         import exact_kernel
         variants.fused_gradient_sums = lambda: exact_kernel.gradient_sums_traced
-    variants.OVERLAP = "overlap" in knobs or "side" in knobs  # exact_kernel's pass on a side stream
+    variants.OVERLAP = bool({"overlap", "overlapall", "side"} & set(knobs))  # exact_kernel's pass on a side stream
+    if "overlapall" in knobs:  # dy^T x there too, from copies of x and dy
+        import exact_kernel
+        exact_kernel.OVERLAP_PRODUCT = True
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
              if "tile" in k}
     if tiles:  # exact_kernel.TILES for this row (imports triton: CUDA only)
@@ -161,6 +164,8 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
         gc.enable()
         variants.fused_gradient_sums = fused
         variants.OVERLAP = False
+        if "overlapall" in knobs:
+            exact_kernel.OVERLAP_PRODUCT = False
         if tiles:
             exact_kernel.TILES = saved_tiles
     if profile:
@@ -375,7 +380,7 @@ def main():
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
                    "dashes: unfused (without exact_kernel, its torch form), traced (its triton_op), nogc (Python's "
-                   "collector off), overlap (the pass on a side stream), side (timing only: overlap with no wait), both (both sides' "
+                   "collector off), overlap (the pass on a side stream), overlapall (dy^T x there too), side (timing only: overlap with no wait), both (both sides' "
                    "sums), SIDEtileBOxBIxWARPSxSTEPSxREVERSE (exact_kernel.TILES[SIDE], SIDE rows, cols or both), "
                    "e.g. exact-rowstile32x64x4x4x0)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
