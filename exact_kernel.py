@@ -16,6 +16,13 @@ chunks small enough to stay in L2 was tried too: more launches, slower in the on
 Imports triton at the top: variants imports this file only for tensors on a CUDA device (or under TRITON_INTERPRET=1,
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it
 is, inside the backward it compiles.
+
+Three options, off by default and not yet timed on a GPU (bench_scale's knobs time them; bench/RESULTS.md): a tile's
+fifth field REVERSE walks last to first (the part of G that dy^T x wrote last may still be in L2); `overlap` runs the
+pass on side_stream(), beside the rest of the backward (variants.OVERLAP: the probe's gradient hook makes autograd wait
+for it), and OVERLAP_PRODUCT moves dy^T x there too, from copies of x and dy; gradient_sums_traced is the same body as
+a triton_op, which the compiler launches itself in place of a custom op's Python call (compiled on a GPU only: under
+the interpreter its fake tensors fail).
 """
 import contextlib
 import functools

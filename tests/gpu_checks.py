@@ -67,25 +67,35 @@ def test_kernel_equals_eq3_by_hand(shape, int8, square, tiling, dtype):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("int8, checkpoint, compiled, both, overlap",
-                         [(False, False, False, False, False), (True, True, False, False, False),
-                          (False, True, True, False, False), (True, True, True, False, False),
-                          (False, True, True, True, False), (False, True, True, False, True),
-                          (True, False, False, False, True)],
+@pytest.mark.parametrize("int8, checkpoint, compiled, both, form",
+                         [(False, False, False, False, "op"), (True, True, False, False, "op"),
+                          (False, True, True, False, "op"), (True, True, True, False, "op"),
+                          (False, True, True, True, "op"), (False, True, True, False, "overlap"),
+                          (True, False, False, False, "overlap"), (False, True, True, False, "traced"),
+                          (True, False, False, False, "traced")],
                          ids=["float", "int8-checkpointing", "float-checkpointing-compiled",
                               "int8-checkpointing-compiled", "float-checkpointing-compiled-both-sides",
-                              "float-checkpointing-compiled-overlap", "int8-overlap"])
-def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both, overlap):
+                              "float-checkpointing-compiled-overlap", "int8-overlap",
+                              "float-checkpointing-compiled-traced", "int8-traced"])
+def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both, form):
     """variants.ExactSums on the device, where its probes' backward calls the kernel: two micro-batches a step for two
-    steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break."""
+    steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break. The
+    pass as the custom op, on a side stream (overlap: a GPU only) or as the triton_op (traced: compiled on a GPU only,
+    its fake tensors fail under the interpreter)."""
+    if INTERPRETED and (form == "overlap" or form == "traced" and compiled):
+        pytest.skip(f"{form}: on a GPU only")
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     model = exact_model(int8).to(DEVICE)
     twin = float_twin(model)
     model.checkpoint_activations = checkpoint
-    variants.OVERLAP = overlap  # the pass on a side stream (on a GPU; the interpreter has none)
+    variants.OVERLAP = form == "overlap"
+    fused = variants.fused_gradient_sums
+    if form == "traced":
+        variants.fused_gradient_sums = lambda: exact_kernel.gradient_sums_traced
     try:
         criterion = variants.ExactSums(model, [1])
+        assert all(lin.probe.overlap == (form == "overlap") for lin in criterion.linears.values())
     finally:
         variants.OVERLAP = False
     for lin in criterion.linears.values():
@@ -93,12 +103,15 @@ def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compi
     if compiled:
         llama.compile_blocks(model)
     counters.clear()
-    for step in range(2):
-        seeds = [10 * step + 1, 10 * step + 2]
-        for seed in seeds:
-            loss_and_grads(model, seed=seed)
-        assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1], both)
-        model.zero_grad(set_to_none=True)
+    try:
+        for step in range(2):
+            seeds = [10 * step + 1, 10 * step + 2]
+            for seed in seeds:
+                loss_and_grads(model, seed=seed)
+            assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1], both)
+            model.zero_grad(set_to_none=True)
+    finally:
+        variants.fused_gradient_sums = fused
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
 
