@@ -144,7 +144,8 @@ class _GradientSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows, by_rows, overlap):
         ctx.save_for_backward(x, W, scales, A, B)
-        ctx.scaling, ctx.square, ctx.chunk_rows, ctx.by_rows, ctx.overlap = scaling, square, chunk_rows, by_rows, overlap
+        ctx.scaling, ctx.square, ctx.chunk_rows = scaling, square, chunk_rows
+        ctx.by_rows, ctx.overlap = by_rows, overlap
         return y.view_as(y)
 
     @staticmethod

@@ -380,9 +380,9 @@ def main():
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
                    "dashes: unfused (without exact_kernel, its torch form), traced (its triton_op), nogc (Python's "
-                   "collector off), overlap (the pass on a side stream), overlapall (dy^T x there too), side (timing only: overlap with no wait), both (both sides' "
-                   "sums), SIDEtileBOxBIxWARPSxSTEPSxREVERSE (exact_kernel.TILES[SIDE], SIDE rows, cols or both), "
-                   "e.g. exact-rowstile32x64x4x4x0)")
+                   "collector off), overlap (the pass on a side stream), overlapall (dy^T x there too), side (timing "
+                   "only: overlap with no wait), both (both sides' sums), SIDEtileBOxBIxWARPSxSTEPSxREVERSE "
+                   "(exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. exact-rowstile32x64x4x4x0)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
