@@ -177,7 +177,7 @@ class _SampledGradient(torch.autograd.Function):
         return dy, None, torch.cat([part.flatten(), norms]), None, None
 
 
-OVERLAP = False  # on CUDA, exact_kernel's pass on a side stream (bench_scale's overlap knob; timed there)
+OVERLAP = False  # on CUDA, exact_kernel's pass on a side stream (bench_scale's overlap knob; not yet timed on a GPU)
 
 
 def _after_side_stream(grad: Tensor) -> Tensor:

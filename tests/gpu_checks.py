@@ -80,37 +80,34 @@ PROBES = {"float": (False, False, False, False, "op"), "int8-checkpointing": (Tr
 
 
 @pytest.mark.parametrize("int8, checkpoint, compiled, both, form", PROBES.values(), ids=PROBES.keys())
-def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both, form):
+def test_probes_through_the_kernel_equal_eq3_from_w_grad(int8, checkpoint, compiled, both, form, monkeypatch):
     """variants.ExactSums on the device, where its probes' backward calls the kernel: two micro-batches a step for two
-    steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break."""
+    steps equal Eq. 3 from W.grad of a float twin, per micro-batch added; compiled blocks with no graph break.
+    Overlapped, the side stream is kept busy first, so sums added without waiting for it would be wrong."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     model = exact_model(int8).to(DEVICE)
     twin = float_twin(model)
     model.checkpoint_activations = checkpoint
-    variants.OVERLAP = form == "overlap"
-    fused = variants.fused_gradient_sums
+    monkeypatch.setattr(variants, "OVERLAP", form == "overlap")
     if form == "traced":
-        variants.fused_gradient_sums = lambda: exact_kernel.gradient_sums_traced
-    try:
-        criterion = variants.ExactSums(model, [1])
-        assert all(lin.probe.overlap == (form == "overlap") for lin in criterion.linears.values())
-    finally:
-        variants.OVERLAP = False
+        monkeypatch.setattr(variants, "fused_gradient_sums", lambda: exact_kernel.gradient_sums_traced)
+    criterion = variants.ExactSums(model, [1])
+    assert all(lin.probe.overlap == (form == "overlap") for lin in criterion.linears.values())
     for lin in criterion.linears.values():
         lin.probe.by_rows = None if both else lin.probe.by_rows  # None: both sides (bench_scale's `both`)
     if compiled:
         llama.compile_blocks(model)
     counters.clear()
-    try:
-        for step in range(2):
-            seeds = [10 * step + 1, 10 * step + 2]
-            for seed in seeds:
-                loss_and_grads(model, seed=seed)
-            assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1], both)
-            model.zero_grad(set_to_none=True)
-    finally:
-        variants.fused_gradient_sums = fused
+    for step in range(2):
+        seeds = [10 * step + 1, 10 * step + 2]
+        for seed in seeds:
+            if form == "overlap":  # ~50 ms of the side stream's time before the passes queued behind it
+                with torch.cuda.stream(exact_kernel.side_stream(torch.device(DEVICE, 0))):
+                    torch.cuda._sleep(100_000_000)
+            loss_and_grads(model, seed=seed)
+        assert_exact_sums(criterion, per_micro_batch_eq3(twin, [1], seeds), [1], both)
+        model.zero_grad(set_to_none=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
 
