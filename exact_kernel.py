@@ -11,21 +11,14 @@ wv, w1, w3; columns of wo, w2), and the pass computes only the side asked: the o
 sixth to a fifth of the pass's time at 7B's shapes. The tiles (TILES) are the fastest of a sweep on an H100.
 (A Triton matmul with these sums in its epilogue, G never written, was tried: its product runs at cuBLAS's rate, but
 its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md. G formed in
-chunks small enough to stay in L2 was tried too: more launches, slower in the one call that timed it.)
+chunks small enough to stay in L2 was tried too: more launches, slower in the one call that timed it. So were the
+pass on a side stream beside the rest of the backward, and the programs walking last to first: no faster, the GPU
+is never idle in this step and the pass on a side stream takes the SMs the backward's products would use.)
 
 Imports triton at the top: variants imports this file only for tensors on a CUDA device (or under TRITON_INTERPRET=1,
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it
 is, inside the backward it compiles.
-
-Three options, off by default and not yet timed on a GPU (bench_scale's knobs time them; bench/RESULTS.md): a tile's
-fifth field REVERSE walks last to first (the part of G that dy^T x wrote last may still be in L2); `overlap` runs the
-pass on side_stream(), beside the rest of the backward (variants.OVERLAP: the probe's gradient hook makes autograd wait
-for it), and OVERLAP_PRODUCT moves dy^T x there too, from copies of x and dy; gradient_sums_traced is the same body as
-a triton_op, which the compiler launches itself in place of a custom op's Python call (compiled on a GPU only: under
-the interpreter its fake tensors fail).
 """
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -37,27 +30,22 @@ from torch import Tensor
 @triton.jit
 def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
                      stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr,
-                     REVERSE: tl.constexpr):
+                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr):
     """sums (OUT + IN,) += row sums (ROWS), then column sums (COLS), of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) over STEPS
     (BLOCK_O, BLOCK_I) tiles: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A; W (OUT, IN),
     A (R, IN), B (OUT, R). A program walks along a row of tiles (down a column of tiles when only COLS), keeping the
-    sums it is walking along in registers and adding them once at the end. REVERSE takes the programs and their
-    walks last to first."""
+    sums it is walking along in registers and adding them once at the end."""
     DOWN: tl.constexpr = COLS and not ROWS
-    own, walk = tl.program_id(0), tl.program_id(1)
-    if REVERSE:  # the part of G written last by dy^T x may still be in L2
-        own, walk = tl.num_programs(0) - 1 - own, tl.num_programs(1) - 1 - walk
     if DOWN:
-        i = own * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # this program's columns of W
         in_i = i < IN
     else:
-        o = own * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # this program's rows of W
         in_o = o < OUT
     row_sums = tl.zeros((BLOCK_O,), dtype=tl.float32)
     col_sums = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for step in range(STEPS):
-        block = walk * STEPS + (STEPS - 1 - step if REVERSE else step)
+        block = tl.program_id(1) * STEPS + step
         if DOWN:
             o = block * BLOCK_O + tl.arange(0, BLOCK_O)
             in_o = o < OUT
@@ -90,40 +78,20 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
 
 
-# (BLOCK_O, BLOCK_I, warps, tiles per program, last to first) per side asked: the fastest in
+# (BLOCK_O, BLOCK_I, warps, tiles per program) per side asked: the fastest in
 # `python bench/check_exact.py --sweep` on an H100 (bench/RESULTS.md); "both" is the kernel's first tile
-TILES = {"rows": (32, 128, 8, 4, 0), "cols": (64, 64, 4, 4, 0), "both": (64, 128, 4, 1, 0)}
-OVERLAP_PRODUCT = False  # with overlap, dy^T x on the side stream too (bench_scale's overlapall knob)
-
-
-@functools.cache
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream `gradient_sums(overlap=True)` runs its pass on, one per device."""
-    return torch.cuda.Stream(device)
+TILES = {"rows": (32, 128, 8, 4), "cols": (64, 64, 4, 4), "both": (64, 128, 4, 1)}
 
 
 @torch.library.custom_op("loraprune::gradient_sums", mutates_args=())
 def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
                   B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
-                  rows: bool = True, cols: bool = True, overlap: bool = False) -> Tensor:
-    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap, lambda kernel: kernel)
-
-
-@torch.library.triton_op("loraprune::gradient_sums_traced", mutates_args=())
-def gradient_sums_traced(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A: Optional[Tensor],
-                         B: Optional[Tensor], scaling: float, square: bool, tile: Optional[list[int]] = None,
-                         rows: bool = True, cols: bool = True, overlap: bool = False) -> Tensor:
-    return _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap,
-                          torch.library.wrap_triton)
-
-
-def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, overlap, launch) -> Tensor:
+                  rows: bool = True, cols: bool = True) -> Tensor:
     """Row sums (out,), then column sums (in,), of (G ⊙ M)^2 (Eq. 3; |G ⊙ M| unless `square`), one float32 tensor
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
     or only the column sums (`rows` False): the other side stays zero. `tile` = [BLOCK_O, BLOCK_I, warps, tiles
-    per program, last to first 0/1] (default TILES of the side asked). `overlap`: the pass runs on side_stream(),
-    and the caller makes its stream wait for that one before it reads the result."""
+    per program] (default TILES of the side asked)."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
@@ -131,36 +99,24 @@ def _gradient_sums(x, dy, W, scales, A, B, scaling, square, tile, rows, cols, ov
                          f"{tuple(W.shape)}, found x {tuple(x.shape)} {x.dtype} and dy {tuple(dy.shape)} {dy.dtype}")
     if not (rows or cols):
         raise ValueError("gradient_sums: expected rows, cols or both, found neither")
-    side = side_stream(x.device) if overlap else None
-    product_aside = side is not None and OVERLAP_PRODUCT
-    if product_aside:  # a compiled graph may reuse x's and dy's memory once this returns: the side stream reads copies
-        x, dy = x.clone(), dy.clone()
-    else:
-        G = dy.T @ x  # (out, N) @ (N, in): dL/dW, as autograd forms it
+    G = dy.T @ x  # (out, N) @ (N, in): dL/dW, as autograd forms it
     W = W.contiguous()
     out_features, in_features = W.shape
     r = 0 if A is None else A.shape[0]
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps, reverse = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    if side is not None:  # the pass overlaps what the backward does next; sums is ready once side is waited for
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        for t in [sums] + ([x, dy] if product_aside else [G]):
-            t.record_stream(side)  # memory not reused before the side stream has read it
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        if product_aside:
-            G = dy.T @ x
-        launch(_eq3_sums_kernel)[(own, triton.cdiv(along, steps))](
-            G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
-            W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-            COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, REVERSE=bool(reverse), num_warps=warps)
+    _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
+        G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
+        W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
+        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps)
     return sums
 
 
 @gradient_sums.register_fake
-def _(x, dy, W, scales, A, B, scaling, square, tile=None, rows=True, cols=True, overlap=False):
+def _(x, dy, W, scales, A, B, scaling, square, tile=None, rows=True, cols=True):
     return x.new_empty(W.shape[0] + W.shape[1], dtype=torch.float32)

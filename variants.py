@@ -142,10 +142,9 @@ class _GradientSums(torch.autograd.Function):
     projection's own parameters."""
 
     @staticmethod
-    def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows, by_rows, overlap):
+    def forward(ctx, y, x, sums, W, scales, A, B, scaling, square, chunk_rows, by_rows):
         ctx.save_for_backward(x, W, scales, A, B)
-        ctx.scaling, ctx.square, ctx.chunk_rows = scaling, square, chunk_rows
-        ctx.by_rows, ctx.overlap = by_rows, overlap
+        ctx.scaling, ctx.square, ctx.chunk_rows, ctx.by_rows = scaling, square, chunk_rows, by_rows
         return y.view_as(y)
 
     @staticmethod
@@ -154,11 +153,11 @@ class _GradientSums(torch.autograd.Function):
         fused = fused_gradient_sums() if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
         if fused is not None:  # one side only where asked: the kernel's other reduction is not free
             sums = fused(x, dy, W, scales, A, B, ctx.scaling, ctx.square, None, ctx.by_rows is not False,
-                         ctx.by_rows is not True, ctx.overlap and x.is_cuda)
+                         ctx.by_rows is not True)
         else:
             sums = torch.cat(gradient_sums(x, dy, lambda r: merged_block(W, scales, A, B, ctx.scaling, r),
                                            ctx.square, ctx.chunk_rows))
-        return dy, None, sums, None, None, None, None, None, None, None, None, None
+        return dy, None, sums, None, None, None, None, None, None, None, None
 
 
 class _SampledGradient(torch.autograd.Function):
@@ -177,15 +176,6 @@ class _SampledGradient(torch.autograd.Function):
         return dy, None, torch.cat([part.flatten(), norms]), None, None
 
 
-OVERLAP = False  # on CUDA, exact_kernel's pass on a side stream (bench_scale's overlap knob; not yet timed on a GPU)
-
-
-def _after_side_stream(grad: Tensor) -> Tensor:
-    import exact_kernel
-    torch.cuda.current_stream(grad.device).wait_stream(exact_kernel.side_stream(grad.device))
-    return grad
-
-
 class ExactProbe(nn.Module):
     """Criterion 'exact' on one projection: after backward, `sums.grad` (out + in,) holds the row sums (by_rows True),
     the column sums (False) or both (None) of Eq. 3 of every micro-batch since the last take(), added (see ExactSums);
@@ -196,13 +186,10 @@ class ExactProbe(nn.Module):
         self.sums = nn.Parameter(torch.zeros(lin.out_features + lin.in_features, device=lin.weight.device))
         self.by_rows, self.square = by_rows, square
         self.chunk_rows = chunk_rows or max(1, 2**24 // lin.in_features)
-        self.overlap = OVERLAP and self.sums.is_cuda
-        if self.overlap:  # the pass ran on exact_kernel.side_stream(): wait for it before autograd adds its result
-            self.hook = self.sums.register_hook(_after_side_stream)
 
     def forward(self, x: Tensor, y: Tensor, lin) -> Tensor:
         return _GradientSums.apply(y, x, self.sums, lin.weight, lin.scales, lin.lora_A, lin.lora_B, lin.scaling,
-                                   self.square, self.chunk_rows, self.by_rows, self.overlap)
+                                   self.square, self.chunk_rows, self.by_rows)
 
     def take(self, lin) -> tuple[Tensor, Tensor]:
         """(row sums (out,), column sums (in,)) since the last take, the side not kept zero; zeroes them."""

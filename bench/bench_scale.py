@@ -31,7 +31,6 @@ summary.md (the tables); prints the short table last.
 """
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -133,16 +132,9 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
     tag = dict(part="7b", w0=w0, mode=mode, seq=T, criterion=criterion)
     t0 = time.perf_counter()
     fused = variants.fused_gradient_sums
-    criterion, *knobs = criterion.split("-")  # exact's knobs: see --7b's help
+    criterion, *knobs = criterion.split("-")  # exact's knobs: unfused, both, rowstile/colstile/bothtileBOxBIxWxS
     if "unfused" in knobs:  # exact with variants.gradient_sums (torch) in place of exact_kernel's pass
         variants.fused_gradient_sums = lambda: None
-    if "traced" in knobs:  # exact_kernel's pass as a triton_op: the compiler launches it (CUDA only)
-        import exact_kernel
-        variants.fused_gradient_sums = lambda: exact_kernel.gradient_sums_traced
-    variants.OVERLAP = bool({"overlap", "overlapall", "side"} & set(knobs))  # exact_kernel's pass on a side stream
-    if "overlapall" in knobs:  # dy^T x there too, from copies of x and dy
-        import exact_kernel
-        exact_kernel.OVERLAP_PRODUCT = True
     tiles = {k[:k.index("tile")]: tuple(int(n) for n in k[k.index("tile") + 4:].split("x")) for k in knobs
              if "tile" in k}
     if tiles:  # exact_kernel.TILES for this row (imports triton: CUDA only)
@@ -150,22 +142,12 @@ def run_7b(run: Run, device: str, args, T: int, variant: str, rate, small: bool,
         saved_tiles, exact_kernel.TILES = exact_kernel.TILES, dict(exact_kernel.TILES, **tiles)
     try:
         model, params, pruner = lora_model(args, device, w0 == "int8", mode, backend, criterion=criterion)
-        if "side" in knobs:  # timing only, sums wrong: nothing waits for the side stream (overlap's upper bound)
-            for lin in pruner.criterion.linears.values():
-                lin.probe.hook.remove()
-        if "nogc" in knobs:  # diagnosis: Python's collector off while timing
-            gc.collect()
-            gc.disable()
         if "both" in knobs:  # both sides' sums, as the kernel formed them before it formed only Eq. 4's side
             for lin in pruner.criterion.linears.values():
                 lin.probe.by_rows = None
         r = time_7b(model, params, pruner, T, small)
     finally:
-        gc.enable()
         variants.fused_gradient_sums = fused
-        variants.OVERLAP = False
-        if "overlapall" in knobs:
-            exact_kernel.OVERLAP_PRODUCT = False
         if tiles:
             exact_kernel.TILES = saved_tiles
     if profile:
@@ -379,10 +361,9 @@ def main():
     p.add_argument("--7b", dest="seven", default=f"bf16:{llama.RECOMPUTE_BUDGET},int8:{llama.RECOMPUTE_BUDGET},"
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
-                   "dashes: unfused (without exact_kernel, its torch form), traced (its triton_op), nogc (Python's "
-                   "collector off), overlap (the pass on a side stream), overlapall (dy^T x there too), side (timing "
-                   "only: overlap with no wait), both (both sides' sums), SIDEtileBOxBIxWARPSxSTEPSxREVERSE "
-                   "(exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. exact-rowstile32x64x4x4x0)")
+                   "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
+                   "SIDEtileBOxBIxWARPSxSTEPS (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
+                   "exact-rowstile32x64x4x4)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))
     p.add_argument("--budget-s", type=float, default=300.0, help="the whole call ends inside this (per-part deadlines)")
