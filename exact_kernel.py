@@ -91,7 +91,7 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     (out + in,): G = dy^T x (out, in) in x's dtype, M = W + s * B @ A (W int8 with `scales` (out,), or float).
     x (..., in), dy (..., out) of one dtype; A (r, in), B (out, r), or both None. Only the row sums (`cols` False)
     or only the column sums (`rows` False): the other side stays zero. `tile` = [BLOCK_O, BLOCK_I, warps, tiles
-    per program] and optionally Triton's num_stages (loads in flight along the walk; default TILES of the side asked)."""
+    per program] (default TILES of the side asked)."""
     x = x.reshape(-1, x.shape[-1])  # (N, in)
     dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
     if W.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0] or dy.dtype != x.dtype:
@@ -106,15 +106,14 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps, *stages = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
     _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps,
-        **({"num_stages": stages[0]} if stages else {}))
+        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps)
     return sums
 
 

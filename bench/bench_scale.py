@@ -362,7 +362,7 @@ def main():
                    f"bf16:{llama.RECOMPUTE_BUDGET}:exact", help="7B variants W0:mode[:criterion] (mode: a recompute "
                    "budget, nockpt or eager; criterion: run.py's --criterion, default lora; exact's knobs after "
                    "dashes: unfused (without exact_kernel, its torch form), both (both sides' sums), "
-                   "SIDEtileBOxBIxWARPSxSTEPS[xSTAGES] (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
+                   "SIDEtileBOxBIxWARPSxSTEPS (exact_kernel.TILES[SIDE], SIDE rows, cols or both), e.g. "
                    "exact-rowstile32x64x4x4)")
     p.add_argument("--more", default="int8:0.1,bf16:0.1,bf16:0,bf16:nockpt", help="7B variants if time is left")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "out/bench_scale"))

@@ -57,10 +57,10 @@ def check(device: str, dtype: torch.dtype, compiled: bool, ckpt: bool) -> float:
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # out x in: wq wk wv wo; w1 w3; w2
 LAYER = [((4096, 4096), "rows", 3), ((4096, 4096), "cols", 1), ((11008, 4096), "rows", 2), ((4096, 11008), "cols", 1)]
-SWEEP = {"rows": [(32, 128, 8, 4), (32, 128, 8, 4, 1), (32, 128, 8, 4, 2), (32, 128, 8, 4, 4), (32, 128, 8, 8, 4),
-                  (32, 128, 8, 8, 6), (32, 64, 4, 4), (32, 64, 4, 4, 2), (32, 64, 4, 8, 4), (64, 128, 8, 8, 4)],
-         "cols": [(64, 64, 4, 4), (64, 64, 4, 4, 1), (64, 64, 4, 4, 2), (64, 64, 4, 4, 4), (64, 64, 4, 8, 4),
-                  (64, 64, 4, 8, 6), (128, 64, 8, 4, 4), (64, 128, 8, 4, 4)]}  # a fifth field: num_stages
+SWEEP = {"rows": [(32, 64, 4, 4), (32, 128, 8, 4), (32, 64, 4, 2), (32, 64, 4, 8), (32, 64, 2, 4), (16, 64, 2, 4),
+                  (32, 128, 8, 2), (32, 128, 8, 8), (64, 64, 8, 4), (32, 64, 8, 4), (16, 128, 4, 2), (64, 128, 4, 1)],
+         "cols": [(64, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 8), (128, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 4),
+                  (64, 64, 8, 4), (128, 32, 4, 4), (64, 64, 2, 4), (32, 64, 4, 4), (256, 32, 8, 4), (64, 128, 4, 1)]}
 
 
 def inputs(out_features: int, in_features: int, T: int, r: int):
@@ -119,7 +119,7 @@ def sweep(T: int = 2048, r: int = 8) -> None:
     best, passes = {}, 0.0
     for side, tiles in SWEEP.items():
         parts = [(shape, n) for shape, s, n in LAYER if s == side]
-        print(f"\n| {side}: tile (BLOCK_O, BLOCK_I, warps, steps[, stages]) | "
+        print(f"\n| {side}: tile (BLOCK_O, BLOCK_I, warps, steps) | "
               + " | ".join(f"{o} x {i} (x{n}) ms" for (o, i), n in parts) + " | the layer's, ms |\n|---|"
               + "---|" * (len(parts) + 1))
         totals = {tile: sum(cells[tile, shape, side] * n for shape, n in parts) for tile in tiles}

@@ -38,7 +38,7 @@ DTYPES = [torch.float32] + ([] if INTERPRETED else [torch.bfloat16])
 
 # (tile, rows, cols): one tile a program, several (a walk whose last tiles lie past W), the default tiles; each side
 # alone
-TILINGS = [([16, 32, 4, 1], True, True), ([8, 16, 4, 3], True, False), ([8, 16, 4, 3, 2], False, True),
+TILINGS = [([16, 32, 4, 1], True, True), ([8, 16, 4, 3], True, False), ([8, 16, 4, 3], False, True),
            (None, True, True), (None, True, False), (None, False, True)]
 
 
