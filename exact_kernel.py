@@ -45,14 +45,10 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
         in_o = o < OUT
     row_sums = tl.zeros((BLOCK_O,), dtype=tl.float32)
     col_sums = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    # FORM (experiment), bits: FORM & 3 the form of B @ A: 0 r outer products; 1 B's or A's tile held, one 3-d
-    # product summed; 2 tl.dot tf32x3; 3 no B @ A (timing floor only, wrong sums). FORM & 4: G and W loaded with
-    # evict_first. FORM & 8: one program per block of the side asked walks all of it and stores (no zeroed output)
-    LORA: tl.constexpr = FORM & 3
-    EVICT: tl.constexpr = "evict_first" if FORM & 4 else ""
-    WHOLE: tl.constexpr = (FORM & 8) != 0
+    # FORM (experiment): 0 r outer products; 1 B's or A's tile held, one 3-d product summed; 2 tl.dot tf32x3;
+    # 3 no B @ A (timing floor only, wrong sums)
     rr = tl.arange(0, RP)
-    if (LORA == 1 or LORA == 2) and R > 0:
+    if (FORM == 1 or FORM == 2) and R > 0:
         if DOWN:
             At = tl.load(a_ptr + rr[:, None] * stride_a + i[None, :], mask=(rr[:, None] < R) & in_i[None, :],
                          other=0).to(tl.float32)
@@ -68,27 +64,25 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
             i = block * BLOCK_I + tl.arange(0, BLOCK_I)
             in_i = i < IN
         in_tile = in_o[:, None] & in_i[None, :]
-        G = tl.load(g_ptr + o[:, None] * stride_g + i[None, :], mask=in_tile, other=0,
-                    eviction_policy=EVICT).to(tl.float32)
-        M = tl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_tile, other=0,
-                    eviction_policy=EVICT).to(tl.float32)
+        G = tl.load(g_ptr + o[:, None] * stride_g + i[None, :], mask=in_tile, other=0).to(tl.float32)
+        M = tl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_tile, other=0).to(tl.float32)
         if HAS_SCALES:
             M = M * tl.load(scales_ptr + o, mask=in_o, other=0).to(tl.float32)[:, None]
         # s * B @ A as r outer products (variants.merged_block's addmm), in a loop: unrolled, the loads of all r rows
         # of A are hoisted and stay live, and fewer programs fit an SM; as one tl.dot (r padded to 16), twice as slow
-        if LORA == 0:
+        if FORM == 0:
             for j in range(R):
                 b = tl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(tl.float32)
                 a = tl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(tl.float32)
                 M += scaling * b[:, None] * a[None, :]
-        elif (LORA == 1 or LORA == 2) and R > 0:
+        elif (FORM == 1 or FORM == 2) and R > 0:
             if DOWN:
                 Bt = tl.load(b_ptr + o[:, None] * stride_b + rr[None, :], mask=in_o[:, None] & (rr[None, :] < R),
                              other=0).to(tl.float32) * scaling
             else:
                 At = tl.load(a_ptr + rr[:, None] * stride_a + i[None, :], mask=(rr[:, None] < R) & in_i[None, :],
                              other=0).to(tl.float32)
-            if LORA == 1:
+            if FORM == 1:
                 M += tl.sum(Bt[:, :, None] * At[None, :, :], axis=1)
             else:
                 M += tl.dot(Bt, At, input_precision="tf32x3")
@@ -102,15 +96,9 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
             else:
                 tl.atomic_add(sums_ptr + OUT + i, tl.sum(I, axis=0), mask=in_i)
     if ROWS:
-        if WHOLE:
-            tl.store(sums_ptr + o, row_sums, mask=in_o)
-        else:
-            tl.atomic_add(sums_ptr + o, row_sums, mask=in_o)
+        tl.atomic_add(sums_ptr + o, row_sums, mask=in_o)
     if DOWN:
-        if WHOLE:
-            tl.store(sums_ptr + OUT + i, col_sums, mask=in_i)
-        else:
-            tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
+        tl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
 
 
 # (BLOCK_O, BLOCK_I, warps, tiles per program) per side asked: the fastest in
@@ -140,17 +128,12 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     r = 0 if A is None else A.shape[0]
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
+    sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
     block_o, block_i, warps, steps, *form = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     form = form[0] if form else 0
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    if form & 8:  # experiment: the other side is not written (ExactProbe.take reads only the side it keeps)
-        assert rows != cols, "FORM & 8 takes one side"
-        steps = along
-        sums = torch.empty(out_features + in_features, dtype=torch.float32, device=x.device)
-    else:
-        sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
     _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
