@@ -30,8 +30,7 @@ from torch import Tensor
 @triton.jit
 def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, scaling, stride_g, stride_w, stride_a,
                      stride_b, R: tl.constexpr, HAS_SCALES: tl.constexpr, SQUARE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr,
-                     U: tl.constexpr = 1):
+                     COLS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STEPS: tl.constexpr):
     """sums (OUT + IN,) += row sums (ROWS), then column sums (COLS), of (G ⊙ M)^2 (|G ⊙ M| unless SQUARE) over STEPS
     (BLOCK_O, BLOCK_I) tiles: G (OUT, IN), M = W * scales[:, None] (HAS_SCALES) or W, + s * B @ A; W (OUT, IN),
     A (R, IN), B (OUT, R). A program walks along a row of tiles (down a column of tiles when only COLS), keeping the
@@ -60,12 +59,10 @@ def _eq3_sums_kernel(g_ptr, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, 
             M = M * tl.load(scales_ptr + o, mask=in_o, other=0).to(tl.float32)[:, None]
         # s * B @ A as r outer products (variants.merged_block's addmm), in a loop: unrolled, the loads of all r rows
         # of A are hoisted and stay live, and fewer programs fit an SM; as one tl.dot (r padded to 16), twice as slow
-        # experiment: U rows of A (and columns of B) loaded together per round (U = 0: no B @ A, a timing floor)
-        for j in range(0, R if U > 0 else 0, max(U, 1)):
-            for u in tl.static_range(max(U, 1)):
-                b = tl.load(b_ptr + o * stride_b + j + u, mask=in_o & (j + u < R), other=0).to(tl.float32)
-                a = tl.load(a_ptr + (j + u) * stride_a + i, mask=in_i & (j + u < R), other=0).to(tl.float32)
-                M += scaling * b[:, None] * a[None, :]
+        for j in range(R):
+            b = tl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(tl.float32)
+            a = tl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(tl.float32)
+            M += scaling * b[:, None] * a[None, :]
         I = G * M  # Eq. 3 on the tile; zero outside W, where G is
         I = I * I if SQUARE else tl.abs(I)
         if ROWS:
@@ -109,14 +106,14 @@ def gradient_sums(x: Tensor, dy: Tensor, W: Tensor, scales: Optional[Tensor], A:
     A = W if A is None else A.contiguous()  # pointers the kernel does not read when r = 0, or W is float
     B = W if B is None else B.contiguous()
     sums = torch.zeros(out_features + in_features, dtype=torch.float32, device=x.device)
-    block_o, block_i, warps, steps, *unroll = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_o, block_i, warps, steps = tile or TILES["both" if rows and cols else "rows" if rows else "cols"]
     down = cols and not rows
     own, along = (triton.cdiv(in_features, block_i), triton.cdiv(out_features, block_o)) if down else (
         triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
     _eq3_sums_kernel[(own, triton.cdiv(along, steps))](
         G, W, W if scales is None else scales, A, B, sums, out_features, in_features, float(scaling), G.stride(0),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps, U=unroll[0] if unroll else 1)
+        COLS=cols, BLOCK_O=block_o, BLOCK_I=block_i, STEPS=steps, num_warps=warps)
     return sums
 
 
