@@ -1,0 +1,293 @@
+"""A design of criterion 'exact' on Hopper, measured here before it goes anywhere else: Eq. 3's row or column sums
+in the epilogue of a warp-specialised, ping-pong matmul that forms dL/dW = dy^T x tile by tile (Gluon), so G is never
+written and the epilogue of one tile runs while the tensor cores work on the next.
+
+exact_fused.py put the sums in a Triton matmul's epilogue: its product ran at cuBLAS's rate but its epilogue (about
+half the product's time) ran after each tile's product, on the same warps. Here three partitions share one SM:
+
+- a loader (1 warp) fills a ring of STAGES shared-memory slots with TMA tiles of dy and x, tile after tile;
+- two consumers (4 warps each) take alternate tiles: each multiplies its tile on the tensor cores (wgmma, float32
+  accumulators), rounds it to the activations' dtype as autograd rounds W.grad, parks it in shared memory, and while
+  the other consumer multiplies the next tile it reads its tile back a slice of rows at a time beside W's rows,
+  builds M = W + s * B @ A (r outer products in float32, as exact_kernel does) and adds the row (or column) sums of
+  (G ⊙ M)^2 into the output with atomics.
+
+The ring is filled in tile order, so the consumers' products alternate by themselves (the CUTLASS "ping-pong").
+
+    python bench/exact_pingpong.py                 # CUDA (sm_90): sums against exact_kernel's, ms against dy^T x
+    python bench/exact_pingpong.py --compile-only  # any machine with triton: compile for sm_90, print registers
+"""
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@gluon.jit
+def _tile(t, OUT, IN, BM: gl.constexpr, BN: gl.constexpr):
+    """(row, column) of W's tile number t, eight row tiles at a time: consecutive tiles share x's blocks in L2."""
+    n_o = gl.cdiv(OUT, BM)
+    n_i = gl.cdiv(IN, BN)
+    group = t // (8 * n_i)
+    rows = min(n_o - group * 8, 8)
+    return (group * 8 + t % rows) * BM, ((t % (8 * n_i)) // rows) * BN
+
+
+@gluon.jit
+def _loader(dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BN: gl.constexpr,
+            BK: gl.constexpr, STAGES: gl.constexpr):
+    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BN)
+    fill = 0
+    for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
+        o0, i0 = _tile(t, OUT, IN, BM, BN)
+        for k in range(0, N, BK):
+            s = fill % STAGES
+            mbarrier.wait(empty.index(s), ((fill // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
+            mbarrier.expect(ready.index(s), dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(dy_desc, [k, o0], ready.index(s), dy_bufs.index(s))
+            tma.async_copy_global_to_shared(x_desc, [k, i0], ready.index(s), x_bufs.index(s))
+            fill += 1
+
+
+@gluon.jit
+def _consumer(me, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
+              scaling, stride_w, stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr,
+              SQUARE: gl.constexpr, ROWS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+              STAGES: gl.constexpr, SLICE: gl.constexpr):
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BN, 16])
+    # the epilogue's layout: each thread 8 consecutive columns (16 bytes of W), a warp whole rows
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BN, BN // 8], [4, 1], [1, 0])
+    rows_l: gl.constexpr = gl.SliceLayout(1, blk)
+    cols_l: gl.constexpr = gl.SliceLayout(0, blk)
+    g_mine = g_smem.index(me)
+    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BN)
+    steps = gl.cdiv(N, BK)
+    nth = me  # this program's tile count so far (both consumers'): the ring's fills run in that order
+    for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
+        o0, i0 = _tile(t, OUT, IN, BM, BN)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+        fill = nth * steps
+        for k in range(steps):
+            s = fill % STAGES
+            mbarrier.wait(ready.index(s), (fill // STAGES) & 1)
+            acc = warpgroup_mma(dy_bufs.index(s).permute((1, 0)), x_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))  # the one before it is done: its slot goes back
+            mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES), pred=k > 0)
+            fill += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES))
+        nth += 2
+        # Eq. 3 on the tile, a slice of rows at a time, from G rounded as autograd rounds W.grad
+        gl.thread_barrier()  # the last tile's reads of g_mine are done
+        g_mine.store(acc.to(g_smem.dtype))
+        gl.thread_barrier()
+        i = i0 + gl.arange(0, BN, layout=cols_l)
+        in_i = i < IN
+        col_sums = gl.zeros((BN, ), dtype=gl.float32, layout=cols_l)
+        for r0 in gl.static_range(0, BM, SLICE):
+            o = o0 + r0 + gl.arange(0, SLICE, layout=rows_l)
+            in_o = o < OUT
+            G = g_mine.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
+            M = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & in_i[None, :],
+                        other=0).to(gl.float32)
+            if HAS_SCALES:
+                M = M * gl.load(scales_ptr + o, mask=in_o, other=0).to(gl.float32)[:, None]
+            for j in range(R):
+                b = gl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(gl.float32)
+                a = gl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(gl.float32)
+                M += scaling * b[:, None] * a[None, :]
+            I = G * M
+            I = I * I if SQUARE else gl.abs(I)
+            if ROWS:
+                gl.atomic_add(sums_ptr + o, gl.sum(I, axis=1), mask=in_o)
+            else:
+                col_sums += gl.sum(I, axis=0)
+        if not ROWS:
+            gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
+
+
+@gluon.jit
+def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+                     stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
+                     ROWS: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    BK: gl.constexpr = dy_desc.block_type.shape[0]
+    BM: gl.constexpr = dy_desc.block_type.shape[1]
+    BN: gl.constexpr = x_desc.block_type.shape[1]
+    dtype: gl.constexpr = dy_desc.dtype
+    dy_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
+    x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    g_smem = gl.allocate_shared_memory(dtype, [2, BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], dtype))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize([
+        (_consumer, (0, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
+                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BN, BK, STAGES, SLICE)),
+        (_consumer, (1, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
+                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BN, BK, STAGES, SLICE)),
+        (_loader, (dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, OUT, IN, N, BM, BN, BK, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+BASE = dict(BM=128, BN=128, BK=64, STAGES=4, SLICE=32, maxnreg=168, CONSUMER_REGS=232)
+
+
+def _descs(x, dy, c):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    dt = GL_DTYPES[x.dtype]
+    dy_layout = gl.NVMMASharedLayout.get_default_for([c["BK"], c["BM"]], dt)
+    x_layout = gl.NVMMASharedLayout.get_default_for([c["BK"], c["BN"]], dt)
+    return (TensorDescriptor.from_tensor(dy, [c["BK"], c["BM"]], dy_layout),
+            TensorDescriptor.from_tensor(x, [c["BK"], c["BN"]], x_layout))
+
+
+def pingpong_sums(x, dy, W, scales, A, B, scaling: float, square: bool = True, rows: bool = True, **knobs):
+    """Row sums (rows) or column sums of (G ⊙ M)^2 (|G ⊙ M| unless square) in one float32 tensor (out + in,), the
+    other side zero, as exact_kernel.gradient_sums: G = dy^T x rounded to x's dtype (bf16 or fp16), M = W (* scales)
+    + s * B @ A. x (N, in), dy (N, out); in and out multiples of 8 (TMA's 16-byte rows)."""
+    c = dict(BASE, **knobs)
+    x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    out_f, in_f = W.shape
+    r = 0 if A is None else A.shape[0]
+    A = W if A is None else A.contiguous()
+    B = W if B is None else B.contiguous()
+    W = W.contiguous()
+    sums = torch.zeros(out_f + in_f, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(out_f, c["BM"]) * triton.cdiv(in_f, c["BN"])
+    programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    dy_desc, x_desc = _descs(x, dy, c)
+    _pingpong_kernel[(programs, )](
+        dy_desc, x_desc, W, W if scales is None else scales, A, B, sums, out_f, in_f, x.shape[0], float(scaling),
+        W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
+        STAGES=c["STAGES"], SLICE=c["SLICE"], CONSUMER_REGS=c["CONSUMER_REGS"], num_warps=4, maxnreg=c["maxnreg"])
+    return sums
+
+
+def compile_only(**knobs) -> None:
+    """Compile for sm_90 without a GPU (catches Gluon's type and layout errors before device time is spent)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    c = dict(BASE, **knobs)
+    dt = gl.bfloat16
+    lay = lambda shape: repr(gl.NVMMASharedLayout.get_default_for(shape, dt))
+    sig = {"dy_desc": f"tensordesc<bf16[{c['BK']}, {c['BM']}],{lay([c['BK'], c['BM']])}>",
+           "x_desc": f"tensordesc<bf16[{c['BK']}, {c['BN']}],{lay([c['BK'], c['BN']])}>",
+           "w_ptr": "*bf16", "scales_ptr": "*bf16", "a_ptr": "*fp32", "b_ptr": "*fp32", "sums_ptr": "*fp32",
+           "OUT": "i32", "IN": "i32", "N": "i32", "scaling": "fp32", "stride_w": "i32", "stride_a": "i32",
+           "stride_b": "i32", "R": "constexpr", "HAS_SCALES": "constexpr", "SQUARE": "constexpr", "ROWS": "constexpr",
+           "STAGES": "constexpr", "SLICE": "constexpr", "CONSUMER_REGS": "constexpr"}
+    for rows in (True, False):
+        const = dict(R=8, HAS_SCALES=False, SQUARE=True, ROWS=rows, STAGES=c["STAGES"], SLICE=c["SLICE"],
+                     CONSUMER_REGS=c["CONSUMER_REGS"])
+        src = GluonASTSource(_pingpong_kernel, sig, {(list(sig).index(k), ): v for k, v in const.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=c["maxnreg"]))
+        print(f"rows={rows}: compiled, shared memory {k.metadata.shared} bytes, {len(k.asm['cubin'])} bytes of cubin")
+
+
+def by_hand(x, dy, W, A, B, scaling: float, rows: bool) -> torch.Tensor:
+    """The sums in float64 from G rounded to x's dtype (Eq. 3 as vanilla forms it from W.grad), the other side 0."""
+    G = (dy.double().T @ x.double()).to(x.dtype).double()
+    I = (G * (W.double() + scaling * B.double() @ A.double())).square()
+    return torch.cat([I.sum(1), torch.zeros(I.shape[1], dtype=I.dtype, device=I.device)] if rows else
+                     [torch.zeros(I.shape[0], dtype=I.dtype, device=I.device), I.sum(0)]).float()
+
+
+def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> None:
+    """Median ms (triton.testing.do_bench) at LLaMA-7B's projection shapes, bf16 activations and W, float32 LoRA
+    factors: dy^T x alone, exact_kernel (cuBLAS G, then its pass), and each variant of this kernel; the relative
+    error of each's sums against Eq. 3 by hand."""
+    import exact_kernel
+    variants = variants or {"base": {}}
+    print(f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}; T {T}, r {r}; ms (x dy^T x alone), relative error against Eq. 3 by hand")
+    print("| form | " + " | ".join(f"{o} x {i} {'rows' if rw else 'cols'}" for o, i, rw in shapes) + " |\n|---|"
+          + "---|" * len(shapes))
+    table = {}
+    for out_f, in_f, rows in shapes:
+        g = torch.Generator("cuda").manual_seed(0)
+        x, dy, W = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in [(T, in_f), (T, out_f),
+                                                                                    (out_f, in_f)])
+        A, B = (torch.randn(*s, device="cuda", generator=g) * 0.1 for s in [(r, in_f), (out_f, r)])
+        ref = by_hand(x, dy, W, A, B, 2.0, rows)
+        ms = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        err = lambda got: ((got - ref).norm() / ref.norm()).item()
+        base = ms(lambda: dy.T @ x)
+        table.setdefault("dy^T x alone (torch.matmul)", []).append(f"{base:.3f}")
+        kw = dict(rows=rows, cols=not rows)
+        e = err(exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True, **kw))
+        t = ms(lambda: exact_kernel.gradient_sums(x, dy, W, None, A, B, 2.0, True, **kw))
+        table.setdefault("exact_kernel (cuBLAS G, then its pass)", []).append(f"{t:.3f} ({t / base:.2f}x), {e:.0e}")
+        for name, knobs in variants.items():
+            try:
+                e = err(pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
+                t = ms(lambda: pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
+                cell = f"{t:.3f} ({t / base:.2f}x), {e:.0e}"
+            except Exception as ex:  # a variant that fails is a row, not a stop
+                cell = f"failed: {type(ex).__name__}: {str(ex)[:200]}"
+            table.setdefault(f"ping-pong {name}", []).append(cell)
+        print(f"({out_f} x {in_f} done)", file=sys.stderr, flush=True)
+    for name, cells in table.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def check_small() -> bool:
+    """Ragged shapes (not multiples of the tile), both sides, int8 W with row scales, |.|: against torch in
+    float64, on the GPU. True when every case is within 1e-5."""
+    ok = True
+    g = torch.Generator("cuda").manual_seed(1)
+    for (N, out_f, in_f, r) in [(200, 264, 136, 3), (64, 128, 128, 0), (1000, 520, 1032, 16)]:
+        x, dy = (torch.randn(N, d, device="cuda", generator=g).bfloat16() for d in (in_f, out_f))
+        W = torch.randn(out_f, in_f, device="cuda", generator=g).bfloat16()
+        A = torch.randn(r, in_f, device="cuda", generator=g) * 0.1 if r else None
+        B = torch.randn(out_f, r, device="cuda", generator=g) * 0.1 if r else None
+        for rows in (True, False):
+            ref = by_hand(x, dy, W, A if r else W.new_zeros(1, in_f).float(),
+                          B if r else W.new_zeros(out_f, 1).float(), 0.5, rows)
+            got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows)
+            e = ((got - ref).norm() / ref.norm()).item()
+            print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}: relative error {e:.1e}")
+            ok &= e < 1e-5
+    Wq = torch.randint(-127, 128, (264, 136), device="cuda", dtype=torch.int8)
+    sc = torch.rand(264, device="cuda", generator=g).bfloat16() * 0.01
+    x, dy = (torch.randn(96, d, device="cuda", generator=g).bfloat16() for d in (136, 264))
+    ref_sq = by_hand(x, dy, (Wq.float() * sc.float()[:, None]), W.new_zeros(1, 136).float(),
+                     W.new_zeros(264, 1).float(), 1.0, True)
+    got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, rows=True)
+    e = ((got - ref_sq).norm() / ref_sq.norm()).item()
+    print(f"int8 W with row scales, rows: relative error {e:.1e}")
+    ok &= e < 1e-5
+    G = (dy.double().T @ x.double()).to(x.dtype).double()
+    ref_abs = (G * Wq.double() * sc.double()[:, None]).abs().sum(0).float()
+    got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, square=False, rows=False)[264:]
+    e = ((got - ref_abs).norm() / ref_abs.norm()).item()
+    print(f"int8 W, |G ⊙ M|, cols: relative error {e:.1e}")
+    return ok and e < 1e-5
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and stop (no GPU needed)")
+    ap.add_argument("--variants", default="base", help="comma-separated names of VARIANTS to time")
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+    else:
+        ok = check_small()
+        print("small cases:", "all within 1e-5" if ok else "MISMATCH", flush=True)
+        VARIANTS = {"base": {}, "5 stages": dict(STAGES=5), "slice 16": dict(SLICE=16),
+                    "64 x 256": dict(BM=64, BN=256, SLICE=16)}
+        speed([(4096, 4096, True), (4096, 4096, False), (11008, 4096, True), (4096, 11008, False)],
+              variants={k: VARIANTS[k] for k in args.variants.split(",")})
+        sys.exit(0 if ok else 1)
