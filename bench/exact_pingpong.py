@@ -26,7 +26,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,61 +43,65 @@ def _tile(t, OUT, IN, BM: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
-def _loader(dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BN: gl.constexpr,
-            BK: gl.constexpr, STAGES: gl.constexpr):
-    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BN)
-    fill = 0
+def _loader(dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BK: gl.constexpr,
+            STAGES: gl.constexpr):
+    """Fills each consumer's ring in turn with its tile's (dy, x) blocks: slot s of consumer c holds dy's block in its
+    first BK rows and x's in the next."""
+    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
+    n = 0  # this program's tiles so far: tile n goes to consumer n % 2
     for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        o0, i0 = _tile(t, OUT, IN, BM, BN)
+        o0, i0 = _tile(t, OUT, IN, BM, BM)
+        ring = (n % 2) * STAGES
+        fill = (n // 2) * gl.cdiv(N, BK)  # that consumer's fills so far
         for k in range(0, N, BK):
-            s = fill % STAGES
+            s = ring + fill % STAGES
             mbarrier.wait(empty.index(s), ((fill // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
             mbarrier.expect(ready.index(s), dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(dy_desc, [k, o0], ready.index(s), dy_bufs.index(s))
-            tma.async_copy_global_to_shared(x_desc, [k, i0], ready.index(s), x_bufs.index(s))
+            tma.async_copy_global_to_shared(dy_desc, [k, o0], ready.index(s), bufs.index(s).slice(0, BK, dim=0))
+            tma.async_copy_global_to_shared(x_desc, [k, i0], ready.index(s), bufs.index(s).slice(BK, BK, dim=0))
             fill += 1
+        n += 1
 
 
 @gluon.jit
-def _consumer(me, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
-              scaling, stride_w, stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr,
-              SQUARE: gl.constexpr, ROWS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-              STAGES: gl.constexpr, SLICE: gl.constexpr):
+def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+              stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
+              ROWS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, BN, 16])
+                                                          instr_shape=[16, BM, 16])
     # the epilogue's layout: each thread 8 consecutive columns (16 bytes of W), a warp whole rows
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BN, BN // 8], [4, 1], [1, 0])
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [4, 1], [1, 0])
     rows_l: gl.constexpr = gl.SliceLayout(1, blk)
     cols_l: gl.constexpr = gl.SliceLayout(0, blk)
-    g_mine = g_smem.index(me)
-    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BN)
+    ring = me * STAGES
+    tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
     steps = gl.cdiv(N, BK)
-    nth = me  # this program's tile count so far (both consumers'): the ring's fills run in that order
+    fill = 0
     for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
-        o0, i0 = _tile(t, OUT, IN, BM, BN)
-        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
-        fill = nth * steps
+        o0, i0 = _tile(t, OUT, IN, BM, BM)
+        acc = gl.zeros((BM, BM), dtype=gl.float32, layout=acc_layout)
         for k in range(steps):
-            s = fill % STAGES
+            s = ring + fill % STAGES
             mbarrier.wait(ready.index(s), (fill // STAGES) & 1)
-            acc = warpgroup_mma(dy_bufs.index(s).permute((1, 0)), x_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma(bufs.index(s).slice(0, BK, dim=0).permute((1, 0)), bufs.index(s).slice(BK, BK, dim=0),
+                                acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc, ))  # the one before it is done: its slot goes back
-            mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES), pred=k > 0)
+            mbarrier.arrive(empty.index(ring + (fill + STAGES - 1) % STAGES), pred=k > 0)
             fill += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES))
-        nth += 2
-        # Eq. 3 on the tile, a slice of rows at a time, from G rounded as autograd rounds W.grad
-        gl.thread_barrier()  # the last tile's reads of g_mine are done
-        g_mine.store(acc.to(g_smem.dtype))
+        # G, rounded as autograd rounds W.grad, is parked in the last slot, which goes back after the epilogue
+        park = ring + (fill + STAGES - 1) % STAGES
+        g_smem = bufs.index(park)  # (2 BK, BM) = (BM, BM)
+        g_smem.store(acc.to(bufs.dtype))
         gl.thread_barrier()
-        i = i0 + gl.arange(0, BN, layout=cols_l)
+        # Eq. 3 on the tile, a slice of rows at a time
+        i = i0 + gl.arange(0, BM, layout=cols_l)
         in_i = i < IN
-        col_sums = gl.zeros((BN, ), dtype=gl.float32, layout=cols_l)
+        col_sums = gl.zeros((BM, ), dtype=gl.float32, layout=cols_l)
         for r0 in gl.static_range(0, BM, SLICE):
             o = o0 + r0 + gl.arange(0, SLICE, layout=rows_l)
             in_o = o < OUT
-            G = g_mine.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
+            G = g_smem.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
             M = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & in_i[None, :],
                         other=0).to(gl.float32)
             if HAS_SCALES:
@@ -113,6 +118,9 @@ def _consumer(me, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_pt
                 col_sums += gl.sum(I, axis=0)
         if not ROWS:
             gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
+        gl.thread_barrier()  # every warp's reads of the parked G are done
+        fence_async_shared()  # before the TMA that refills the slot
+        mbarrier.arrive(empty.index(park))
 
 
 @gluon.jit
@@ -121,36 +129,36 @@ def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
                      ROWS: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     BK: gl.constexpr = dy_desc.block_type.shape[0]
     BM: gl.constexpr = dy_desc.block_type.shape[1]
-    BN: gl.constexpr = x_desc.block_type.shape[1]
-    dtype: gl.constexpr = dy_desc.dtype
-    dy_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
-    x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    g_smem = gl.allocate_shared_memory(dtype, [2, BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], dtype))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
+    gl.static_assert(x_desc.block_type.shape[1] == BM and 2 * BK == BM, "tiles (BM, BM), slots (2 BK, BM)")
+    # one ring of STAGES slots per consumer; a slot is dy's block over x's, (2 BK, BM), one layout for both
+    bufs = gl.allocate_shared_memory(dy_desc.dtype, [2 * STAGES, 2 * BK, BM], dy_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(2 * STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
-        (_consumer, (0, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
-                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BN, BK, STAGES, SLICE)),
-        (_consumer, (1, dy_bufs, x_bufs, ready, empty, g_smem, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
-                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BN, BK, STAGES, SLICE)),
-        (_loader, (dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, OUT, IN, N, BM, BN, BK, STAGES)),
+        (_consumer, (0, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE)),
+        (_consumer, (1, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE)),
+        (_loader, (dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+# name -> knobs (BASE's changed), for --variants
+VARIANTS = {"base": {}, "2 stages": dict(STAGES=2), "slice 16": dict(SLICE=16),
+            "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BASE = dict(BM=128, BN=128, BK=64, STAGES=4, SLICE=32, maxnreg=168, CONSUMER_REGS=232)
+BASE = dict(BM=128, BK=64, STAGES=3, SLICE=32, maxnreg=168, CONSUMER_REGS=232)
 
 
 def _descs(x, dy, c):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     dt = GL_DTYPES[x.dtype]
-    dy_layout = gl.NVMMASharedLayout.get_default_for([c["BK"], c["BM"]], dt)
-    x_layout = gl.NVMMASharedLayout.get_default_for([c["BK"], c["BN"]], dt)
-    return (TensorDescriptor.from_tensor(dy, [c["BK"], c["BM"]], dy_layout),
-            TensorDescriptor.from_tensor(x, [c["BK"], c["BN"]], x_layout))
+    layout = gl.NVMMASharedLayout.get_default_for([c["BK"], c["BM"]], dt)
+    return (TensorDescriptor.from_tensor(dy, [c["BK"], c["BM"]], layout),
+            TensorDescriptor.from_tensor(x, [c["BK"], c["BM"]], layout))
 
 
 def pingpong_sums(x, dy, W, scales, A, B, scaling: float, square: bool = True, rows: bool = True, **knobs):
@@ -165,8 +173,8 @@ def pingpong_sums(x, dy, W, scales, A, B, scaling: float, square: bool = True, r
     B = W if B is None else B.contiguous()
     W = W.contiguous()
     sums = torch.zeros(out_f + in_f, dtype=torch.float32, device=x.device)
-    tiles = triton.cdiv(out_f, c["BM"]) * triton.cdiv(in_f, c["BN"])
-    programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    tiles = triton.cdiv(out_f, c["BM"]) * triton.cdiv(in_f, c["BM"])
+    programs = min(tiles, c.get("programs") or torch.cuda.get_device_properties(x.device).multi_processor_count)
     dy_desc, x_desc = _descs(x, dy, c)
     _pingpong_kernel[(programs, )](
         dy_desc, x_desc, W, W if scales is None else scales, A, B, sums, out_f, in_f, x.shape[0], float(scaling),
@@ -176,24 +184,33 @@ def pingpong_sums(x, dy, W, scales, A, B, scaling: float, square: bool = True, r
 
 
 def compile_only(**knobs) -> None:
-    """Compile for sm_90 without a GPU (catches Gluon's type and layout errors before device time is spent)."""
+    """Compile for sm_90 without a GPU (catches Gluon's type and layout errors before device time is spent) and
+    print ptxas's registers and spills."""
+    import subprocess
+    import tempfile
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
     c = dict(BASE, **knobs)
-    dt = gl.bfloat16
-    lay = lambda shape: repr(gl.NVMMASharedLayout.get_default_for(shape, dt))
-    sig = {"dy_desc": f"tensordesc<bf16[{c['BK']}, {c['BM']}],{lay([c['BK'], c['BM']])}>",
-           "x_desc": f"tensordesc<bf16[{c['BK']}, {c['BN']}],{lay([c['BK'], c['BN']])}>",
-           "w_ptr": "*bf16", "scales_ptr": "*bf16", "a_ptr": "*fp32", "b_ptr": "*fp32", "sums_ptr": "*fp32",
-           "OUT": "i32", "IN": "i32", "N": "i32", "scaling": "fp32", "stride_w": "i32", "stride_a": "i32",
-           "stride_b": "i32", "R": "constexpr", "HAS_SCALES": "constexpr", "SQUARE": "constexpr", "ROWS": "constexpr",
-           "STAGES": "constexpr", "SLICE": "constexpr", "CONSUMER_REGS": "constexpr"}
+    block = f"bf16[{c['BK']}, {c['BM']}],{gl.NVMMASharedLayout.get_default_for([c['BK'], c['BM']], gl.bfloat16)!r}"
+    sig = {"dy_desc": f"tensordesc<{block}>", "x_desc": f"tensordesc<{block}>", "w_ptr": "*bf16",
+           "scales_ptr": "*bf16", "a_ptr": "*fp32", "b_ptr": "*fp32", "sums_ptr": "*fp32", "OUT": "i32", "IN": "i32",
+           "N": "i32", "scaling": "fp32", "stride_w": "i32", "stride_a": "i32", "stride_b": "i32", "R": "constexpr",
+           "HAS_SCALES": "constexpr", "SQUARE": "constexpr", "ROWS": "constexpr", "STAGES": "constexpr",
+           "SLICE": "constexpr", "CONSUMER_REGS": "constexpr"}
+    ptxas = get_ptxas(90)
     for rows in (True, False):
         const = dict(R=8, HAS_SCALES=False, SQUARE=True, ROWS=rows, STAGES=c["STAGES"], SLICE=c["SLICE"],
                      CONSUMER_REGS=c["CONSUMER_REGS"])
         src = GluonASTSource(_pingpong_kernel, sig, {(list(sig).index(k), ): v for k, v in const.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=c["maxnreg"]))
-        print(f"rows={rows}: compiled, shared memory {k.metadata.shared} bytes, {len(k.asm['cubin'])} bytes of cubin")
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            info = subprocess.run([getattr(ptxas, "path", ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                                  capture_output=True, text=True).stderr
+        print(f"{c} rows={rows}: shared memory {k.metadata.shared} bytes; "
+              + "; ".join(l.split(":")[-1].strip() for l in info.splitlines() if "spill" in l or "Used" in l))
 
 
 def by_hand(x, dy, W, A, B, scaling: float, rows: bool) -> torch.Tensor:
@@ -234,9 +251,11 @@ def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> Non
                 e = err(pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
                 t = ms(lambda: pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
                 cell = f"{t:.3f} ({t / base:.2f}x), {e:.0e}"
+                torch.cuda.synchronize()
             except Exception as ex:  # a variant that fails is a row, not a stop
                 cell = f"failed: {type(ex).__name__}: {str(ex)[:200]}"
             table.setdefault(f"ping-pong {name}", []).append(cell)
+            print(f"  {name}, {out_f} x {in_f}: {cell}", file=sys.stderr, flush=True)
         print(f"({out_f} x {in_f} done)", file=sys.stderr, flush=True)
     for name, cells in table.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
@@ -244,7 +263,8 @@ def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> Non
 
 def check_small() -> bool:
     """Ragged shapes (not multiples of the tile), both sides, int8 W with row scales, |.|: against torch in
-    float64, on the GPU. True when every case is within 1e-5."""
+    float64, on the GPU. True when every case is within 3e-5 (G's
+    rounding to bf16 differs from float64's where the float32 sums of N products round the other way)."""
     ok = True
     g = torch.Generator("cuda").manual_seed(1)
     for (N, out_f, in_f, r) in [(200, 264, 136, 3), (64, 128, 128, 0), (1000, 520, 1032, 16)]:
@@ -255,10 +275,12 @@ def check_small() -> bool:
         for rows in (True, False):
             ref = by_hand(x, dy, W, A if r else W.new_zeros(1, in_f).float(),
                           B if r else W.new_zeros(out_f, 1).float(), 0.5, rows)
-            got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows)
-            e = ((got - ref).norm() / ref.norm()).item()
-            print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}: relative error {e:.1e}")
-            ok &= e < 1e-5
+            for programs in (None, 1, 3):  # 1 and 3: many tiles a program, both consumers, the rings wrap round
+                got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows, programs=programs)
+                e = ((got - ref).norm() / ref.norm()).item()
+                print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}, programs {programs}: "
+                      f"relative error {e:.1e}", flush=True)
+                ok &= e < 3e-5
     Wq = torch.randint(-127, 128, (264, 136), device="cuda", dtype=torch.int8)
     sc = torch.rand(264, device="cuda", generator=g).bfloat16() * 0.01
     x, dy = (torch.randn(96, d, device="cuda", generator=g).bfloat16() for d in (136, 264))
@@ -267,13 +289,13 @@ def check_small() -> bool:
     got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, rows=True)
     e = ((got - ref_sq).norm() / ref_sq.norm()).item()
     print(f"int8 W with row scales, rows: relative error {e:.1e}")
-    ok &= e < 1e-5
+    ok &= e < 3e-5
     G = (dy.double().T @ x.double()).to(x.dtype).double()
     ref_abs = (G * Wq.double() * sc.double()[:, None]).abs().sum(0).float()
     got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, square=False, rows=False)[264:]
     e = ((got - ref_abs).norm() / ref_abs.norm()).item()
     print(f"int8 W, |G ⊙ M|, cols: relative error {e:.1e}")
-    return ok and e < 1e-5
+    return ok and e < 3e-5
 
 
 if __name__ == "__main__":
@@ -282,12 +304,11 @@ if __name__ == "__main__":
     ap.add_argument("--variants", default="base", help="comma-separated names of VARIANTS to time")
     args = ap.parse_args()
     if args.compile_only:
-        compile_only()
+        for name in args.variants.split(","):
+            compile_only(**VARIANTS[name])
     else:
         ok = check_small()
-        print("small cases:", "all within 1e-5" if ok else "MISMATCH", flush=True)
-        VARIANTS = {"base": {}, "5 stages": dict(STAGES=5), "slice 16": dict(SLICE=16),
-                    "64 x 256": dict(BM=64, BN=256, SLICE=16)}
+        print("small cases:", "all within 3e-5" if ok else "MISMATCH", flush=True)
         speed([(4096, 4096, True), (4096, 4096, False), (11008, 4096, True), (4096, 11008, False)],
               variants={k: VARIANTS[k] for k in args.variants.split(",")})
         sys.exit(0 if ok else 1)
