@@ -43,16 +43,16 @@ def _tile(t, OUT, IN, BM: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
-def _loader(dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BK: gl.constexpr,
+def _loader(me, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BK: gl.constexpr,
             STAGES: gl.constexpr):
-    """Fills each consumer's ring in turn with its tile's (dy, x) blocks: slot s of consumer c holds dy's block in its
-    first BK rows and x's in the next."""
+    """Fills consumer me's ring with its tiles' (dy, x) blocks: a slot holds dy's block in its first BK rows and
+    x's in the next. One loader per consumer: one loader for both would wait on the ring of the consumer in its
+    product and leave the other's empty through its epilogue."""
+    ring = me * STAGES
     tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
-    n = 0  # this program's tiles so far: tile n goes to consumer n % 2
-    for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
+    fill = 0
+    for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
         o0, i0 = _tile(t, OUT, IN, BM, BM)
-        ring = (n % 2) * STAGES
-        fill = (n // 2) * gl.cdiv(N, BK)  # that consumer's fills so far
         for k in range(0, N, BK):
             s = ring + fill % STAGES
             mbarrier.wait(empty.index(s), ((fill // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
@@ -60,13 +60,13 @@ def _loader(dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, B
             tma.async_copy_global_to_shared(dy_desc, [k, o0], ready.index(s), bufs.index(s).slice(0, BK, dim=0))
             tma.async_copy_global_to_shared(x_desc, [k, i0], ready.index(s), bufs.index(s).slice(BK, BK, dim=0))
             fill += 1
-        n += 1
 
 
 @gluon.jit
 def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
               stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
-              ROWS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr):
+              ROWS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr,
+              EPILOGUE: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BM, 16])
     # the epilogue's layout: each thread 8 consecutive columns (16 bytes of W), a warp whole rows
@@ -89,44 +89,49 @@ def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
             mbarrier.arrive(empty.index(ring + (fill + STAGES - 1) % STAGES), pred=k > 0)
             fill += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        # G, rounded as autograd rounds W.grad, is parked in the last slot, which goes back after the epilogue
-        park = ring + (fill + STAGES - 1) % STAGES
-        g_smem = bufs.index(park)  # (2 BK, BM) = (BM, BM)
-        g_smem.store(acc.to(bufs.dtype))
-        gl.thread_barrier()
-        # Eq. 3 on the tile, a slice of rows at a time
-        i = i0 + gl.arange(0, BM, layout=cols_l)
-        in_i = i < IN
-        col_sums = gl.zeros((BM, ), dtype=gl.float32, layout=cols_l)
-        for r0 in gl.static_range(0, BM, SLICE):
-            o = o0 + r0 + gl.arange(0, SLICE, layout=rows_l)
-            in_o = o < OUT
-            G = g_smem.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
-            M = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & in_i[None, :],
-                        other=0).to(gl.float32)
-            if HAS_SCALES:
-                M = M * gl.load(scales_ptr + o, mask=in_o, other=0).to(gl.float32)[:, None]
-            for j in range(R):
-                b = gl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(gl.float32)
-                a = gl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(gl.float32)
-                M += scaling * b[:, None] * a[None, :]
-            I = G * M
-            I = I * I if SQUARE else gl.abs(I)
-            if ROWS:
-                gl.atomic_add(sums_ptr + o, gl.sum(I, axis=1), mask=in_o)
-            else:
-                col_sums += gl.sum(I, axis=0)
-        if not ROWS:
-            gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
-        gl.thread_barrier()  # every warp's reads of the parked G are done
-        fence_async_shared()  # before the TMA that refills the slot
-        mbarrier.arrive(empty.index(park))
+        if not EPILOGUE:  # the product alone, for its rate (not a criterion)
+            gl.atomic_add(sums_ptr + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout)), gl.sum(acc, axis=1))
+            mbarrier.arrive(empty.index(ring + (fill + STAGES - 1) % STAGES))
+        else:
+            # G, rounded as autograd rounds W.grad, is parked in the last slot, which goes back after the epilogue
+            park = ring + (fill + STAGES - 1) % STAGES
+            g_smem = bufs.index(park)  # (2 BK, BM) = (BM, BM)
+            g_smem.store(acc.to(bufs.dtype))
+            gl.thread_barrier()
+            # Eq. 3 on the tile, a slice of rows at a time
+            i = i0 + gl.arange(0, BM, layout=cols_l)
+            in_i = i < IN
+            col_sums = gl.zeros((BM, ), dtype=gl.float32, layout=cols_l)
+            for r0 in gl.static_range(0, BM, SLICE):
+                o = o0 + r0 + gl.arange(0, SLICE, layout=rows_l)
+                in_o = o < OUT
+                G = g_smem.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
+                M = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & in_i[None, :],
+                            other=0).to(gl.float32)
+                if HAS_SCALES:
+                    M = M * gl.load(scales_ptr + o, mask=in_o, other=0).to(gl.float32)[:, None]
+                for j in range(R):
+                    b = gl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(gl.float32)
+                    a = gl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(gl.float32)
+                    M += scaling * b[:, None] * a[None, :]
+                I = G * M
+                I = I * I if SQUARE else gl.abs(I)
+                if ROWS:
+                    gl.atomic_add(sums_ptr + o, gl.sum(I, axis=1), mask=in_o)
+                else:
+                    col_sums += gl.sum(I, axis=0)
+            if not ROWS:
+                gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
+            gl.thread_barrier()  # every warp's reads of the parked G are done
+            fence_async_shared()  # before the TMA that refills the slot
+            mbarrier.arrive(empty.index(park))
 
 
 @gluon.jit
 def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
                      stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
-                     ROWS: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                     ROWS: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     EPILOGUE: gl.constexpr):
     BK: gl.constexpr = dy_desc.block_type.shape[0]
     BM: gl.constexpr = dy_desc.block_type.shape[1]
     gl.static_assert(x_desc.block_type.shape[1] == BM and 2 * BK == BM, "tiles (BM, BM), slots (2 BK, BM)")
@@ -139,18 +144,19 @@ def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
         (_consumer, (0, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
-                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE)),
+                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
         (_consumer, (1, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
-                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE)),
-        (_loader, (dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
+        (_loader, (0, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
+        (_loader, (1, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
+    ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
 # name -> knobs (BASE's changed), for --variants
-VARIANTS = {"base": {}, "2 stages": dict(STAGES=2), "slice 16": dict(SLICE=16),
-            "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
+VARIANTS = {"base": {}, "product alone": dict(EPILOGUE=False), "2 stages": dict(STAGES=2),
+            "slice 16": dict(SLICE=16), "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BASE = dict(BM=128, BK=64, STAGES=3, SLICE=32, maxnreg=168, CONSUMER_REGS=232)
+BASE = dict(BM=128, BK=64, STAGES=3, SLICE=32, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
 
 
 def _descs(x, dy, c):
@@ -179,7 +185,8 @@ def pingpong_sums(x, dy, W, scales, A, B, scaling: float, square: bool = True, r
     _pingpong_kernel[(programs, )](
         dy_desc, x_desc, W, W if scales is None else scales, A, B, sums, out_f, in_f, x.shape[0], float(scaling),
         W.stride(0), A.stride(0), B.stride(0), R=r, HAS_SCALES=scales is not None, SQUARE=square, ROWS=rows,
-        STAGES=c["STAGES"], SLICE=c["SLICE"], CONSUMER_REGS=c["CONSUMER_REGS"], num_warps=4, maxnreg=c["maxnreg"])
+        STAGES=c["STAGES"], SLICE=c["SLICE"], CONSUMER_REGS=c["CONSUMER_REGS"], EPILOGUE=c["EPILOGUE"], num_warps=4,
+        maxnreg=c["maxnreg"])
     return sums
 
 
@@ -197,11 +204,11 @@ def compile_only(**knobs) -> None:
            "scales_ptr": "*bf16", "a_ptr": "*fp32", "b_ptr": "*fp32", "sums_ptr": "*fp32", "OUT": "i32", "IN": "i32",
            "N": "i32", "scaling": "fp32", "stride_w": "i32", "stride_a": "i32", "stride_b": "i32", "R": "constexpr",
            "HAS_SCALES": "constexpr", "SQUARE": "constexpr", "ROWS": "constexpr", "STAGES": "constexpr",
-           "SLICE": "constexpr", "CONSUMER_REGS": "constexpr"}
+           "SLICE": "constexpr", "CONSUMER_REGS": "constexpr", "EPILOGUE": "constexpr"}
     ptxas = get_ptxas(90)
     for rows in (True, False):
         const = dict(R=8, HAS_SCALES=False, SQUARE=True, ROWS=rows, STAGES=c["STAGES"], SLICE=c["SLICE"],
-                     CONSUMER_REGS=c["CONSUMER_REGS"])
+                     CONSUMER_REGS=c["CONSUMER_REGS"], EPILOGUE=c["EPILOGUE"])
         src = GluonASTSource(_pingpong_kernel, sig, {(list(sig).index(k), ): v for k, v in const.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=c["maxnreg"]))
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
