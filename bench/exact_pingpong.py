@@ -43,18 +43,16 @@ def _tile(t, OUT, IN, BM: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
-def _loader(me, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BK: gl.constexpr,
+def _loader(dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, BK: gl.constexpr,
             STAGES: gl.constexpr):
-    """Fills consumer me's ring with its tiles' (dy, x) blocks: a slot holds dy's block in its first BK rows and
-    x's in the next. One loader per consumer: one loader for both would wait on the ring of the consumer in its
-    product and leave the other's empty through its epilogue."""
-    ring = me * STAGES
+    """Fills the ring with the program's tiles' (dy, x) blocks in tile order: a slot holds dy's block in its first BK
+    rows and x's in the next."""
     tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
     fill = 0
-    for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
+    for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
         o0, i0 = _tile(t, OUT, IN, BM, BM)
         for k in range(0, N, BK):
-            s = ring + fill % STAGES
+            s = fill % STAGES
             mbarrier.wait(empty.index(s), ((fill // STAGES) & 1) ^ 1)  # barriers start with phase 1 complete
             mbarrier.expect(ready.index(s), dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(dy_desc, [k, o0], ready.index(s), bufs.index(s).slice(0, BK, dim=0))
@@ -63,8 +61,8 @@ def _loader(me, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexp
 
 
 @gluon.jit
-def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
-              stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
+def _consumer(me, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling,
+              stride_w, stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
               ROWS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr,
               EPILOGUE: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -73,29 +71,33 @@ def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [4, 1], [1, 0])
     rows_l: gl.constexpr = gl.SliceLayout(1, blk)
     cols_l: gl.constexpr = gl.SliceLayout(0, blk)
-    ring = me * STAGES
+    g_smem = g_all.index(me)
     tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
     steps = gl.cdiv(N, BK)
-    fill = 0
+    mine = 0  # this consumer's tiles so far; the program's tile 2 mine + me
     for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
         o0, i0 = _tile(t, OUT, IN, BM, BM)
         acc = gl.zeros((BM, BM), dtype=gl.float32, layout=acc_layout)
+        # the products take turns (the other consumer's last one is issued), so the ring is read in fill order
+        mbarrier.wait(turn.index(me), (mine + me + 1) & 1)
+        fill = (2 * mine + me) * steps
         for k in range(steps):
-            s = ring + fill % STAGES
+            s = fill % STAGES
             mbarrier.wait(ready.index(s), (fill // STAGES) & 1)
             acc = warpgroup_mma(bufs.index(s).slice(0, BK, dim=0).permute((1, 0)), bufs.index(s).slice(BK, BK, dim=0),
                                 acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc, ))  # the one before it is done: its slot goes back
-            mbarrier.arrive(empty.index(ring + (fill + STAGES - 1) % STAGES), pred=k > 0)
+            mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES), pred=k > 0)
             fill += 1
+        mbarrier.arrive(turn.index(1 - me))
+        mine += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((fill + STAGES - 1) % STAGES))
         if not EPILOGUE:  # the product alone, for its rate (not a criterion)
             gl.atomic_add(sums_ptr + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout)), gl.sum(acc, axis=1))
-            mbarrier.arrive(empty.index(ring + (fill + STAGES - 1) % STAGES))
         else:
-            # G, rounded as autograd rounds W.grad, is parked in the last slot, which goes back after the epilogue
-            park = ring + (fill + STAGES - 1) % STAGES
-            g_smem = bufs.index(park)  # (2 BK, BM) = (BM, BM)
+            # G, rounded as autograd rounds W.grad, through shared memory into the epilogue's layout
+            gl.thread_barrier()  # the last tile's reads are done
             g_smem.store(acc.to(bufs.dtype))
             gl.thread_barrier()
             # Eq. 3 on the tile, a slice of rows at a time
@@ -122,9 +124,6 @@ def _consumer(me, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
                     col_sums += gl.sum(I, axis=0)
             if not ROWS:
                 gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
-            gl.thread_barrier()  # every warp's reads of the parked G are done
-            fence_async_shared()  # before the TMA that refills the slot
-            mbarrier.arrive(empty.index(park))
 
 
 @gluon.jit
@@ -135,28 +134,31 @@ def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
     BK: gl.constexpr = dy_desc.block_type.shape[0]
     BM: gl.constexpr = dy_desc.block_type.shape[1]
     gl.static_assert(x_desc.block_type.shape[1] == BM and 2 * BK == BM, "tiles (BM, BM), slots (2 BK, BM)")
-    # one ring of STAGES slots per consumer; a slot is dy's block over x's, (2 BK, BM), one layout for both
-    bufs = gl.allocate_shared_memory(dy_desc.dtype, [2 * STAGES, 2 * BK, BM], dy_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(2 * STAGES):
+    # the ring: a slot is dy's block over x's, (2 BK, BM), one layout for both
+    bufs = gl.allocate_shared_memory(dy_desc.dtype, [STAGES, 2 * BK, BM], dy_desc.layout)
+    g_all = gl.allocate_shared_memory(dy_desc.dtype, [2, BM, BM], dy_desc.layout)  # each consumer's G
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
+    for c in gl.static_range(2):
+        mbarrier.init(turn.index(c), count=1)
     gl.warp_specialize([
-        (_consumer, (0, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+        (_consumer, (0, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
                      stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
-        (_consumer, (1, bufs, ready, empty, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
+        (_consumer, (1, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
                      stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
-        (_loader, (0, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
-        (_loader, (1, dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
-    ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
+        (_loader, (dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
 
 
 # name -> knobs (BASE's changed), for --variants
-VARIANTS = {"base": {}, "product alone": dict(EPILOGUE=False), "2 stages": dict(STAGES=2),
+VARIANTS = {"base": {}, "product alone": dict(EPILOGUE=False), "3 stages": dict(STAGES=3),
             "slice 16": dict(SLICE=16), "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BASE = dict(BM=128, BK=64, STAGES=3, SLICE=32, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
+BASE = dict(BM=128, BK=64, STAGES=4, SLICE=32, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
 
 
 def _descs(x, dy, c):
