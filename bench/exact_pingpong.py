@@ -61,16 +61,28 @@ def _loader(dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM: gl.constexpr, B
 
 
 @gluon.jit
+def _eq3(G, Wv, o, i, in_o, in_i, scales_ptr, a_ptr, b_ptr, stride_a, stride_b, scaling, R: gl.constexpr,
+         HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr):
+    """Eq. 3 on a block: (G ⊙ M)^2 (|G ⊙ M| unless SQUARE), M = W (* scales[o]) + s * B[o] @ A[:, i] as r outer
+    products in float32 (exact_kernel's order). Unrolled over r: every load issued at once, not one latency each."""
+    M = Wv.to(gl.float32)
+    if HAS_SCALES:
+        M = M * gl.load(scales_ptr + o, mask=in_o, other=0).to(gl.float32)[:, None]
+    for j in gl.static_range(R):
+        b = gl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(gl.float32)
+        a = gl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(gl.float32)
+        M += scaling * b[:, None] * a[None, :]
+    I = G.to(gl.float32) * M
+    return I * I if SQUARE else gl.abs(I)
+
+
+@gluon.jit
 def _consumer(me, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling,
               stride_w, stride_a, stride_b, R: gl.constexpr, HAS_SCALES: gl.constexpr, SQUARE: gl.constexpr,
               ROWS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, SLICE: gl.constexpr,
               EPILOGUE: gl.constexpr):
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BM, 16])
-    # the epilogue's layout: each thread 8 consecutive columns (16 bytes of W), a warp whole rows
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [4, 1], [1, 0])
-    rows_l: gl.constexpr = gl.SliceLayout(1, blk)
-    cols_l: gl.constexpr = gl.SliceLayout(0, blk)
     g_smem = g_all.index(me)
     tiles = gl.cdiv(OUT, BM) * gl.cdiv(IN, BM)
     steps = gl.cdiv(N, BK)
@@ -100,30 +112,42 @@ def _consumer(me, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_p
             gl.thread_barrier()  # the last tile's reads are done
             g_smem.store(acc.to(bufs.dtype))
             gl.thread_barrier()
-            # Eq. 3 on the tile, a slice of rows at a time
-            i = i0 + gl.arange(0, BM, layout=cols_l)
-            in_i = i < IN
-            col_sums = gl.zeros((BM, ), dtype=gl.float32, layout=cols_l)
-            for r0 in gl.static_range(0, BM, SLICE):
-                o = o0 + r0 + gl.arange(0, SLICE, layout=rows_l)
+            if ROWS:  # slices of columns: each adds to every row's sum, one atomic a row at the end
+                lay: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // SLICE, SLICE // 8], [4, 1], [1, 0])
+                o = o0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lay))
                 in_o = o < OUT
-                G = g_smem.slice(r0, SLICE, dim=0).load(blk).to(gl.float32)
-                M = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & in_i[None, :],
-                            other=0).to(gl.float32)
-                if HAS_SCALES:
-                    M = M * gl.load(scales_ptr + o, mask=in_o, other=0).to(gl.float32)[:, None]
-                for j in range(R):
-                    b = gl.load(b_ptr + o * stride_b + j, mask=in_o, other=0).to(gl.float32)
-                    a = gl.load(a_ptr + j * stride_a + i, mask=in_i, other=0).to(gl.float32)
-                    M += scaling * b[:, None] * a[None, :]
-                I = G * M
-                I = I * I if SQUARE else gl.abs(I)
-                if ROWS:
-                    gl.atomic_add(sums_ptr + o, gl.sum(I, axis=1), mask=in_o)
-                else:
-                    col_sums += gl.sum(I, axis=0)
-            if not ROWS:
-                gl.atomic_add(sums_ptr + OUT + i, col_sums, mask=in_i)
+                sums = gl.zeros((BM, ), dtype=gl.float32, layout=gl.SliceLayout(1, lay))
+                i = i0 + gl.arange(0, SLICE, layout=gl.SliceLayout(0, lay))
+                w_next = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=in_o[:, None] & (i < IN)[None, :],
+                                 other=0)
+                for c0 in gl.static_range(0, BM, SLICE):
+                    i = i0 + c0 + gl.arange(0, SLICE, layout=gl.SliceLayout(0, lay))
+                    Wv = w_next
+                    if c0 + SLICE < BM:  # W's next slice is on its way while this one is worked
+                        w_next = gl.load(w_ptr + o[:, None] * stride_w + (i + SLICE)[None, :],
+                                         mask=in_o[:, None] & (i + SLICE < IN)[None, :], other=0)
+                    G = g_smem.slice(c0, SLICE, dim=1).load(lay)
+                    sums += gl.sum(_eq3(G, Wv, o, i, in_o, i < IN, scales_ptr, a_ptr, b_ptr, stride_a, stride_b,
+                                        scaling, R, HAS_SCALES, SQUARE), axis=1)
+                gl.atomic_add(sums_ptr + o, sums, mask=in_o)
+            else:  # slices of rows: each adds to every column's sum, one atomic a column at the end
+                lay: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [4, 1], [1, 0])
+                i = i0 + gl.arange(0, BM, layout=gl.SliceLayout(0, lay))
+                in_i = i < IN
+                sums = gl.zeros((BM, ), dtype=gl.float32, layout=gl.SliceLayout(0, lay))
+                o = o0 + gl.arange(0, SLICE, layout=gl.SliceLayout(1, lay))
+                w_next = gl.load(w_ptr + o[:, None] * stride_w + i[None, :], mask=(o < OUT)[:, None] & in_i[None, :],
+                                 other=0)
+                for r0 in gl.static_range(0, BM, SLICE):
+                    o = o0 + r0 + gl.arange(0, SLICE, layout=gl.SliceLayout(1, lay))
+                    Wv = w_next
+                    if r0 + SLICE < BM:
+                        w_next = gl.load(w_ptr + (o + SLICE)[:, None] * stride_w + i[None, :],
+                                         mask=(o + SLICE < OUT)[:, None] & in_i[None, :], other=0)
+                    G = g_smem.slice(r0, SLICE, dim=0).load(lay)
+                    sums += gl.sum(_eq3(G, Wv, o, i, o < OUT, in_i, scales_ptr, a_ptr, b_ptr, stride_a, stride_b,
+                                        scaling, R, HAS_SCALES, SQUARE), axis=0)
+                gl.atomic_add(sums_ptr + OUT + i, sums, mask=in_i)
 
 
 @gluon.jit
@@ -156,9 +180,9 @@ def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
 
 # name -> knobs (BASE's changed), for --variants
 VARIANTS = {"base": {}, "product alone": dict(EPILOGUE=False), "3 stages": dict(STAGES=3),
-            "slice 16": dict(SLICE=16), "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
+            "slice 16": dict(SLICE=16), "slice 32": dict(SLICE=32), "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BASE = dict(BM=128, BK=64, STAGES=4, SLICE=32, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
+BASE = dict(BM=128, BK=64, STAGES=4, SLICE=64, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
 
 
 def _descs(x, dy, c):
