@@ -1,21 +1,27 @@
-"""A design of criterion 'exact' on Hopper, measured here before it goes anywhere else: Eq. 3's row or column sums
-in the epilogue of a warp-specialised, ping-pong matmul that forms dL/dW = dy^T x tile by tile (Gluon), so G is never
-written and the epilogue of one tile runs while the tensor cores work on the next.
+"""A design of criterion 'exact' on Hopper that was measured and not kept: Eq. 3's row or column sums in the
+epilogue of a warp-specialised, ping-pong matmul that forms dL/dW = dy^T x tile by tile (Gluon, sm_90), so G is never
+written to memory and one tile's epilogue runs while the tensor cores work on the next. exact_kernel.py (cuBLAS G,
+then its pass) stays what run.py uses; bench/RESULTS.md has the measurements.
 
-exact_fused.py put the sums in a Triton matmul's epilogue: its product ran at cuBLAS's rate but its epilogue (about
+exact_fused.py put the sums in a Triton matmul's epilogue: its product ran at cuBLAS's rate but the epilogue (about
 half the product's time) ran after each tile's product, on the same warps. Here three partitions share one SM:
 
-- a loader (1 warp) fills a ring of STAGES shared-memory slots with TMA tiles of dy and x, tile after tile;
-- two consumers (4 warps each) take alternate tiles: each multiplies its tile on the tensor cores (wgmma, float32
-  accumulators), rounds it to the activations' dtype as autograd rounds W.grad, parks it in shared memory, and while
-  the other consumer multiplies the next tile it reads its tile back a slice of rows at a time beside W's rows,
-  builds M = W + s * B @ A (r outer products in float32, as exact_kernel does) and adds the row (or column) sums of
-  (G ⊙ M)^2 into the output with atomics.
+- a loader (1 warp) fills one ring of STAGES shared-memory slots with TMA blocks of dy and x, tile after tile;
+- two consumers (4 warps each) take alternate tiles and take turns on the tensor cores (an mbarrier each: a consumer
+  starts its product once the other has issued its last wgmma, so the ring is read in the order it is filled): each
+  multiplies its tile (float32 accumulators), rounds it to the activations' dtype as autograd rounds W.grad, puts it
+  in its own shared memory, and while the other consumer multiplies the next tile reads it back a slice at a time
+  beside W's, builds M = W + s * B @ A (r outer products in float32, exact_kernel's order) and adds the row (or
+  column) sums of (G ⊙ M)^2 into the output, one atomic a row (column) a tile.
 
-The ring is filled in tile order, so the consumers' products alternate by themselves (the CUTLASS "ping-pong").
+What it found (H100, 2026-12-07): the sums equal Eq. 3 by hand; the product alone takes about 1.15-1.2x cuBLAS's time
+(128 x 128 tiles on one warpgroup, four 32 KiB stages); with the epilogue the columns' side beats exact_kernel by
+4-6% and the rows' side of the MLP loses by 11%. Two traps met on the way: two consumers waiting on one ring's
+mbarriers out of turn pass a parity wait two phases early (hence the turns), and an epilogue whose loads sit in a
+loop waits out their latency one after another (hence the unrolled r and W's next slice loaded ahead).
 
-    python bench/exact_pingpong.py                 # CUDA (sm_90): sums against exact_kernel's, ms against dy^T x
-    python bench/exact_pingpong.py --compile-only  # any machine with triton: compile for sm_90, print registers
+    python bench/exact_pingpong.py [--variants base,...]   # CUDA (sm_90): small cases by hand, then 7B's shapes
+    python bench/exact_pingpong.py --compile-only          # no GPU: compile for sm_90, print ptxas's registers
 """
 import argparse
 import datetime
@@ -170,17 +176,18 @@ def _pingpong_kernel(dy_desc, x_desc, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr,
     for c in gl.static_range(2):
         mbarrier.init(turn.index(c), count=1)
     gl.warp_specialize([
-        (_consumer, (0, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
-                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
-        (_consumer, (1, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N, scaling, stride_w,
-                     stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE, EPILOGUE)),
+        (_consumer, (0, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
+                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE,
+                     EPILOGUE)),
+        (_consumer, (1, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_ptr, sums_ptr, OUT, IN, N,
+                     scaling, stride_w, stride_a, stride_b, R, HAS_SCALES, SQUARE, ROWS, BM, BK, STAGES, SLICE,
+                     EPILOGUE)),
         (_loader, (dy_desc, x_desc, bufs, ready, empty, OUT, IN, N, BM, BK, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
 # name -> knobs (BASE's changed), for --variants
-VARIANTS = {"base": {}, "product alone": dict(EPILOGUE=False), "3 stages": dict(STAGES=3),
-            "slice 16": dict(SLICE=16), "slice 32": dict(SLICE=32), "64 x 64": dict(BM=64, BK=32, STAGES=4, SLICE=32)}
+VARIANTS = {"base": {}, "slice 32": dict(SLICE=32), "slice 16": dict(SLICE=16), "product alone": dict(EPILOGUE=False)}
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BASE = dict(BM=128, BK=64, STAGES=4, SLICE=64, maxnreg=168, CONSUMER_REGS=232, EPILOGUE=True)
 
@@ -247,11 +254,11 @@ def compile_only(**knobs) -> None:
 
 
 def by_hand(x, dy, W, A, B, scaling: float, rows: bool) -> torch.Tensor:
-    """The sums in float64 from G rounded to x's dtype (Eq. 3 as vanilla forms it from W.grad), the other side 0."""
-    G = (dy.double().T @ x.double()).to(x.dtype).double()
-    I = (G * (W.double() + scaling * B.double() @ A.double())).square()
-    return torch.cat([I.sum(1), torch.zeros(I.shape[1], dtype=I.dtype, device=I.device)] if rows else
-                     [torch.zeros(I.shape[0], dtype=I.dtype, device=I.device), I.sum(0)]).float()
+    """exact_fused's sums by hand (float64, from G rounded to x's dtype), the side not asked zero."""
+    from exact_fused import by_hand as both_sides
+    both = both_sides(x, dy, W, A, B, scaling)
+    keep = torch.arange(both.numel(), device=both.device) < W.shape[0]
+    return torch.where(keep if rows else ~keep, both, 0)
 
 
 def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> None:
@@ -308,7 +315,7 @@ def check_small() -> bool:
         for rows in (True, False):
             ref = by_hand(x, dy, W, A if r else W.new_zeros(1, in_f).float(),
                           B if r else W.new_zeros(out_f, 1).float(), 0.5, rows)
-            for programs in (None, 1, 3):  # 1 and 3: many tiles a program, both consumers, the rings wrap round
+            for programs in (None, 1, 3):  # 1 and 3: many tiles a program, both consumers, the ring wraps round
                 got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows, programs=programs)
                 e = ((got - ref).norm() / ref.norm()).item()
                 print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}, programs {programs}: "
