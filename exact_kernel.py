@@ -10,7 +10,10 @@ registers and adds them into the output once, with atomics. Eq. 4 reads one side
 wv, w1, w3; columns of wo, w2), and the pass computes only the side asked: the other reduction and its atomics took a
 sixth to a fifth of the pass's time at 7B's shapes. The tiles (TILES) are the fastest of a sweep on an H100.
 (A Triton matmul with these sums in its epilogue, G never written, was tried: its product runs at cuBLAS's rate, but
-its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md. G formed in
+its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md. So was a
+warp-specialised Gluon matmul whose two consumers overlap one's epilogue with the other's product: its product alone
+takes 1.15-1.2x cuBLAS's time, and it comes out 4-6% faster than this file on some shapes, 11% slower on w1/w3;
+bench/exact_pingpong.py. G formed in
 chunks small enough to stay in L2 was tried too: more launches, slower in the one call that timed it. So were the
 pass on a side stream beside the rest of the backward, and the programs walking last to first: no faster, the GPU
 is never idle in this step and the pass on a side stream takes the SMs the backward's products would use. Nor did
