@@ -12,11 +12,11 @@ sixth to a fifth of the pass's time at 7B's shapes. The tiles (TILES) are the fa
 (A Triton matmul with these sums in its epilogue, G never written, was tried: its product runs at cuBLAS's rate, but
 its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md. So was a
 warp-specialised Gluon matmul whose two consumers overlap one's epilogue with the other's product: its product alone
-takes 1.15-1.2x cuBLAS's time, and it comes out 4-6% faster than this file on some shapes, 11% slower on w1/w3;
-bench/exact_pingpong.py. G formed in
-chunks small enough to stay in L2 was tried too: more launches, slower in the one call that timed it. So were the
-pass on a side stream beside the rest of the backward, and the programs walking last to first: no faster, the GPU
-is never idle in this step and the pass on a side stream takes the SMs the backward's products would use. Nor did
+takes 1.15-1.2x cuBLAS's time, and per projection it came out 4-6% faster than this file on some shapes and 11%
+slower on w1 and w3; not kept, bench/exact_pingpong.py. G formed in chunks small enough to stay in L2 was tried too:
+more launches, slower in the one call that timed it. So were the pass on a side stream beside the rest of the
+backward, and the programs walking last to first: no faster, the GPU is never idle in this step and the pass on a
+side stream takes the SMs the backward's products would use. Nor did
 other forms of B @ A (a 3-d product summed over r, which Triton turns into a TF32 tl.dot, not exact; tl.dot in
 tf32x3; the r loads of A and B taken together) or evict_first loads: the pass took 12.3-12.8 ms of a 7B step in
 each (9-10 ms alone with no B @ A at all). One program per block storing its sums, with no zeroed output, was slower
