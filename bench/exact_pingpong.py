@@ -96,7 +96,8 @@ def _consumer(me, bufs, ready, empty, turn, g_all, w_ptr, scales_ptr, a_ptr, b_p
     for t in range(gl.program_id(0) + me * gl.num_programs(0), tiles, 2 * gl.num_programs(0)):
         o0, i0 = _tile(t, OUT, IN, BM, BM)
         acc = gl.zeros((BM, BM), dtype=gl.float32, layout=acc_layout)
-        # the products take turns (the other consumer's last one is issued), so the ring is read in fill order
+        # the products take turns (the other consumer's last wgmma is issued), so the ring is read in fill order:
+        # consumer 0's first wait passes (a fresh barrier's phase -1 counts as complete), consumer 1's waits for it
         mbarrier.wait(turn.index(me), (mine + me + 1) & 1)
         fill = (2 * mine + me) * steps
         for k in range(steps):
