@@ -12,7 +12,7 @@ sixth to a fifth of the pass's time at 7B's shapes. The tiles (TILES) are the fa
 (A Triton matmul with these sums in its epilogue, G never written, was tried: its product runs at cuBLAS's rate, but
 its epilogue does not overlap it, and the 7B step was no faster; bench/exact_fused.py, bench/RESULTS.md. So was a
 warp-specialised Gluon matmul whose two consumers overlap one's epilogue with the other's product: its product alone
-takes 1.15-1.2x cuBLAS's time, and per projection it came out 4-6% faster than this file on some shapes and 11%
+takes 1.15-1.2x cuBLAS's time, and per projection it came out 4-7% faster than this file on some shapes and 11%
 slower on w1 and w3; not kept, bench/exact_pingpong.py. G formed in chunks small enough to stay in L2 was tried too:
 more launches, slower in the one call that timed it. So were the pass on a side stream beside the rest of the
 backward, and the programs walking last to first: no faster, the GPU is never idle in this step and the pass on a
