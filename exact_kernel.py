@@ -16,11 +16,10 @@ takes 1.15-1.2x cuBLAS's time, and per projection it came out 4-7% faster than t
 slower on w1 and w3; not kept, bench/exact_pingpong.py. G formed in chunks small enough to stay in L2 was tried too:
 more launches, slower in the one call that timed it. So were the pass on a side stream beside the rest of the
 backward, and the programs walking last to first: no faster, the GPU is never idle in this step and the pass on a
-side stream takes the SMs the backward's products would use. Nor did
-other forms of B @ A (a 3-d product summed over r, which Triton turns into a TF32 tl.dot, not exact; tl.dot in
-tf32x3; the r loads of A and B taken together) or evict_first loads: the pass took 12.3-12.8 ms of a 7B step in
-each (9-10 ms alone with no B @ A at all). One program per block storing its sums, with no zeroed output, was slower
-alone: too few programs.)
+side stream takes the SMs the backward's products would use. Nor did other forms of B @ A (a 3-d product summed
+over r, which Triton turns into a TF32 tl.dot, not exact; tl.dot in tf32x3; the r loads of A and B taken together)
+or evict_first loads: the pass took 12.3-12.8 ms of a 7B step in each (9-10 ms alone with no B @ A at all). One
+program per block storing its sums, with no zeroed output, was slower alone: too few programs.)
 
 Imports triton at the top: variants imports this file only for tensors on a CUDA device (or under TRITON_INTERPRET=1,
 where the tests run the same kernel on the CPU). The function is a torch custom op, so a compiled block calls it as it

@@ -262,6 +262,45 @@ def by_hand(x, dy, W, A, B, scaling: float, rows: bool) -> torch.Tensor:
     return torch.where(keep if rows else ~keep, both, 0)
 
 
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def check_small() -> bool:
+    """Ragged shapes (not multiples of the tile), both sides, int8 W with row scales, |.|: against torch in
+    float64, on the GPU. True when every case is within 3e-5 (G's rounding to bf16 differs from float64's where the
+    float32 sums of N products round the other way)."""
+    ok = True
+    g = torch.Generator("cuda").manual_seed(1)
+    for (N, out_f, in_f, r) in [(200, 264, 136, 3), (64, 128, 128, 0), (1000, 520, 1032, 16)]:
+        x, dy = (torch.randn(N, d, device="cuda", generator=g).bfloat16() for d in (in_f, out_f))
+        W = torch.randn(out_f, in_f, device="cuda", generator=g).bfloat16()
+        A = torch.randn(r, in_f, device="cuda", generator=g) * 0.1 if r else None
+        B = torch.randn(out_f, r, device="cuda", generator=g) * 0.1 if r else None
+        for rows in (True, False):
+            ref = by_hand(x, dy, W, A if r else W.new_zeros(1, in_f).float(),
+                          B if r else W.new_zeros(out_f, 1).float(), 0.5, rows)
+            for programs in (None, 1, 3):  # 1 and 3: many tiles a program, both consumers, the ring wraps round
+                got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows, programs=programs)
+                e = relative_error(got, ref)
+                print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}, programs {programs}: "
+                      f"relative error {e:.1e}", flush=True)
+                ok &= e < 3e-5
+    Wq = torch.randint(-127, 128, (264, 136), device="cuda", dtype=torch.int8)
+    sc = torch.rand(264, device="cuda", generator=g).bfloat16() * 0.01
+    x, dy = (torch.randn(96, d, device="cuda", generator=g).bfloat16() for d in (136, 264))
+    no_lora = torch.zeros(1, 136, device="cuda"), torch.zeros(264, 1, device="cuda")
+    ref_sq = by_hand(x, dy, Wq.float() * sc.float()[:, None], *no_lora, 1.0, True)
+    e = relative_error(pingpong_sums(x, dy, Wq, sc, None, None, 1.0, rows=True), ref_sq)
+    print(f"int8 W with row scales, rows: relative error {e:.1e}")
+    ok &= e < 3e-5
+    G = (dy.double().T @ x.double()).to(x.dtype).double()
+    ref_abs = (G * Wq.double() * sc.double()[:, None]).abs().sum(0).float()
+    e = relative_error(pingpong_sums(x, dy, Wq, sc, None, None, 1.0, square=False, rows=False)[264:], ref_abs)
+    print(f"int8 W, |G ⊙ M|, cols: relative error {e:.1e}")
+    return ok and e < 3e-5
+
+
 def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> None:
     """Median ms (triton.testing.do_bench) at LLaMA-7B's projection shapes, bf16 activations and W, float32 LoRA
     factors: dy^T x alone, exact_kernel (cuBLAS G, then its pass), and each variant of this kernel; the relative
@@ -280,7 +319,7 @@ def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> Non
         A, B = (torch.randn(*s, device="cuda", generator=g) * 0.1 for s in [(r, in_f), (out_f, r)])
         ref = by_hand(x, dy, W, A, B, 2.0, rows)
         ms = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-        err = lambda got: ((got - ref).norm() / ref.norm()).item()
+        err = lambda got: relative_error(got, ref)  # noqa: E731
         base = ms(lambda: dy.T @ x)
         table.setdefault("dy^T x alone (torch.matmul)", []).append(f"{base:.3f}")
         kw = dict(rows=rows, cols=not rows)
@@ -292,7 +331,7 @@ def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> Non
                 e = err(pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
                 t = ms(lambda: pingpong_sums(x, dy, W, None, A, B, 2.0, rows=rows, **knobs))
                 cell = f"{t:.3f} ({t / base:.2f}x), {e:.0e}"
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # a fault surfaces here, in this variant's row
             except Exception as ex:  # a variant that fails is a row, not a stop
                 cell = f"failed: {type(ex).__name__}: {str(ex)[:200]}"
             table.setdefault(f"ping-pong {name}", []).append(cell)
@@ -300,43 +339,6 @@ def speed(shapes: list, T: int = 2048, r: int = 8, variants: dict = None) -> Non
         print(f"({out_f} x {in_f} done)", file=sys.stderr, flush=True)
     for name, cells in table.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
-
-
-def check_small() -> bool:
-    """Ragged shapes (not multiples of the tile), both sides, int8 W with row scales, |.|: against torch in
-    float64, on the GPU. True when every case is within 3e-5 (G's
-    rounding to bf16 differs from float64's where the float32 sums of N products round the other way)."""
-    ok = True
-    g = torch.Generator("cuda").manual_seed(1)
-    for (N, out_f, in_f, r) in [(200, 264, 136, 3), (64, 128, 128, 0), (1000, 520, 1032, 16)]:
-        x, dy = (torch.randn(N, d, device="cuda", generator=g).bfloat16() for d in (in_f, out_f))
-        W = torch.randn(out_f, in_f, device="cuda", generator=g).bfloat16()
-        A = torch.randn(r, in_f, device="cuda", generator=g) * 0.1 if r else None
-        B = torch.randn(out_f, r, device="cuda", generator=g) * 0.1 if r else None
-        for rows in (True, False):
-            ref = by_hand(x, dy, W, A if r else W.new_zeros(1, in_f).float(),
-                          B if r else W.new_zeros(out_f, 1).float(), 0.5, rows)
-            for programs in (None, 1, 3):  # 1 and 3: many tiles a program, both consumers, the ring wraps round
-                got = pingpong_sums(x, dy, W, None, A, B, 0.5, rows=rows, programs=programs)
-                e = ((got - ref).norm() / ref.norm()).item()
-                print(f"N {N}, {out_f} x {in_f}, r {r}, {'rows' if rows else 'cols'}, programs {programs}: "
-                      f"relative error {e:.1e}", flush=True)
-                ok &= e < 3e-5
-    Wq = torch.randint(-127, 128, (264, 136), device="cuda", dtype=torch.int8)
-    sc = torch.rand(264, device="cuda", generator=g).bfloat16() * 0.01
-    x, dy = (torch.randn(96, d, device="cuda", generator=g).bfloat16() for d in (136, 264))
-    ref_sq = by_hand(x, dy, (Wq.float() * sc.float()[:, None]), W.new_zeros(1, 136).float(),
-                     W.new_zeros(264, 1).float(), 1.0, True)
-    got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, rows=True)
-    e = ((got - ref_sq).norm() / ref_sq.norm()).item()
-    print(f"int8 W with row scales, rows: relative error {e:.1e}")
-    ok &= e < 3e-5
-    G = (dy.double().T @ x.double()).to(x.dtype).double()
-    ref_abs = (G * Wq.double() * sc.double()[:, None]).abs().sum(0).float()
-    got = pingpong_sums(x, dy, Wq, sc, None, None, 1.0, square=False, rows=False)[264:]
-    e = ((got - ref_abs).norm() / ref_abs.norm()).item()
-    print(f"int8 W, |G ⊙ M|, cols: relative error {e:.1e}")
-    return ok and e < 3e-5
 
 
 if __name__ == "__main__":
